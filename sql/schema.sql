@@ -1,0 +1,110 @@
+-- fhir_sync tables. Owned by the role that ran CREATE EXTENSION; no privileges are granted to
+-- PUBLIC (see privileges.sql), so ordinary roles see none of this unless a DBA grants it.
+
+-- What is tracked and how it maps. One row per tracked table; fhir_track() writes it.
+CREATE TABLE fhir_tracked (
+    table_name        regclass    PRIMARY KEY,
+    resource_type     text        NOT NULL,
+    mapper            text        NOT NULL
+        CHECK (mapper IN ('patient', 'patient_identifier', 'encounter', 'blood_pressure', 'pulse', 'function')),
+    key_column        name        NOT NULL,
+    -- Child tables (patient_other_identifiers) belong to a parent row: their changes are
+    -- changes of the parent resource.
+    parent_table      regclass,
+    parent_column     name,
+    map_function      regprocedure,
+    identifier_column name,
+    identifier_system text,
+    created_at        timestamptz NOT NULL DEFAULT now(),
+    CHECK ((parent_table IS NULL) = (parent_column IS NULL)),
+    CHECK ((mapper = 'function') = (map_function IS NOT NULL))
+);
+
+-- One row per captured change, written by the capture trigger in the writer's transaction.
+-- The worker reads the source rows as they stand at send time, so several pending changes of
+-- one resource (resource_table, resource_key) collapse into one request.
+CREATE TABLE fhir_outbox (
+    id                bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    txid              bigint      NOT NULL DEFAULT txid_current(),
+    table_name        text        NOT NULL,
+    record_id         text        NOT NULL,
+    operation         char(1)     NOT NULL CHECK (operation IN ('I', 'U', 'D')),
+    resource_type     text        NOT NULL,
+    resource_table    regclass    NOT NULL,
+    resource_key      text        NOT NULL,
+    payload_json      jsonb,
+    identifier_system text,
+    identifier_value  text,
+    created_at        timestamptz NOT NULL DEFAULT clock_timestamp(),
+    processed         boolean     NOT NULL DEFAULT false,
+    processed_at      timestamptz,
+    attempts          integer     NOT NULL DEFAULT 0,
+    next_retry_at     timestamptz,
+    locked_by         integer,
+    lock_expires_at   timestamptz,
+    fhir_resource_id  text,
+    fhir_version      text,
+    last_error        text,
+    error_class       text,
+    http_status       integer,
+    first_failed_at   timestamptz
+) WITH (fillfactor = 90);
+
+-- Claiming walks this index from the front: fresh changes (no retry time) first, then retries
+-- that came due. Its size is the pending backlog only, so a claim costs the same with a
+-- thousand or a million processed rows behind it.
+CREATE INDEX fhir_outbox_pending_idx ON fhir_outbox (next_retry_at NULLS FIRST, id) WHERE NOT processed;
+-- Per-resource lookups: is another worker holding this resource, is it backing off, which
+-- pending rows does one request settle.
+CREATE INDEX fhir_outbox_resource_idx ON fhir_outbox (resource_table, resource_key) WHERE NOT processed;
+-- fhir_cleanup_old() deletes by age.
+CREATE INDEX fhir_outbox_processed_at_idx ON fhir_outbox (processed_at) WHERE processed;
+
+-- Changes that cannot be delivered, moved here from fhir_outbox with the reason (one row per
+-- resource and failure; outbox_ids lists the collapsed changes).
+CREATE TABLE fhir_dlq (
+    id                 bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    outbox_ids         bigint[]    NOT NULL,
+    txid               bigint,
+    table_name         text        NOT NULL,
+    record_id          text        NOT NULL,
+    operation          char(1)     NOT NULL,
+    resource_type      text        NOT NULL,
+    resource_table     regclass    NOT NULL,
+    resource_key       text        NOT NULL,
+    payload_json       jsonb,
+    identifier_system  text,
+    identifier_value   text,
+    error_class        text        NOT NULL,
+    error              text        NOT NULL,
+    http_status        integer,
+    operation_outcome  jsonb,
+    attempts           integer     NOT NULL DEFAULT 0,
+    first_failed_at    timestamptz NOT NULL DEFAULT now(),
+    last_failed_at     timestamptz NOT NULL DEFAULT now(),
+    requeued           boolean     NOT NULL DEFAULT false,
+    requeued_at        timestamptz,
+    requeued_outbox_id bigint
+);
+CREATE INDEX fhir_dlq_last_failed_idx ON fhir_dlq (last_failed_at);
+CREATE INDEX fhir_dlq_pending_idx ON fhir_dlq (resource_table, resource_key) WHERE NOT requeued;
+
+-- What the FHIR server holds for each source row: lets updates and deletes address the
+-- resource by id, and references point at Patient/<id>.
+CREATE TABLE fhir_sync_state (
+    resource_table    regclass    NOT NULL,
+    resource_key      text        NOT NULL,
+    resource_type     text        NOT NULL,
+    fhir_id           text,
+    fhir_version      text,
+    identifier_system text,
+    identifier_value  text,
+    deleted           boolean     NOT NULL DEFAULT false,
+    last_synced_at    timestamptz NOT NULL DEFAULT now(),
+    last_outbox_id    bigint,
+    PRIMARY KEY (resource_table, resource_key)
+);
+
+-- Tracking configuration and sync state survive pg_dump; the queues are transient by nature.
+SELECT pg_catalog.pg_extension_config_dump('fhir_tracked', '');
+SELECT pg_catalog.pg_extension_config_dump('fhir_sync_state', '');

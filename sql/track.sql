@@ -1,0 +1,179 @@
+-- Starting and stopping capture. The trigger itself is Rust (fhir_capture); these functions
+-- only decide how a table maps and install it. search_path is pinned and every name is
+-- qualified, so a planted function or operator cannot change what they do.
+
+CREATE FUNCTION fhir_track(
+    "table"           regclass,
+    resource_type     text,
+    map_function      regprocedure DEFAULT NULL,
+    identifier_column name DEFAULT NULL,
+    identifier_system text DEFAULT NULL,
+    mapper            text DEFAULT NULL
+) RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    ext_schema text := (SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
+                        WHERE e.extname = 'fhir_sync');
+    cols       text[];
+    key_col    name;
+    parent     regclass;
+    parent_col name;
+    chosen     text := mapper;
+BEGIN
+    IF "table" IS NULL OR resource_type IS NULL THEN
+        RAISE EXCEPTION 'table and resource_type must not be null';
+    END IF;
+    IF resource_type !~ '^[A-Z][A-Za-z]{1,63}$' THEN
+        RAISE EXCEPTION '"%" is not a FHIR resource type', resource_type
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Resource types are written like Patient, Encounter or Observation.';
+    END IF;
+    IF (SELECT relkind FROM pg_class WHERE oid = "table") NOT IN ('r', 'p') THEN
+        RAISE EXCEPTION '% is not a table', "table" USING ERRCODE = 'wrong_object_type';
+    END IF;
+
+    SELECT array_agg(attname::text) INTO cols
+      FROM pg_attribute WHERE attrelid = "table" AND attnum > 0 AND NOT attisdropped;
+
+    SELECT a.attname INTO key_col
+      FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+     WHERE i.indrelid = "table" AND i.indisprimary AND i.indnatts = 1;
+    IF key_col IS NULL THEN
+        RAISE EXCEPTION 'table % has no single-column primary key', "table"
+            USING ERRCODE = 'invalid_table_definition',
+                  HINT = 'Add a primary key on one column: fhir_sync addresses rows by it.';
+    END IF;
+
+    IF map_function IS NOT NULL THEN
+        chosen := 'function';
+    ELSIF chosen IS NULL THEN
+        chosen := CASE
+            WHEN resource_type = 'Patient' AND cols @> ARRAY['identifier_value', 'identifier_system']
+                 AND cols && ARRAY['name_family', 'name_given', 'name_text', 'birth_date'] THEN 'patient'
+            WHEN resource_type = 'Patient' AND cols @> ARRAY['patient_id', 'identifier_value'] THEN 'patient_identifier'
+            WHEN resource_type = 'Encounter' AND cols @> ARRAY['patient_id', 'encounter_date'] THEN 'encounter'
+            WHEN resource_type = 'Observation' AND cols @> ARRAY['patient_id', 'systolic_pressure', 'diastolic_pressure'] THEN 'blood_pressure'
+            WHEN resource_type = 'Observation' AND cols @> ARRAY['patient_id', 'rate'] THEN 'pulse'
+        END;
+        IF chosen IS NULL THEN
+            RAISE EXCEPTION 'table % has no built-in % mapping', "table", resource_type
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = format('Pass a function that turns a row into the resource: SELECT fhir_track(%L, %L, map_function => ''my_mapper(%s)''::regprocedure).',
+                                    "table"::text, resource_type, "table"::text);
+        END IF;
+    END IF;
+    IF chosen NOT IN ('patient', 'patient_identifier', 'encounter', 'blood_pressure', 'pulse', 'function') THEN
+        RAISE EXCEPTION 'unknown mapper "%"', chosen USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Use patient, patient_identifier, encounter, blood_pressure, pulse, or pass map_function.';
+    END IF;
+    IF identifier_column IS NOT NULL AND NOT (identifier_column::text = ANY (cols)) THEN
+        RAISE EXCEPTION 'table % has no column "%"', "table", identifier_column USING ERRCODE = 'undefined_column';
+    END IF;
+
+    IF chosen = 'patient_identifier' THEN
+        parent_col := 'patient_id';
+        -- The foreign key says which table the identifiers belong to; without one, the tracked
+        -- Patient table does.
+        SELECT c.confrelid::regclass INTO parent
+          FROM pg_constraint c JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = c.conkey[1]
+         WHERE c.conrelid = "table" AND c.contype = 'f' AND a.attname = parent_col LIMIT 1;
+        IF parent IS NULL THEN
+            EXECUTE format('SELECT min(table_name::text)::regclass FROM %I.fhir_tracked WHERE mapper = ''patient''', ext_schema)
+               INTO parent;
+        END IF;
+        IF parent IS NULL THEN
+            RAISE EXCEPTION 'cannot find the patient table that % belongs to', "table"
+                USING ERRCODE = 'invalid_table_definition',
+                      HINT = 'Add a foreign key on patient_id, or track the patient table first.';
+        END IF;
+    END IF;
+
+    EXECUTE format($q$
+        INSERT INTO %I.fhir_tracked AS t (table_name, resource_type, mapper, key_column, parent_table,
+                                          parent_column, map_function, identifier_column, identifier_system)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+        ON CONFLICT (table_name) DO UPDATE SET
+            resource_type = excluded.resource_type, mapper = excluded.mapper, key_column = excluded.key_column,
+            parent_table = excluded.parent_table, parent_column = excluded.parent_column,
+            map_function = excluded.map_function, identifier_column = excluded.identifier_column,
+            identifier_system = excluded.identifier_system$q$, ext_schema)
+    USING "table", resource_type, chosen, key_col, parent, parent_col, map_function, identifier_column, identifier_system;
+
+    IF EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = "table" AND tgname = 'fhir_sync_capture') THEN
+        EXECUTE format('DROP TRIGGER fhir_sync_capture ON %s', "table");
+    END IF;
+    EXECUTE format('CREATE TRIGGER fhir_sync_capture AFTER INSERT OR UPDATE OR DELETE ON %s '
+                   'FOR EACH ROW EXECUTE FUNCTION %I.fhir_capture(%L, %L, %L, %L, %L, %L)',
+                   "table", ext_schema, ext_schema, resource_type, key_col,
+                   coalesce(parent::oid::text, ''), coalesce(parent_col::text, ''), chosen);
+    RETURN format('tracking %s as %s (%s)', "table", resource_type, chosen);
+END
+$fn$;
+
+CREATE FUNCTION fhir_untrack("table" regclass, discard_pending boolean DEFAULT false) RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    ext_schema text := (SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
+                        WHERE e.extname = 'fhir_sync');
+    found_row  boolean;
+    discarded  bigint := 0;
+BEGIN
+    EXECUTE format('DELETE FROM %I.fhir_tracked WHERE table_name = $1 RETURNING true', ext_schema)
+       USING "table" INTO found_row;
+    IF found_row IS NULL THEN
+        RAISE EXCEPTION 'table % is not tracked by fhir_sync', "table" USING ERRCODE = 'no_data_found';
+    END IF;
+    EXECUTE format('DROP TRIGGER IF EXISTS fhir_sync_capture ON %s', "table");
+    IF discard_pending THEN
+        EXECUTE format('DELETE FROM %I.fhir_outbox WHERE NOT processed AND resource_table = $1', ext_schema)
+           USING "table";
+        GET DIAGNOSTICS discarded = ROW_COUNT;
+    END IF;
+    RETURN format('stopped tracking %s%s', "table",
+                  CASE WHEN discard_pending THEN format(', discarded %s pending changes', discarded) ELSE '' END);
+END
+$fn$;
+
+-- Enqueues every existing row of a tracked table, e.g. after tracking a table that already
+-- has data. Child-table rows enqueue their parents once each.
+CREATE FUNCTION fhir_backfill("table" regclass) RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    ext_schema text := (SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
+                        WHERE e.extname = 'fhir_sync');
+    t          record;
+    n          bigint;
+BEGIN
+    EXECUTE format('SELECT * FROM %I.fhir_tracked WHERE table_name = $1', ext_schema) USING "table" INTO t;
+    IF t IS NULL THEN
+        RAISE EXCEPTION 'table % is not tracked by fhir_sync', "table" USING ERRCODE = 'no_data_found',
+            HINT = 'Start tracking it with SELECT fhir_track(''table'', ''ResourceType'').';
+    END IF;
+    IF t.parent_table IS NULL THEN
+        EXECUTE format($q$
+            INSERT INTO %I.fhir_outbox (table_name, record_id, operation, resource_type, resource_table,
+                                        resource_key, identifier_system, identifier_value)
+            SELECT $1, s.%I::text, 'U', $2, $3, s.%I::text, %s, %s FROM %s s ORDER BY s.%I$q$,
+            ext_schema, t.key_column, t.key_column,
+            CASE WHEN t.mapper = 'patient' THEN 's.identifier_system::text' ELSE 'NULL' END,
+            CASE WHEN t.mapper = 'patient' THEN 's.identifier_value::text' ELSE 'NULL' END,
+            "table", t.key_column)
+        USING "table"::text, t.resource_type, "table";
+    ELSE
+        EXECUTE format($q$
+            INSERT INTO %I.fhir_outbox (table_name, record_id, operation, resource_type, resource_table, resource_key)
+            SELECT $1, min(s.%I::text), 'U', $2, $3, s.%I::text FROM %s s WHERE s.%I IS NOT NULL GROUP BY s.%I$q$,
+            ext_schema, t.key_column, t.parent_column, "table", t.parent_column, t.parent_column)
+        USING "table"::text, t.resource_type, t.parent_table;
+    END IF;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    EXECUTE format('SELECT %I.fhir_sync_wake()', ext_schema);
+    RETURN n;
+END
+$fn$;

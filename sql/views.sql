@@ -1,0 +1,81 @@
+-- What a DBA watches: views over the outbox, the DLQ and the workers' shared-memory counters.
+-- Counters reset at server restart or with SELECT fhir_sync_reset_stats().
+
+CREATE VIEW fhir_sync_workers AS
+SELECT w.pid, d.datname AS database, w.state, w.current_batch, w.started_at, w.last_success_at,
+       w.last_error_class, w.last_error_at
+  FROM @extschema@.fhir_sync_worker_slots() w
+  LEFT JOIN pg_catalog.pg_database d ON d.oid = w.database_oid;
+
+CREATE VIEW fhir_sync_status AS
+WITH pending AS (
+    SELECT pg_catalog.count(*) AS n, pg_catalog.min(created_at) AS oldest
+      FROM @extschema@.fhir_outbox WHERE NOT processed
+)
+SELECT p.n AS unprocessed,
+       coalesce(extract(epoch FROM pg_catalog.clock_timestamp() - p.oldest), 0)::float8 AS lag_seconds,
+       s.processed_total,
+       s.failed_total,
+       (SELECT pg_catalog.count(*) FROM @extschema@.fhir_dlq WHERE NOT requeued) AS dlq_size,
+       s.dead_lettered_total,
+       s.calls_total AS fhir_calls,
+       s.call_errors_total AS fhir_call_errors,
+       s.latency_p50_seconds,
+       s.latency_p90_seconds,
+       s.latency_p99_seconds,
+       (SELECT pg_catalog.count(*) FROM @extschema@.fhir_sync_workers) AS workers,
+       (SELECT pg_catalog.string_agg(DISTINCT state, ', ') FROM @extschema@.fhir_sync_workers) AS worker_state,
+       s.paused_reason,
+       s.stats_reset
+  FROM pending p, @extschema@.fhir_sync_stats() s;
+
+-- Per source table and resource type. lag_seconds is the age of the oldest pending change.
+CREATE VIEW fhir_sync_tables AS
+WITH o AS (
+    SELECT table_name, resource_type,
+           pg_catalog.count(*) FILTER (WHERE NOT processed) AS pending,
+           pg_catalog.count(*) FILTER (WHERE processed) AS processed,
+           pg_catalog.min(created_at) FILTER (WHERE NOT processed) AS oldest
+      FROM @extschema@.fhir_outbox GROUP BY 1, 2
+), d AS (
+    SELECT table_name, resource_type, pg_catalog.count(*) FILTER (WHERE NOT requeued) AS dead_lettered
+      FROM @extschema@.fhir_dlq GROUP BY 1, 2
+)
+SELECT table_name, resource_type,
+       coalesce(o.pending, 0) AS pending,
+       coalesce(o.processed, 0) AS processed,
+       coalesce(d.dead_lettered, 0) AS dead_lettered,
+       coalesce(extract(epoch FROM pg_catalog.clock_timestamp() - o.oldest), 0)::float8 AS lag_seconds
+  FROM o FULL JOIN d USING (table_name, resource_type);
+
+-- Pending changes grouped by the transaction that made them (the seed connector's view).
+CREATE VIEW fhir_pending_transactions AS
+SELECT txid,
+       pg_catalog.count(*) AS changes,
+       pg_catalog.array_agg(DISTINCT table_name) AS tables,
+       pg_catalog.min(created_at) AS first_change_at,
+       pg_catalog.max(attempts) AS max_attempts,
+       extract(epoch FROM pg_catalog.clock_timestamp() - pg_catalog.min(created_at))::float8 AS age_seconds
+  FROM @extschema@.fhir_outbox
+ WHERE NOT processed
+ GROUP BY txid;
+
+-- One row per sample, in the shape exporters want. Names match the seed connector's metrics.
+CREATE VIEW fhir_sync_metrics AS
+WITH st AS (SELECT * FROM @extschema@.fhir_sync_status)
+SELECT 'fhir_outbox_unprocessed_count'::text AS name, '{}'::jsonb AS labels, unprocessed::float8 AS value FROM st
+UNION ALL SELECT 'fhir_outbox_lag_seconds', '{}', lag_seconds FROM st
+UNION ALL SELECT 'fhir_connector_processed_total', '{}', processed_total::float8 FROM st
+UNION ALL SELECT 'fhir_connector_failed_total', '{}', failed_total::float8 FROM st
+UNION ALL SELECT 'fhir_dlq_total', '{}', dlq_size::float8 FROM st
+UNION ALL SELECT 'fhir_call_errors_total', pg_catalog.jsonb_build_object('error_class', e.error_class), e.count::float8
+            FROM @extschema@.fhir_sync_call_errors() e
+UNION ALL SELECT 'fhir_call_latency_seconds_bucket',
+                 pg_catalog.jsonb_build_object('le', CASE WHEN h.le = 'Infinity' THEN '+Inf' ELSE h.le::text END), h.count::float8
+            FROM @extschema@.fhir_sync_latency_histogram() h
+UNION ALL SELECT 'fhir_call_latency_seconds_sum', '{}', s.latency_sum_seconds FROM @extschema@.fhir_sync_stats() s
+UNION ALL SELECT 'fhir_call_latency_seconds_count', '{}', fhir_calls::float8 FROM st
+UNION ALL SELECT 'fhir_sync_workers', pg_catalog.jsonb_build_object('state', w.state), pg_catalog.count(*)::float8
+            FROM @extschema@.fhir_sync_workers w GROUP BY w.state
+UNION ALL SELECT 'fhir_outbox_table_pending', pg_catalog.jsonb_build_object('table', t.table_name, 'resource_type', t.resource_type), t.pending::float8
+            FROM @extschema@.fhir_sync_tables t;

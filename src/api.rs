@@ -1,0 +1,420 @@
+//! SQL functions written in Rust: the native mappers, fhir_preview, and the readers of the
+//! shared counters behind the metrics views. (The rest of the SQL surface is in sql/*.sql.)
+
+use crate::error::FhirSyncError;
+use crate::mapping::{self, Ctx, Refs};
+use crate::metrics;
+use crate::shmem::{self, WorkerState, N_BUCKETS};
+use crate::source::{self, Mapper};
+use crate::worker::claim::Claimed;
+use crate::worker::map::{self, Action, Mode};
+use crate::worker::policy::Class;
+use pgrx::prelude::*;
+use pgrx::JsonB;
+use serde_json::{json, Value};
+use std::sync::atomic::Ordering;
+
+extension_sql!(
+    r#"
+CREATE FUNCTION fhir_patient_json(p anyelement) RETURNS jsonb
+LANGUAGE sql STABLE PARALLEL SAFE
+AS $$ SELECT @extschema@.fhir_map_row('patient', pg_catalog.pg_typeof(p)::oid, pg_catalog.to_jsonb(p)) $$;
+CREATE FUNCTION fhir_encounter_json(f anyelement) RETURNS jsonb
+LANGUAGE sql STABLE PARALLEL SAFE
+AS $$ SELECT @extschema@.fhir_map_row('encounter', pg_catalog.pg_typeof(f)::oid, pg_catalog.to_jsonb(f)) $$;
+CREATE FUNCTION fhir_observation_json(o anyelement) RETURNS jsonb
+LANGUAGE sql STABLE PARALLEL SAFE
+AS $$ SELECT @extschema@.fhir_map_row('observation', pg_catalog.pg_typeof(o)::oid, pg_catalog.to_jsonb(o)) $$;
+-- The key in whatever type the table uses: fhir_preview('patient', 1) or fhir_preview('patient', '1').
+CREATE FUNCTION fhir_preview("table" regclass, key anyelement) RETURNS jsonb
+LANGUAGE sql VOLATILE
+AS $$ SELECT @extschema@.fhir_preview_row($1::oid, $2::text) $$;
+"#,
+    name = "mapper_wrappers",
+    requires = [fhir_map_row, fhir_preview_row]
+);
+
+/// Maps one row (as to_jsonb renders it) of the table whose row type is `rowtype`.
+#[pg_extern(stable, parallel_safe)]
+fn fhir_map_row(mapper: &str, rowtype: pg_sys::Oid, row: JsonB) -> JsonB {
+    match map_row(mapper, rowtype, row.0) {
+        Ok(v) => JsonB(v),
+        Err(e) => e.report(),
+    }
+}
+
+fn map_row(mapper: &str, rowtype: pg_sys::Oid, row: Value) -> Result<Value, FhirSyncError> {
+    let relid = unsafe { pg_sys::get_typ_typrelid(rowtype) };
+    if relid == pg_sys::InvalidOid {
+        crate::error::raise(
+            PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
+            "fhir_sync mappers take a table row",
+            "Pass the row itself, as in SELECT fhir_patient_json(p) FROM patient p.",
+        );
+    }
+    let table = source::one::<String>(
+        "SELECT n.nspname::text || '.' || c.relname::text FROM pg_catalog.pg_class c
+           JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1",
+        &[relid.into()],
+    )?
+    .unwrap_or_default();
+    let key_column = source::one::<String>(
+        "SELECT (SELECT a.attname::text FROM pg_catalog.pg_index i JOIN pg_catalog.pg_attribute a
+                    ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+                  WHERE i.indrelid = $1 AND i.indisprimary AND i.indnatts = 1)",
+        &[relid.into()],
+    )?
+    .ok_or_else(|| FhirSyncError::NoPrimaryKey(table.clone()))?;
+    let Value::Object(row) = row else {
+        return Err(FhirSyncError::Spi("row is not an object".into()));
+    };
+    let key = match row.get(&key_column) {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Number(n)) => n.to_string(),
+        _ => return Err(FhirSyncError::NullKey(table)),
+    };
+    let base = crate::gucs::identifier_system();
+    let ctx = Ctx {
+        table: &table,
+        key: &key,
+        identifier_base: &base,
+    };
+    let refs = || -> Result<Refs, FhirSyncError> {
+        Ok(Refs {
+            subject: display_ref(&row, "patient_id", "Patient")?,
+            encounter: display_ref(&row, "form_id", "Encounter")?,
+        })
+    };
+    let mapped = match mapper {
+        "patient" => mapping::patient::map(&row, &other_identifiers(relid, &key)?, &ctx),
+        "encounter" => mapping::encounter::map(&row, &ctx, &refs()?),
+        _ if row.contains_key("systolic_pressure") => {
+            mapping::observation::blood_pressure(&row, &ctx, &refs()?)
+        }
+        _ if row.contains_key("rate") => mapping::observation::pulse(&row, &ctx, &refs()?),
+        _ => {
+            return Err(FhirSyncError::NoBuiltInMapper {
+                table,
+                resource_type: "Observation".into(),
+            })
+        }
+    };
+    mapped.map_err(FhirSyncError::Map)
+}
+
+/// Identifier rows of tables that reference the patient table by patient_id (read with the
+/// caller's privileges).
+fn other_identifiers(patient: pg_sys::Oid, key: &str) -> Result<Vec<mapping::Row>, FhirSyncError> {
+    let children: Vec<(String, String)> = Spi::connect(|client| {
+        let mut v = Vec::new();
+        let sql = "SELECT pg_catalog.format('%I.%I', n.nspname, c.relname), pg_catalog.format_type(a.atttypid, a.atttypmod)
+                     FROM pg_catalog.pg_constraint k
+                     JOIN pg_catalog.pg_class c ON c.oid = k.conrelid
+                     JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                     JOIN pg_catalog.pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = k.conkey[1]
+                    WHERE k.contype = 'f' AND k.confrelid = $1 AND a.attname = 'patient_id'
+                      AND EXISTS (SELECT 1 FROM pg_catalog.pg_attribute x WHERE x.attrelid = c.oid AND x.attname = 'identifier_value')
+                      AND EXISTS (SELECT 1 FROM pg_catalog.pg_attribute x WHERE x.attrelid = c.oid AND x.attname = 'identifier_system')
+                      AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute x WHERE x.attrelid = c.oid AND x.attname = 'name_family')";
+        for r in client.select(sql, None, &[patient.into()])? {
+            v.push((
+                r.get::<String>(1)?.unwrap_or_default(),
+                r.get::<String>(2)?.unwrap_or_default(),
+            ));
+        }
+        Ok::<_, pgrx::spi::SpiError>(v)
+    })?;
+    let mut out = Vec::new();
+    for (table, ty) in children {
+        let sql = format!("SELECT pg_catalog.to_jsonb(s) FROM {table} s WHERE s.patient_id = ($1::text)::{ty} ORDER BY 1::text");
+        Spi::connect(|client| {
+            for r in client.select(sql.as_str(), None, &[Some(key.to_string()).into()])? {
+                if let Some(JsonB(Value::Object(o))) = r.get::<JsonB>(1)? {
+                    out.push(o);
+                }
+            }
+            Ok::<_, pgrx::spi::SpiError>(())
+        })?;
+    }
+    Ok(out)
+}
+
+/// A reference for the standalone mappers: `Type/<id>` when the caller may read the sync state
+/// and the target synced, else a display naming the source row.
+fn display_ref(
+    row: &mapping::Row,
+    column: &str,
+    kind: &str,
+) -> Result<Option<Value>, FhirSyncError> {
+    let key = match row.get(column) {
+        Some(Value::Number(n)) => n.to_string(),
+        Some(Value::String(s)) => s.clone(),
+        _ => return Ok(None),
+    };
+    let Some(schema) = source::extension_schema()? else {
+        return Ok(None);
+    };
+    let readable = source::one::<bool>(
+        "SELECT pg_catalog.has_table_privilege(($1 || '.fhir_sync_state')::text, 'SELECT')",
+        &[schema.clone().into()],
+    )?
+    .unwrap_or(false);
+    if readable {
+        let id = source::one::<String>(
+            &format!("SELECT fhir_id FROM {schema}.fhir_sync_state WHERE resource_type = $1 AND resource_key = $2 AND NOT deleted ORDER BY last_synced_at DESC LIMIT 1"),
+            &[kind.into(), key.clone().into()],
+        )?;
+        if let Some(id) = id {
+            return Ok(Some(json!({"reference": format!("{kind}/{id}")})));
+        }
+    }
+    Ok(Some(
+        json!({"type": kind, "display": format!("{column} {key} (not on the FHIR server yet)")}),
+    ))
+}
+
+/// The resource fhir_sync would send for one row of a tracked table, as it stands now.
+/// Sends nothing and enqueues nothing.
+#[pg_extern]
+fn fhir_preview_row(table: pg_sys::Oid, key: &str) -> Option<JsonB> {
+    match preview(table, key) {
+        Ok(v) => v.map(JsonB),
+        Err(e) => e.report(),
+    }
+}
+
+fn preview(table: pg_sys::Oid, key: &str) -> Result<Option<Value>, FhirSyncError> {
+    let schema = source::extension_schema()?.unwrap_or_else(|| "public".into());
+    let tracks = source::load_tracks(&schema)?;
+    let name = || {
+        source::one::<String>("SELECT $1::pg_catalog.regclass::text", &[table.into()])
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+    };
+    let Some(track) = tracks.get(&table) else {
+        return Err(FhirSyncError::NotTracked(name()));
+    };
+    // A child row previews as the resource it belongs to.
+    let (root, root_key) = match (&track.parent, track.mapper) {
+        (Some((parent, col, _)), Mapper::PatientIdentifier) => {
+            let rows = source::fetch_rows(track, &[key.to_string()])?;
+            let row = rows.get(key).ok_or_else(|| FhirSyncError::RowNotFound {
+                table: track.name.clone(),
+                key: key.into(),
+            })?;
+            let pk = match row.get(col) {
+                Some(Value::Number(n)) => n.to_string(),
+                Some(Value::String(s)) => s.clone(),
+                _ => return Err(FhirSyncError::NullKey(track.name.clone())),
+            };
+            (*parent, pk)
+        }
+        _ => (table, key.to_string()),
+    };
+    let root_track = tracks
+        .get(&root)
+        .ok_or_else(|| FhirSyncError::NotTracked(name()))?;
+    let claimed = Claimed {
+        resource_table: root,
+        resource_key: root_key.clone(),
+        resource_type: root_track.resource_type.clone(),
+        outbox_ids: vec![],
+        attempts: 0,
+        identifier: None,
+        age_s: 0.0,
+    };
+    let mut deps = Vec::new();
+    let actions = map::plan(
+        &schema,
+        &tracks,
+        std::slice::from_ref(&claimed),
+        Mode::Preview,
+        &mut deps,
+    )?;
+    match actions.into_iter().next() {
+        Some(Action::Put { body, .. }) => Ok(Some(body)),
+        Some(Action::Delete { .. }) | Some(Action::AlreadyGone) => {
+            Err(FhirSyncError::RowNotFound {
+                table: root_track.name.clone(),
+                key: root_key,
+            })
+        }
+        Some(Action::Fail(Class::Unmappable, e)) | Some(Action::Fail(_, e)) => {
+            Err(FhirSyncError::MapFunction(e))
+        }
+        Some(Action::Wait(_)) | None => Ok(None),
+    }
+}
+
+/// Makes the current transaction wake the workers when it commits (backfill, requeue).
+#[pg_extern]
+fn fhir_sync_wake() {
+    crate::capture::announce_changes();
+}
+
+/// Zeroes the counters and the latency histogram.
+#[pg_extern]
+fn fhir_sync_reset_stats() {
+    if let Some(s) = shmem::shared() {
+        s.reset();
+    }
+}
+
+#[allow(clippy::type_complexity)]
+#[pg_extern]
+fn fhir_sync_stats() -> TableIterator<
+    'static,
+    (
+        name!(processed_total, i64),
+        name!(failed_total, i64),
+        name!(dead_lettered_total, i64),
+        name!(calls_total, i64),
+        name!(call_errors_total, i64),
+        name!(latency_sum_seconds, f64),
+        name!(latency_p50_seconds, Option<f64>),
+        name!(latency_p90_seconds, Option<f64>),
+        name!(latency_p99_seconds, Option<f64>),
+        name!(paused_reason, Option<String>),
+        name!(stats_reset, Option<pgrx::datum::TimestampWithTimeZone>),
+    ),
+> {
+    let Some(s) = shmem::shared() else {
+        return TableIterator::new(std::iter::empty());
+    };
+    let counts: Vec<u64> = s
+        .latency_buckets
+        .iter()
+        .map(|b| b.load(Ordering::Relaxed))
+        .collect();
+    let errors: u64 = s
+        .call_errors
+        .iter()
+        .map(|c| c.load(Ordering::Relaxed))
+        .sum();
+    let paused = match s.paused_reason.load(Ordering::Relaxed) {
+        0 => None,
+        i => Class::ALL.get(i as usize - 1).map(|c| match c {
+            Class::Unreachable => "server unreachable".to_string(),
+            Class::Auth => "credentials rejected (HTTP 401/403)".to_string(),
+            _ => "throttled by the server".to_string(),
+        }),
+    };
+    let row = (
+        s.processed_total.load(Ordering::Relaxed) as i64,
+        s.failed_total.load(Ordering::Relaxed) as i64,
+        s.dead_lettered_total.load(Ordering::Relaxed) as i64,
+        s.calls_total.load(Ordering::Relaxed) as i64,
+        errors as i64,
+        s.latency_sum_us.load(Ordering::Relaxed) as f64 / 1e6,
+        metrics::quantile(&counts, 0.5),
+        metrics::quantile(&counts, 0.9),
+        metrics::quantile(&counts, 0.99),
+        paused.filter(|_| any_worker_paused(s)),
+        to_timestamp(s.stats_reset_ms.load(Ordering::Relaxed)),
+    );
+    TableIterator::once(row)
+}
+
+fn any_worker_paused(s: &shmem::Shared) -> bool {
+    s.workers.iter().any(|w| {
+        w.pid.load(Ordering::Relaxed) != 0
+            && w.state.load(Ordering::Relaxed) == WorkerState::Paused as u32
+    })
+}
+
+fn to_timestamp(ms: i64) -> Option<pgrx::datum::TimestampWithTimeZone> {
+    if ms <= 0 {
+        return None;
+    }
+    pgrx::datum::TimestampWithTimeZone::try_from(
+        ((ms - 946_684_800_000) * 1000) as pg_sys::TimestampTz,
+    )
+    .ok()
+}
+
+/// Cumulative call-latency histogram, Prometheus style (`le` = +Inf for the last row).
+#[pg_extern]
+fn fhir_sync_latency_histogram() -> TableIterator<'static, (name!(le, f64), name!(count, i64))> {
+    let Some(s) = shmem::shared() else {
+        return TableIterator::new(std::iter::empty());
+    };
+    let mut acc = 0i64;
+    let rows: Vec<(f64, i64)> = (0..N_BUCKETS)
+        .map(|i| {
+            acc += s.latency_buckets[i].load(Ordering::Relaxed) as i64;
+            (
+                shmem::LATENCY_BOUNDS
+                    .get(i)
+                    .copied()
+                    .unwrap_or(f64::INFINITY),
+                acc,
+            )
+        })
+        .collect();
+    TableIterator::new(rows)
+}
+
+/// Failed calls by error class.
+#[pg_extern]
+fn fhir_sync_call_errors() -> TableIterator<'static, (name!(error_class, String), name!(count, i64))>
+{
+    let Some(s) = shmem::shared() else {
+        return TableIterator::new(std::iter::empty());
+    };
+    let rows: Vec<(String, i64)> = Class::ALL
+        .iter()
+        .map(|c| {
+            (
+                c.name().to_string(),
+                s.call_errors[c.index()].load(Ordering::Relaxed) as i64,
+            )
+        })
+        .collect();
+    TableIterator::new(rows)
+}
+
+#[allow(clippy::type_complexity)]
+#[pg_extern]
+fn fhir_sync_worker_slots() -> TableIterator<
+    'static,
+    (
+        name!(pid, i32),
+        name!(database_oid, pg_sys::Oid),
+        name!(state, String),
+        name!(current_batch, i64),
+        name!(started_at, Option<pgrx::datum::TimestampWithTimeZone>),
+        name!(last_success_at, Option<pgrx::datum::TimestampWithTimeZone>),
+        name!(last_error_class, Option<String>),
+        name!(last_error_at, Option<pgrx::datum::TimestampWithTimeZone>),
+    ),
+> {
+    let Some(s) = shmem::shared() else {
+        return TableIterator::new(std::iter::empty());
+    };
+    let rows: Vec<_> = s
+        .workers
+        .iter()
+        .filter(|w| w.pid.load(Ordering::Relaxed) != 0)
+        .map(|w| {
+            let class = w.last_error_class.load(Ordering::Relaxed);
+            (
+                w.pid.load(Ordering::Relaxed),
+                pg_sys::Oid::from(w.db_oid.load(Ordering::Relaxed)),
+                WorkerState::name(w.state.load(Ordering::Relaxed)).to_string(),
+                w.batch.load(Ordering::Relaxed) as i64,
+                to_timestamp(w.started_ms.load(Ordering::Relaxed)),
+                to_timestamp(w.last_success_ms.load(Ordering::Relaxed)),
+                (class > 0)
+                    .then(|| {
+                        Class::ALL
+                            .get(class as usize - 1)
+                            .map(|c| c.name().to_string())
+                    })
+                    .flatten(),
+                to_timestamp(w.last_error_ms.load(Ordering::Relaxed)),
+            )
+        })
+        .collect();
+    TableIterator::new(rows)
+}

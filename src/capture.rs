@@ -1,0 +1,326 @@
+//! Change capture: the AFTER ROW trigger that writes one fhir_outbox row per change, in the
+//! writer's own transaction, and the commit callback that wakes the workers.
+//!
+//! The trigger runs no user-visible SQL and resolves nothing through search_path: its one
+//! statement is schema-qualified and prepared once per backend, and it switches to the
+//! extension owner only for that insert, so any role that may write a tracked table may
+//! capture, while no ordinary role may write the outbox directly.
+
+use pgrx::prelude::*;
+use pgrx::{pg_sys, PgBuiltInOids, PgOid};
+use std::cell::{Cell, RefCell};
+use std::ffi::{CStr, CString};
+
+use crate::error::FhirSyncError;
+
+/// Trigger arguments written by `fhir_track` (see sql/track.sql): the positions are part of the
+/// extension's on-disk format, because every tracked table's trigger carries them.
+struct TriggerArgs {
+    schema: String,
+    resource_type: String,
+    key_column: CString,
+    /// Set for child tables (patient_other_identifiers): the change belongs to the parent row.
+    parent: Option<(pg_sys::Oid, CString)>,
+    /// The patient mapper's own identifier columns are captured so a DELETE can address the
+    /// resource even if it was never synced.
+    captures_identifier: bool,
+}
+
+impl TriggerArgs {
+    fn parse(args: &[String]) -> Result<Self, FhirSyncError> {
+        let bad = || FhirSyncError::BadTrigger(args.len());
+        if args.len() != 6 {
+            return Err(bad());
+        }
+        let cstr = |s: &str| CString::new(s).map_err(|_| bad());
+        let parent = if args[3].is_empty() {
+            None
+        } else {
+            let oid: u32 = args[3].parse().map_err(|_| bad())?;
+            Some((pg_sys::Oid::from(oid), cstr(&args[4])?))
+        };
+        Ok(TriggerArgs {
+            schema: args[0].clone(),
+            resource_type: args[1].clone(),
+            key_column: cstr(&args[2])?,
+            parent,
+            captures_identifier: args[5] == "patient",
+        })
+    }
+}
+
+struct Prepared {
+    schema: String,
+    insert: pgrx::spi::OwnedPreparedStatement,
+    owner: pg_sys::Oid,
+}
+
+thread_local! {
+    static PREPARED: RefCell<Option<Prepared>> = const { RefCell::new(None) };
+    static CALLBACK_REGISTERED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Set when this transaction captured a change; read and cleared at commit or abort.
+static mut CAPTURED_IN_XACT: bool = false;
+
+#[pg_trigger]
+fn fhir_capture<'a>(
+    trigger: &'a PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, FhirSyncError> {
+    let args = TriggerArgs::parse(
+        &trigger
+            .extra_args()
+            .map_err(|_| FhirSyncError::BadTrigger(0))?,
+    )?;
+    let data = trigger.trigger_data();
+    let op = match trigger.op() {
+        Ok(PgTriggerOperation::Insert) => 'I',
+        Ok(PgTriggerOperation::Update) => 'U',
+        Ok(PgTriggerOperation::Delete) => 'D',
+        _ => return Ok(None),
+    };
+    let rel = data.tg_relation;
+    let (relid, tupdesc) = unsafe { ((*rel).rd_id, (*rel).rd_att) };
+    let table_name = unsafe { qualified_name(rel) };
+    // INSERT and DELETE carry their row in trigtuple; UPDATE has the old row there and the new
+    // one in newtuple.
+    let (old, new) = match op {
+        'I' => (None, Some(data.tg_trigtuple)),
+        'U' => (Some(data.tg_trigtuple), Some(data.tg_newtuple)),
+        _ => (Some(data.tg_trigtuple), None),
+    };
+    let current = new.or(old).unwrap_or(std::ptr::null_mut());
+    let record_id = unsafe { column_text(current, tupdesc, &args.key_column) }
+        .ok_or(FhirSyncError::NullKey(table_name.clone()))?;
+
+    let payload = if crate::gucs::capture_payload() {
+        unsafe { row_json(current, tupdesc) }
+    } else {
+        None
+    };
+
+    let mut targets: Vec<(pg_sys::Oid, String)> = Vec::with_capacity(2);
+    match &args.parent {
+        None => targets.push((relid, record_id.clone())),
+        Some((parent_rel, parent_col)) => {
+            // A child row that moves from one parent to another changes both parents.
+            for tuple in [old, new].into_iter().flatten() {
+                if let Some(key) = unsafe { column_text(tuple, tupdesc, parent_col) } {
+                    if !targets.iter().any(|(_, k)| *k == key) {
+                        targets.push((*parent_rel, key));
+                    }
+                }
+            }
+        }
+    }
+    let (identifier_system, identifier_value) = if args.captures_identifier {
+        // For a DELETE the old row is all that is left of the resource's identity.
+        let tuple = old.filter(|_| op == 'D').unwrap_or(current);
+        unsafe {
+            (
+                column_text(tuple, tupdesc, c"identifier_system"),
+                column_text(tuple, tupdesc, c"identifier_value"),
+            )
+        }
+    } else {
+        (None, None)
+    };
+
+    for (resource_table, resource_key) in targets {
+        // A change to a child row updates its parent; it never deletes the parent resource.
+        let operation = if args.parent.is_some() { 'U' } else { op };
+        insert_outbox(
+            &args.schema,
+            [
+                Some(table_name.clone()),
+                Some(record_id.clone()),
+                Some(operation.to_string()),
+                Some(args.resource_type.clone()),
+            ],
+            resource_table,
+            resource_key,
+            identifier_system.clone(),
+            identifier_value.clone(),
+            payload.clone(),
+        )?;
+    }
+    unsafe { CAPTURED_IN_XACT = true };
+    register_commit_callback();
+    Ok(None)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn insert_outbox(
+    schema: &str,
+    head: [Option<String>; 4],
+    resource_table: pg_sys::Oid,
+    resource_key: String,
+    identifier_system: Option<String>,
+    identifier_value: Option<String>,
+    payload: Option<String>,
+) -> Result<(), FhirSyncError> {
+    PREPARED.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        if cell.as_ref().map(|p| p.schema != schema).unwrap_or(true) {
+            *cell = Some(prepare(schema)?);
+        }
+        let prepared = cell.as_ref().expect("prepared just above");
+        let [table_name, record_id, operation, resource_type] = head;
+        let args: Vec<pgrx::datum::DatumWithOid> = vec![
+            table_name.into(),
+            record_id.into(),
+            operation.into(),
+            resource_type.into(),
+            resource_table.into(),
+            Some(resource_key).into(),
+            identifier_system.into(),
+            identifier_value.into(),
+            payload.into(),
+        ];
+        // Write as the extension owner: the caller may write the tracked table but not the
+        // outbox. The previous identity is restored on error by transaction abort.
+        let (mut user, mut sec) = (pg_sys::InvalidOid, 0i32);
+        unsafe {
+            pg_sys::GetUserIdAndSecContext(&mut user, &mut sec);
+            pg_sys::SetUserIdAndSecContext(
+                prepared.owner,
+                sec | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
+            );
+        }
+        let result =
+            Spi::connect_mut(|client| client.update(&prepared.insert, None, &args).map(|_| ()));
+        unsafe { pg_sys::SetUserIdAndSecContext(user, sec) };
+        result.map_err(|e| FhirSyncError::Spi(e.to_string()))
+    })
+}
+
+fn prepare(schema: &str) -> Result<Prepared, FhirSyncError> {
+    let q = pgrx::spi::quote_identifier(schema);
+    let sql = format!(
+        "INSERT INTO {q}.fhir_outbox (table_name, record_id, operation, resource_type, \
+         resource_table, resource_key, identifier_system, identifier_value, payload_json) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb)"
+    );
+    let text = PgOid::BuiltIn(PgBuiltInOids::TEXTOID);
+    let types = [
+        text,
+        text,
+        text,
+        text,
+        PgOid::BuiltIn(PgBuiltInOids::OIDOID),
+        text,
+        text,
+        text,
+        text,
+    ];
+    let owner_sql = format!(
+        "SELECT relowner FROM pg_catalog.pg_class WHERE oid = '{}.fhir_outbox'::pg_catalog.regclass",
+        q.replace('\'', "''")
+    );
+    Spi::connect(|client| {
+        let owner = client
+            .select(owner_sql.as_str(), Some(1), &[])?
+            .first()
+            .get_one::<pg_sys::Oid>()?
+            .unwrap_or(pg_sys::InvalidOid);
+        let insert = client.prepare_mut(sql.as_str(), &types)?.keep();
+        Ok(Prepared {
+            schema: schema.to_string(),
+            insert,
+            owner,
+        })
+    })
+    .map_err(|e: pgrx::spi::SpiError| FhirSyncError::Spi(e.to_string()))
+}
+
+/// A column of a tuple in its text form (whatever its type), or None when NULL or absent.
+unsafe fn column_text(
+    tuple: *mut pg_sys::HeapTupleData,
+    tupdesc: pg_sys::TupleDesc,
+    column: &CStr,
+) -> Option<String> {
+    if tuple.is_null() {
+        return None;
+    }
+    unsafe {
+        let attnum = pg_sys::SPI_fnumber(tupdesc, column.as_ptr());
+        if attnum <= 0 {
+            return None;
+        }
+        let value = pg_sys::SPI_getvalue(tuple, tupdesc, attnum);
+        if value.is_null() {
+            return None;
+        }
+        let s = CStr::from_ptr(value).to_string_lossy().into_owned();
+        pg_sys::pfree(value.cast());
+        Some(s)
+    }
+}
+
+/// The row as JSON text, for the optional payload_json copy.
+unsafe fn row_json(
+    tuple: *mut pg_sys::HeapTupleData,
+    tupdesc: pg_sys::TupleDesc,
+) -> Option<String> {
+    if tuple.is_null() {
+        return None;
+    }
+    unsafe {
+        let datum = pg_sys::heap_copy_tuple_as_datum(tuple, tupdesc);
+        // row_to_json(record), by OID: it reads the row type from the datum itself.
+        const ROW_TO_JSON: u32 = 3155;
+        let json =
+            pg_sys::OidFunctionCall1Coll(pg_sys::Oid::from(ROW_TO_JSON), pg_sys::InvalidOid, datum);
+        String::from_datum(json, false)
+    }
+}
+
+unsafe fn qualified_name(rel: pg_sys::Relation) -> String {
+    unsafe {
+        let nsp = pg_sys::get_namespace_name((*(*rel).rd_rel).relnamespace);
+        let name = CStr::from_ptr((*(*rel).rd_rel).relname.data.as_ptr()).to_string_lossy();
+        if nsp.is_null() {
+            name.into_owned()
+        } else {
+            format!("{}.{}", CStr::from_ptr(nsp).to_string_lossy(), name)
+        }
+    }
+}
+
+fn register_commit_callback() {
+    CALLBACK_REGISTERED.with(|done| {
+        if !done.get() {
+            unsafe { pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut()) };
+            done.set(true);
+        }
+    });
+}
+
+/// Wakes the workers once the changes are visible to them. A rollback or a PREPARE clears the
+/// flag: a prepared transaction is found by the fallback poll once COMMIT PREPARED runs.
+unsafe extern "C-unwind" fn on_xact_event(
+    event: pg_sys::XactEvent::Type,
+    _arg: *mut std::ffi::c_void,
+) {
+    use pg_sys::XactEvent::*;
+    unsafe {
+        match event {
+            XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
+                if CAPTURED_IN_XACT {
+                    CAPTURED_IN_XACT = false;
+                    crate::shmem::wake_database(pg_sys::MyDatabaseId);
+                }
+            }
+            XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
+                CAPTURED_IN_XACT = false;
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Makes the current transaction wake the workers at commit, as a capture does.
+pub fn announce_changes() {
+    unsafe { CAPTURED_IN_XACT = true };
+    register_commit_callback();
+}

@@ -1,0 +1,336 @@
+//! Every `fhir_sync.*` setting: one documented static each, one `init()`, one accessor each.
+//!
+//! Contexts are chosen for who may change a setting and when it takes effect:
+//! - `Postmaster`: decides which background workers exist; needs a restart.
+//! - `Sighup`: read by the workers; `SELECT pg_reload_conf()` applies it.
+//! Secrets are `SUPERUSER_ONLY | NO_SHOW_ALL`, so `SHOW`, `pg_settings` and `SHOW ALL`
+//! hide them from ordinary roles.
+
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
+use std::ffi::CString;
+
+/// FHIR base URL the workers send to, e.g. `http://fhir.example.org/fhir`. Empty: the workers
+/// capture nothing less but send nothing until it is set.
+pub static SERVER_URL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
+/// Comma-separated databases served by the workers.
+pub static DATABASE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"postgres"));
+
+/// Workers per database. 0 disables delivery (capture still fills the outbox).
+pub static WORKERS: GucSetting<i32> = GucSetting::<i32>::new(1);
+
+/// How many resources one worker claims at a time.
+pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(200);
+
+/// Failed attempts (transient errors) before a change is dead-lettered.
+pub static MAX_RETRIES: GucSetting<i32> = GucSetting::<i32>::new(5);
+
+/// Bound on one HTTP request, connection included (milliseconds).
+pub static HTTP_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+
+/// Fallback poll (milliseconds). Commits wake the workers at once; the poll only catches what
+/// no commit announced (COMMIT PREPARED, retries coming due).
+pub static POLL_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(1_000);
+
+/// How long a claim stays owned by its worker before another may take it over (milliseconds).
+pub static LEASE_TIME: GucSetting<i32> = GucSetting::<i32>::new(120_000);
+
+/// Requests one worker keeps in flight at once (never two for one resource).
+pub static MAX_IN_FLIGHT: GucSetting<i32> = GucSetting::<i32>::new(4);
+
+/// Base URI for identifiers derived from table and primary key.
+pub static IDENTIFIER_SYSTEM: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"urn:fhir-sync"));
+
+/// How long an Encounter or Observation may wait for its Patient before it is dead-lettered (s).
+pub static DEPENDENCY_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(3_600);
+
+/// Copy the changed row into fhir_outbox.payload_json. Off by default: the worker reads rows as
+/// they stand at send time, and a second copy of patient data is a liability.
+pub static CAPTURE_PAYLOAD: GucSetting<bool> = GucSetting::<bool>::new(false);
+
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum AuthMode {
+    None,
+    Bearer,
+    Basic,
+    Oauth2,
+}
+
+/// How the workers authenticate to the FHIR server.
+pub static AUTH: GucSetting<AuthMode> = GucSetting::<AuthMode>::new(AuthMode::None);
+/// Bearer token (auth = bearer). Secret.
+pub static AUTH_TOKEN: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// User name (auth = basic).
+pub static AUTH_USERNAME: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// Password (auth = basic). Secret.
+pub static AUTH_PASSWORD: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// OAuth2 token endpoint (auth = oauth2, client-credentials grant).
+pub static OAUTH_TOKEN_URL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// OAuth2 client id.
+pub static OAUTH_CLIENT_ID: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// OAuth2 client secret. Secret.
+pub static OAUTH_CLIENT_SECRET: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(None);
+/// OAuth2 scope, optional.
+pub static OAUTH_SCOPE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// PEM file of CA certificates trusted for https (replaces the built-in web roots).
+pub static CA_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
+pub fn init() {
+    let secret = GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL;
+    let ms = GucFlags::UNIT_MS;
+    let s = GucFlags::UNIT_S;
+    use GucContext::{Postmaster, Sighup};
+
+    GucRegistry::define_string_guc(
+        c"fhir_sync.server_url",
+        c"FHIR server base URL.",
+        c"Conditional PUT and DELETE go to <server_url>/<Type>?identifier=system|value.",
+        &SERVER_URL,
+        Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"fhir_sync.database",
+        c"Comma-separated databases whose outbox the workers deliver.",
+        c"",
+        &DATABASE,
+        Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"fhir_sync.workers",
+        c"Background workers per database.",
+        c"0 disables delivery.",
+        &WORKERS,
+        0,
+        crate::shmem::MAX_WORKERS as i32,
+        Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"fhir_sync.batch_size",
+        c"Resources a worker claims at a time.",
+        c"",
+        &BATCH_SIZE,
+        1,
+        100_000,
+        Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"fhir_sync.max_retries",
+        c"Attempts before a change is dead-lettered.",
+        c"Only transient failures spend attempts; an unreachable server does not.",
+        &MAX_RETRIES,
+        0,
+        1000,
+        Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"fhir_sync.http_timeout",
+        c"Bound on one HTTP request.",
+        c"",
+        &HTTP_TIMEOUT,
+        100,
+        600_000,
+        Sighup,
+        ms,
+    );
+    GucRegistry::define_int_guc(
+        c"fhir_sync.poll_interval",
+        c"Fallback poll of the outbox when no commit wakes the worker.",
+        c"",
+        &POLL_INTERVAL,
+        10,
+        3_600_000,
+        Sighup,
+        ms,
+    );
+    GucRegistry::define_int_guc(
+        c"fhir_sync.lease_time",
+        c"How long a worker owns the changes it claimed.",
+        c"After this a claim is considered abandoned and another worker takes it over.",
+        &LEASE_TIME,
+        1_000,
+        86_400_000,
+        Sighup,
+        ms,
+    );
+    GucRegistry::define_int_guc(
+        c"fhir_sync.max_in_flight",
+        c"Concurrent requests per worker.",
+        c"Never more than one for the same resource.",
+        &MAX_IN_FLIGHT,
+        1,
+        64,
+        Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"fhir_sync.identifier_system",
+        c"Base URI of identifiers derived from table and primary key.",
+        c"A row of public.form with id 7 gets identifier <base>/public.form|7.",
+        &IDENTIFIER_SYSTEM,
+        Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"fhir_sync.dependency_timeout",
+        c"How long a resource waits for the Patient or Encounter it references.",
+        c"",
+        &DEPENDENCY_TIMEOUT,
+        1,
+        30 * 86_400,
+        Sighup,
+        s,
+    );
+    GucRegistry::define_bool_guc(
+        c"fhir_sync.capture_payload",
+        c"Copy each changed row into fhir_outbox.payload_json.",
+        c"",
+        &CAPTURE_PAYLOAD,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_enum_guc(
+        c"fhir_sync.auth",
+        c"Authentication to the FHIR server: none, bearer, basic or oauth2.",
+        c"",
+        &AUTH,
+        Sighup,
+        GucFlags::default(),
+    );
+    for (name, short, setting, flags) in [
+        (
+            c"fhir_sync.auth_token",
+            c"Bearer token (secret).",
+            &AUTH_TOKEN,
+            secret,
+        ),
+        (
+            c"fhir_sync.auth_username",
+            c"Basic auth user name.",
+            &AUTH_USERNAME,
+            GucFlags::default(),
+        ),
+        (
+            c"fhir_sync.auth_password",
+            c"Basic auth password (secret).",
+            &AUTH_PASSWORD,
+            secret,
+        ),
+        (
+            c"fhir_sync.oauth_token_url",
+            c"OAuth2 token endpoint.",
+            &OAUTH_TOKEN_URL,
+            GucFlags::default(),
+        ),
+        (
+            c"fhir_sync.oauth_client_id",
+            c"OAuth2 client id.",
+            &OAUTH_CLIENT_ID,
+            GucFlags::default(),
+        ),
+        (
+            c"fhir_sync.oauth_client_secret",
+            c"OAuth2 client secret (secret).",
+            &OAUTH_CLIENT_SECRET,
+            secret,
+        ),
+        (
+            c"fhir_sync.oauth_scope",
+            c"OAuth2 scope.",
+            &OAUTH_SCOPE,
+            GucFlags::default(),
+        ),
+        (
+            c"fhir_sync.ca_file",
+            c"PEM file of trusted CA certificates.",
+            &CA_FILE,
+            GucFlags::default(),
+        ),
+    ] {
+        GucRegistry::define_string_guc(name, short, c"", setting, Sighup, flags);
+    }
+}
+
+fn string(setting: &GucSetting<Option<CString>>) -> Option<String> {
+    setting
+        .get()
+        .and_then(|c| c.into_string().ok())
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+pub fn server_url() -> Option<String> {
+    string(&SERVER_URL).map(|s| s.trim_end_matches('/').to_string())
+}
+pub fn databases() -> Vec<String> {
+    string(&DATABASE)
+        .unwrap_or_default()
+        .split(',')
+        .map(|d| d.trim().to_string())
+        .filter(|d| !d.is_empty())
+        .collect()
+}
+pub fn workers() -> usize {
+    WORKERS.get().max(0) as usize
+}
+pub fn batch_size() -> i64 {
+    BATCH_SIZE.get() as i64
+}
+pub fn max_retries() -> i32 {
+    MAX_RETRIES.get()
+}
+pub fn http_timeout() -> std::time::Duration {
+    std::time::Duration::from_millis(HTTP_TIMEOUT.get() as u64)
+}
+pub fn poll_interval() -> std::time::Duration {
+    std::time::Duration::from_millis(POLL_INTERVAL.get() as u64)
+}
+pub fn lease_time_ms() -> i64 {
+    LEASE_TIME.get() as i64
+}
+pub fn max_in_flight() -> usize {
+    MAX_IN_FLIGHT.get().max(1) as usize
+}
+pub fn identifier_system() -> String {
+    string(&IDENTIFIER_SYSTEM).unwrap_or_else(|| "urn:fhir-sync".into())
+}
+pub fn dependency_timeout_s() -> i64 {
+    DEPENDENCY_TIMEOUT.get() as i64
+}
+pub fn capture_payload() -> bool {
+    CAPTURE_PAYLOAD.get()
+}
+pub fn auth() -> AuthMode {
+    AUTH.get()
+}
+pub fn auth_token() -> Option<String> {
+    string(&AUTH_TOKEN)
+}
+pub fn auth_username() -> Option<String> {
+    string(&AUTH_USERNAME)
+}
+pub fn auth_password() -> Option<String> {
+    string(&AUTH_PASSWORD)
+}
+pub fn oauth_token_url() -> Option<String> {
+    string(&OAUTH_TOKEN_URL)
+}
+pub fn oauth_client_id() -> Option<String> {
+    string(&OAUTH_CLIENT_ID)
+}
+pub fn oauth_client_secret() -> Option<String> {
+    string(&OAUTH_CLIENT_SECRET)
+}
+pub fn oauth_scope() -> Option<String> {
+    string(&OAUTH_SCOPE)
+}
+pub fn ca_file() -> Option<String> {
+    string(&CA_FILE)
+}

@@ -1,0 +1,384 @@
+//! The HTTP side: one keep-alive agent per worker, authentication, capped responses.
+//!
+//! Safe to use from the worker's sending threads: nothing here touches PostgreSQL.
+//! The agent follows no redirects (a 3xx is an answer, not an instruction: the worker talks
+//! only to the configured server) and verifies TLS against the web roots, or against
+//! fhir_sync.ca_file when set.
+
+use crate::worker::policy::Transport;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use ureq::Agent;
+
+/// Responses are read up to this size; a larger body is cut (its status and headers still count).
+pub const MAX_BODY: u64 = 1 << 20;
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Auth {
+    None,
+    Bearer(String),
+    Basic(String),
+    OAuth2 {
+        token_url: String,
+        client_id: String,
+        client_secret: String,
+        scope: Option<String>,
+    },
+}
+
+/// Everything the worker needs to talk to the server; rebuilt when settings change.
+pub struct Client {
+    pub base: String,
+    agent: Agent,
+    auth: Auth,
+    token: Mutex<Option<(String, Instant)>>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Response {
+    pub transport: Transport,
+    pub body: Vec<u8>,
+    pub etag: Option<String>,
+    pub location: Option<String>,
+    pub retry_after: Option<String>,
+    pub elapsed: Duration,
+    /// Transport error text, for the log and last_error (never contains payload).
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    Put,
+    Delete,
+    Get,
+    Post,
+}
+
+impl Method {
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Put => "PUT",
+            Method::Delete => "DELETE",
+            Method::Get => "GET",
+            Method::Post => "POST",
+        }
+    }
+}
+
+impl Client {
+    pub fn new(
+        base: String,
+        timeout: Duration,
+        in_flight: usize,
+        auth: Auth,
+        ca_file: Option<&str>,
+    ) -> Result<Client, String> {
+        let mut config = Agent::config_builder()
+            .timeout_global(Some(timeout))
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .user_agent(concat!("fhir_sync/", env!("CARGO_PKG_VERSION")))
+            .max_idle_connections_per_host(in_flight.max(1) * 2)
+            .max_idle_connections(in_flight.max(1) * 4)
+            .accept("application/fhir+json, application/json;q=0.9");
+        if let Some(path) = ca_file {
+            let pem = std::fs::read(path)
+                .map_err(|e| format!("cannot read fhir_sync.ca_file \"{path}\": {e}"))?;
+            let certs: Vec<_> = ureq::tls::parse_pem(&pem)
+                .filter_map(|item| match item {
+                    Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
+                    _ => None,
+                })
+                .collect();
+            if certs.is_empty() {
+                return Err(format!(
+                    "fhir_sync.ca_file \"{path}\" holds no PEM certificate"
+                ));
+            }
+            let tls = ureq::tls::TlsConfig::builder()
+                .root_certs(ureq::tls::RootCerts::new_with_certs(&certs))
+                .build();
+            config = config.tls_config(tls);
+        }
+        Ok(Client {
+            base,
+            agent: config.build().new_agent(),
+            auth,
+            token: Mutex::new(None),
+        })
+    }
+
+    /// One request. `path` is relative to the base URL ("Patient?identifier=…", "metadata").
+    pub fn request(&self, method: Method, path: &str, body: Option<&[u8]>) -> Response {
+        let started = Instant::now();
+        let url = format!("{}/{}", self.base, path);
+        let auth = match self.authorization() {
+            Ok(a) => a,
+            Err(e) => return failed(Transport::ConnectFailed, e, started),
+        };
+        let result = match method {
+            Method::Put | Method::Post => {
+                let b = if method == Method::Put {
+                    self.agent.put(&url)
+                } else {
+                    self.agent.post(&url)
+                };
+                let b = b.header("Content-Type", "application/fhir+json");
+                let b = match &auth {
+                    Some(h) => b.header("Authorization", h),
+                    None => b,
+                };
+                b.send(body.unwrap_or_default())
+            }
+            Method::Delete | Method::Get => {
+                let b = if method == Method::Get {
+                    self.agent.get(&url)
+                } else {
+                    self.agent.delete(&url)
+                };
+                let b = match &auth {
+                    Some(h) => b.header("Authorization", h),
+                    None => b,
+                };
+                b.call()
+            }
+        };
+        match result {
+            Ok(mut resp) => {
+                let status = resp.status().as_u16();
+                let header = |n: &str| {
+                    resp.headers()
+                        .get(n)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string)
+                };
+                let (etag, location, retry_after) =
+                    (header("etag"), header("location"), header("retry-after"));
+                if status == 401 {
+                    // A cached OAuth2 token may have been revoked: fetch a new one next time.
+                    *self.token.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                }
+                let body = resp.body_mut().with_config().limit(MAX_BODY).read_to_vec();
+                let (body, error, transport) = match body {
+                    Ok(b) => (b, None, Transport::Status(status)),
+                    Err(ureq::Error::BodyExceedsLimit(_)) => (
+                        Vec::new(),
+                        Some("response body larger than 1 MiB was cut".into()),
+                        Transport::Status(status),
+                    ),
+                    // The status arrived but the body broke off: the server's answer is unknown.
+                    Err(e) => (Vec::new(), Some(describe(&e)), Transport::Broken),
+                };
+                Response {
+                    transport,
+                    body,
+                    etag,
+                    location,
+                    retry_after,
+                    elapsed: started.elapsed(),
+                    error,
+                }
+            }
+            Err(e) => {
+                let t = if is_connect_failure(&e) {
+                    Transport::ConnectFailed
+                } else {
+                    Transport::Broken
+                };
+                failed(t, describe(&e), started)
+            }
+        }
+    }
+
+    fn authorization(&self) -> Result<Option<String>, String> {
+        match &self.auth {
+            Auth::None => Ok(None),
+            Auth::Bearer(t) => Ok(Some(format!("Bearer {t}"))),
+            Auth::Basic(b) => Ok(Some(format!("Basic {b}"))),
+            Auth::OAuth2 {
+                token_url,
+                client_id,
+                client_secret,
+                scope,
+            } => {
+                let mut cached = self.token.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some((t, until)) = cached.as_ref() {
+                    if Instant::now() < *until {
+                        return Ok(Some(format!("Bearer {t}")));
+                    }
+                }
+                let (token, lifetime) = fetch_token(
+                    &self.agent,
+                    token_url,
+                    client_id,
+                    client_secret,
+                    scope.as_deref(),
+                )?;
+                // Refresh before expiry so no request goes out with a token about to lapse.
+                let margin = (lifetime / 10).clamp(Duration::from_secs(5), Duration::from_secs(60));
+                *cached = Some((
+                    token.clone(),
+                    Instant::now() + lifetime.saturating_sub(margin),
+                ));
+                Ok(Some(format!("Bearer {token}")))
+            }
+        }
+    }
+}
+
+fn failed(transport: Transport, error: String, started: Instant) -> Response {
+    Response {
+        transport,
+        body: Vec::new(),
+        etag: None,
+        location: None,
+        retry_after: None,
+        elapsed: started.elapsed(),
+        error: Some(error),
+    }
+}
+
+fn is_connect_failure(e: &ureq::Error) -> bool {
+    match e {
+        // A certificate the worker does not trust is a configuration problem, like a wrong
+        // host: pause and say so, rather than spend the changes' attempts.
+        ureq::Error::HostNotFound
+        | ureq::Error::ConnectionFailed
+        | ureq::Error::Tls(_)
+        | ureq::Error::Rustls(_) => true,
+        ureq::Error::Timeout(t) => matches!(t, ureq::Timeout::Connect | ureq::Timeout::Resolve),
+        ureq::Error::Io(io) => matches!(
+            io.kind(),
+            std::io::ErrorKind::ConnectionRefused
+                | std::io::ErrorKind::AddrNotAvailable
+                | std::io::ErrorKind::NotConnected
+        ),
+        _ => false,
+    }
+}
+
+fn describe(e: &ureq::Error) -> String {
+    // ureq's messages name the URL at most, never a body.
+    let s = e.to_string();
+    s.chars().take(300).collect()
+}
+
+/// OAuth2 client-credentials grant (RFC 6749 §4.4): client authenticates with HTTP Basic.
+fn fetch_token(
+    agent: &Agent,
+    url: &str,
+    id: &str,
+    secret: &str,
+    scope: Option<&str>,
+) -> Result<(String, Duration), String> {
+    let mut form = vec![("grant_type", "client_credentials")];
+    if let Some(s) = scope {
+        form.push(("scope", s));
+    }
+    let basic = base64(format!("{}:{}", form_encode(id), form_encode(secret)).as_bytes());
+    let resp = agent
+        .post(url)
+        .header("Authorization", &format!("Basic {basic}"))
+        .header("Accept", "application/json")
+        .send_form(form);
+    let mut resp = resp.map_err(|e| {
+        format!(
+            "token request to fhir_sync.oauth_token_url failed: {}",
+            describe(&e)
+        )
+    })?;
+    let status = resp.status().as_u16();
+    let body = resp
+        .body_mut()
+        .with_config()
+        .limit(64 * 1024)
+        .read_to_vec()
+        .unwrap_or_default();
+    if !(200..300).contains(&status) {
+        return Err(format!("token endpoint answered HTTP {status}"));
+    }
+    let json: serde_json::Value = serde_json::from_slice(&body)
+        .map_err(|_| "token endpoint answered with no JSON".to_string())?;
+    let token = json
+        .get("access_token")
+        .and_then(|t| t.as_str())
+        .ok_or("token endpoint answered with no access_token")?;
+    let lifetime = json
+        .get("expires_in")
+        .and_then(|e| e.as_u64())
+        .unwrap_or(300);
+    Ok((token.to_string(), Duration::from_secs(lifetime.max(1))))
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters: safe in a query value.
+pub fn url_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() * 3);
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn form_encode(s: &str) -> String {
+    url_encode(s)
+}
+
+pub fn base64(input: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
+    for chunk in input.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, b)| acc | (*b as u32) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// `system|value` as a conditional-update search: `identifier=<system>%7C<value>`.
+pub fn identifier_query(system: &str, value: &str) -> String {
+    format!("identifier={}%7C{}", url_encode(system), url_encode(value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers_are_encoded_for_a_query_string() {
+        assert_eq!(
+            identifier_query("http://hospital.example.org/mrn", "MRN 1&2"),
+            "identifier=http%3A%2F%2Fhospital.example.org%2Fmrn%7CMRN%201%262"
+        );
+        assert_eq!(
+            identifier_query("urn:fhir-sync/public.form", "7"),
+            "identifier=urn%3Afhir-sync%2Fpublic.form%7C7"
+        );
+    }
+
+    #[test]
+    fn base64_matches_rfc4648_vectors() {
+        for (i, o) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64(i.as_bytes()), o);
+        }
+    }
+}

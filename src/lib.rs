@@ -1,0 +1,65 @@
+//! fhir_sync keeps a FHIR server in sync with clinical tables, from inside PostgreSQL.
+//!
+//! The path one change travels, module by module:
+//!   capture (trigger → fhir_outbox, commit wakes the worker)
+//!   → worker::claim (lease pending changes per resource)
+//!   → worker::map (read rows as they stand now → FHIR JSON, via `mapping`)
+//!   → worker::send (conditional PUT / DELETE over `http`)
+//!   → worker::settle (delivered | retry later | fhir_dlq), classified by worker::policy.
+
+use pgrx::prelude::*;
+
+mod api;
+mod capture;
+mod error;
+mod gucs;
+mod http;
+mod mapping;
+mod metrics;
+mod shmem;
+mod source;
+mod subxact;
+mod worker;
+
+pgrx::pg_module_magic!();
+
+extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
+extension_sql_file!("../sql/track.sql", name = "track", requires = ["schema"]);
+extension_sql_file!("../sql/admin.sql", name = "admin", requires = ["schema"]);
+extension_sql_file!(
+    "../sql/views.sql",
+    name = "views",
+    requires = ["schema", api::fhir_sync_stats, api::fhir_sync_worker_slots]
+);
+extension_sql_file!("../sql/privileges.sql", name = "privileges", finalize);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    if unsafe { !pg_sys::process_shared_preload_libraries_in_progress } {
+        error::raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "fhir_sync must be loaded via shared_preload_libraries",
+            "Add fhir_sync to shared_preload_libraries in postgresql.conf and restart PostgreSQL.",
+        );
+    }
+    gucs::init();
+    shmem::init();
+    worker::register();
+}
+
+/// Settings for the cluster that `cargo pgrx test` starts.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![
+            "shared_preload_libraries = 'fhir_sync'",
+            "fhir_sync.workers = 0",
+        ]
+    }
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests;

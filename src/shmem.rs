@@ -1,0 +1,213 @@
+//! State the workers share with every backend: where to find each worker's latch (so a commit
+//! can wake it) and the counters and latency histogram behind the metrics views.
+//!
+//! Everything is an atomic in one fixed struct, so readers never take a lock and the commit
+//! callback, which must not fail, does nothing that can.
+
+use pgrx::pg_sys;
+use std::sync::atomic::{AtomicI32, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+
+pub const MAX_WORKERS: usize = 32;
+
+/// Upper bounds (seconds) of the call-latency histogram, Prometheus style; +Inf is implicit.
+pub const LATENCY_BOUNDS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+pub const N_BUCKETS: usize = LATENCY_BOUNDS.len() + 1;
+pub const N_CLASSES: usize = 16;
+
+#[repr(C)]
+pub struct WorkerSlot {
+    pub pid: AtomicI32,
+    pub db_oid: AtomicU32,
+    latch: AtomicUsize,
+    pub state: AtomicU32,
+    pub batch: AtomicU64,
+    pub last_success_ms: AtomicI64,
+    pub last_error_class: AtomicU32,
+    pub last_error_ms: AtomicI64,
+    pub started_ms: AtomicI64,
+}
+
+#[repr(C)]
+pub struct Shared {
+    pub workers: [WorkerSlot; MAX_WORKERS],
+    /// Outbox rows settled as delivered.
+    pub processed_total: AtomicU64,
+    /// Failed deliveries (per resource attempt), transient or permanent.
+    pub failed_total: AtomicU64,
+    pub dead_lettered_total: AtomicU64,
+    pub calls_total: AtomicU64,
+    pub call_errors: [AtomicU64; N_CLASSES],
+    pub latency_buckets: [AtomicU64; N_BUCKETS],
+    pub latency_sum_us: AtomicU64,
+    pub paused_reason: AtomicU32,
+    pub paused_until_ms: AtomicI64,
+    pub stats_reset_ms: AtomicI64,
+}
+
+static mut SHARED: *mut Shared = std::ptr::null_mut();
+static mut PREV_STARTUP: pg_sys::shmem_startup_hook_type = None;
+#[cfg(not(any(feature = "pg13", feature = "pg14")))]
+static mut PREV_REQUEST: pg_sys::shmem_request_hook_type = None;
+
+pub fn init() {
+    unsafe {
+        #[cfg(any(feature = "pg13", feature = "pg14"))]
+        pg_sys::RequestAddinShmemSpace(std::mem::size_of::<Shared>());
+        #[cfg(not(any(feature = "pg13", feature = "pg14")))]
+        {
+            PREV_REQUEST = pg_sys::shmem_request_hook;
+            pg_sys::shmem_request_hook = Some(request);
+        }
+        PREV_STARTUP = pg_sys::shmem_startup_hook;
+        pg_sys::shmem_startup_hook = Some(startup);
+    }
+}
+
+#[cfg(not(any(feature = "pg13", feature = "pg14")))]
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn request() {
+    unsafe {
+        if let Some(prev) = PREV_REQUEST {
+            prev();
+        }
+        pg_sys::RequestAddinShmemSpace(std::mem::size_of::<Shared>());
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn startup() {
+    unsafe {
+        if let Some(prev) = PREV_STARTUP {
+            prev();
+        }
+        // AddinShmemInitLock is a C macro over this slot of the main LWLock array.
+        let lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
+        pg_sys::LWLockAcquire(lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+        let mut found = false;
+        let ptr = pg_sys::ShmemInitStruct(
+            c"fhir_sync".as_ptr(),
+            std::mem::size_of::<Shared>(),
+            &mut found,
+        )
+        .cast::<Shared>();
+        if !found {
+            // All-zero is a valid value for every field: idle slots, zero counters.
+            std::ptr::write_bytes(ptr, 0, 1);
+            (*ptr).stats_reset_ms.store(now_ms(), Ordering::Relaxed);
+        }
+        SHARED = ptr;
+        pg_sys::LWLockRelease(lock);
+    }
+}
+
+/// The shared state, or None in a process that did not preload the library.
+pub fn shared() -> Option<&'static Shared> {
+    unsafe { (*(&raw const SHARED)).as_ref() }
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Wakes the workers serving `db`. Called from the commit callback: touches only atomics and
+/// latches, which cannot fail.
+pub fn wake_database(db: pg_sys::Oid) {
+    let Some(shared) = shared() else { return };
+    for slot in &shared.workers {
+        if slot.pid.load(Ordering::Acquire) != 0
+            && slot.db_oid.load(Ordering::Acquire) == db.to_u32()
+        {
+            let latch = slot.latch.load(Ordering::Acquire);
+            if latch != 0 {
+                unsafe { pg_sys::SetLatch(latch as *mut pg_sys::Latch) };
+            }
+        }
+    }
+}
+
+/// The worker states shown in fhir_sync_workers.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(u32)]
+pub enum WorkerState {
+    Stopped = 0,
+    Starting = 1,
+    Idle = 2,
+    Working = 3,
+    Paused = 4,
+    NoExtension = 5,
+    NotConfigured = 6,
+}
+
+impl WorkerState {
+    pub fn name(v: u32) -> &'static str {
+        match v {
+            1 => "starting",
+            2 => "idle",
+            3 => "working",
+            4 => "paused",
+            5 => "waiting for CREATE EXTENSION",
+            6 => "waiting for fhir_sync.server_url",
+            _ => "stopped",
+        }
+    }
+}
+
+impl WorkerSlot {
+    pub fn claim(&self, db: pg_sys::Oid) {
+        self.db_oid.store(db.to_u32(), Ordering::Release);
+        self.latch
+            .store(unsafe { pg_sys::MyLatch } as usize, Ordering::Release);
+        self.started_ms.store(now_ms(), Ordering::Relaxed);
+        self.batch.store(0, Ordering::Relaxed);
+        self.state
+            .store(WorkerState::Starting as u32, Ordering::Relaxed);
+        self.pid
+            .store(unsafe { pg_sys::MyProcPid }, Ordering::Release);
+    }
+    pub fn release(&self) {
+        self.pid.store(0, Ordering::Release);
+        self.latch.store(0, Ordering::Release);
+        self.state
+            .store(WorkerState::Stopped as u32, Ordering::Relaxed);
+    }
+    pub fn set_state(&self, s: WorkerState) {
+        self.state.store(s as u32, Ordering::Relaxed);
+    }
+}
+
+impl Shared {
+    pub fn record_call(&self, seconds: f64) {
+        self.calls_total.fetch_add(1, Ordering::Relaxed);
+        let i = LATENCY_BOUNDS
+            .iter()
+            .position(|b| seconds <= *b)
+            .unwrap_or(LATENCY_BOUNDS.len());
+        self.latency_buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_us
+            .fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
+    }
+    pub fn record_call_error(&self, class: usize) {
+        self.call_errors[class.min(N_CLASSES - 1)].fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn reset(&self) {
+        for c in [
+            &self.processed_total,
+            &self.failed_total,
+            &self.dead_lettered_total,
+            &self.calls_total,
+            &self.latency_sum_us,
+        ] {
+            c.store(0, Ordering::Relaxed);
+        }
+        self.call_errors
+            .iter()
+            .chain(self.latency_buckets.iter())
+            .for_each(|c| c.store(0, Ordering::Relaxed));
+        self.stats_reset_ms.store(now_ms(), Ordering::Relaxed);
+    }
+}

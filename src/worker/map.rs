@@ -1,0 +1,440 @@
+//! Map: what to send for each claimed resource, from its source rows as they stand now.
+//!
+//! A resource whose row is gone is deleted; one whose row exists is PUT whole (a child-table
+//! change therefore never sends a partial Patient). References point at `Patient/<id>` as
+//! recorded when the Patient synced; a resource whose Patient is not on the server yet waits.
+//! Also used by `fhir_preview`, which plans without sending or enqueueing anything.
+
+use super::claim::Claimed;
+use super::policy::Class;
+use crate::error::FhirSyncError;
+use crate::http::identifier_query;
+use crate::mapping::{self, Ctx, Refs, Row};
+use crate::source::{self, Mapper, Synced, Track};
+use pgrx::pg_sys;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Deliver,
+    Preview,
+}
+
+#[derive(Clone, Debug)]
+pub enum Action {
+    /// PUT to `path` (conditional on the identifier, or by id once the identifier changed).
+    Put {
+        path: String,
+        body: Value,
+        identifier: (String, String),
+    },
+    Delete {
+        path: String,
+    },
+    /// The row is gone and nothing of it is on the server: settled without a request.
+    AlreadyGone,
+    /// A referenced resource is not on the server yet.
+    Wait(String),
+    Fail(Class, String),
+}
+
+/// Plans every claimed resource. In Deliver mode, `deps` collects the (table, key) of
+/// referenced resources that must be enqueued because nothing pending will sync them.
+pub fn plan(
+    schema: &str,
+    tracks: &HashMap<pg_sys::Oid, Track>,
+    claimed: &[Claimed],
+    mode: Mode,
+    deps: &mut Vec<(pg_sys::Oid, String)>,
+) -> Result<Vec<Action>, FhirSyncError> {
+    let base = crate::gucs::identifier_system();
+    let mut actions: Vec<Option<Action>> = vec![None; claimed.len()];
+    let mut by_table: HashMap<pg_sys::Oid, Vec<usize>> = HashMap::new();
+    for (i, c) in claimed.iter().enumerate() {
+        by_table.entry(c.resource_table).or_default().push(i);
+    }
+    for (table, idx) in by_table {
+        let Some(track) = tracks.get(&table) else {
+            for i in idx {
+                actions[i] = Some(Action::Fail(
+                    Class::Unmappable,
+                    "the table of this change is no longer tracked".into(),
+                ));
+            }
+            continue;
+        };
+        let keys: Vec<String> = idx
+            .iter()
+            .map(|i| claimed[*i].resource_key.clone())
+            .collect();
+        let states = source::sync_states(schema, table, &keys)?;
+        let rows: HashMap<String, Row>;
+        let mut custom: HashMap<String, Result<Value, String>> = HashMap::new();
+        if let (Mapper::Function, Some(f)) = (track.mapper, track.map_function) {
+            custom = source::run_map_function(track, f, &keys)?;
+            rows = if track.identifier_column.is_some() {
+                source::fetch_rows(track, &keys)?
+            } else {
+                HashMap::new()
+            };
+        } else {
+            rows = source::fetch_rows(track, &keys)?;
+        }
+        let children = if track.mapper == Mapper::Patient {
+            let mut all: HashMap<String, Vec<Row>> = HashMap::new();
+            for child in tracks.values().filter(|t| {
+                t.mapper == Mapper::PatientIdentifier
+                    && t.parent.as_ref().map(|p| p.0) == Some(table)
+            }) {
+                for (k, mut v) in source::fetch_children(child, &keys)? {
+                    all.entry(k).or_default().append(&mut v);
+                }
+            }
+            all
+        } else {
+            HashMap::new()
+        };
+        let refs = References::load(schema, tracks, track, &rows)?;
+
+        for i in idx {
+            let c = &claimed[i];
+            let state = states.get(&c.resource_key).cloned().unwrap_or_default();
+            let exists = if track.mapper == Mapper::Function {
+                custom.contains_key(&c.resource_key)
+            } else {
+                rows.contains_key(&c.resource_key)
+            };
+            let action = if !exists {
+                plan_delete(track, c, &state, &base)
+            } else {
+                let ctx = Ctx {
+                    table: &track.name,
+                    key: &c.resource_key,
+                    identifier_base: &base,
+                };
+                let mapped = match track.mapper {
+                    Mapper::Patient => {
+                        let row = &rows[&c.resource_key];
+                        let none = Vec::new();
+                        mapping::patient::map(
+                            row,
+                            children.get(&c.resource_key).unwrap_or(&none),
+                            &ctx,
+                        )
+                        .map_err(|e| e.to_string())
+                    }
+                    Mapper::Encounter | Mapper::BloodPressure | Mapper::Pulse => {
+                        let row = &rows[&c.resource_key];
+                        match refs.resolve(row, track, c, mode, deps) {
+                            Err(a) => Err2::Action(a).into_result(),
+                            Ok(r) => match track.mapper {
+                                Mapper::Encounter => mapping::encounter::map(row, &ctx, &r),
+                                Mapper::BloodPressure => {
+                                    mapping::observation::blood_pressure(row, &ctx, &r)
+                                }
+                                _ => mapping::observation::pulse(row, &ctx, &r),
+                            }
+                            .map_err(|e| e.to_string()),
+                        }
+                    }
+                    Mapper::Function => match &custom[&c.resource_key] {
+                        Ok(v) => {
+                            let id = identifier_for(
+                                track,
+                                rows.get(&c.resource_key),
+                                &c.resource_key,
+                                &base,
+                            );
+                            mapping::custom::finish(
+                                v.clone(),
+                                &track.resource_type,
+                                json!({"system": id.0, "value": id.1}),
+                                &ctx,
+                            )
+                            .map_err(|e| e.to_string())
+                        }
+                        Err(e) => Err(e.clone()),
+                    },
+                    Mapper::PatientIdentifier => {
+                        Err("identifier rows are delivered with their patient".to_string())
+                    }
+                };
+                match mapped {
+                    Ok(body) => plan_put(track, body, rows.get(&c.resource_key), c, &state, &base),
+                    Err(e) => Err2::decode(e),
+                }
+            };
+            actions[i] = Some(action);
+        }
+    }
+    Ok(actions
+        .into_iter()
+        .map(|a| a.unwrap_or(Action::Fail(Class::Unmappable, "not planned".into())))
+        .collect())
+}
+
+/// Carries a non-error outcome (Wait) through the mapping Result without a second type.
+enum Err2 {
+    Action(Action),
+}
+
+const ACTION_MARK: &str = "\u{0}action:";
+
+impl Err2 {
+    fn into_result<T>(self) -> Result<T, String> {
+        let Err2::Action(a) = self;
+        match a {
+            Action::Wait(w) => Err(format!("{ACTION_MARK}wait:{w}")),
+            Action::Fail(c, e) => Err(format!("{ACTION_MARK}{}:{e}", c.name())),
+            _ => Err("unexpected action".into()),
+        }
+    }
+    fn decode(e: String) -> Action {
+        if let Some(rest) = e.strip_prefix(ACTION_MARK) {
+            if let Some(w) = rest.strip_prefix("wait:") {
+                return Action::Wait(w.to_string());
+            }
+            if let Some(d) = rest.strip_prefix("dependency:") {
+                return Action::Fail(Class::Dependency, d.to_string());
+            }
+            if let Some(d) = rest.strip_prefix("unmappable:") {
+                return Action::Fail(Class::Unmappable, d.to_string());
+            }
+        }
+        Action::Fail(Class::Unmappable, e)
+    }
+}
+
+fn text_of(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) if !s.trim().is_empty() => Some(s.trim().to_string()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// The identifier a resource is addressed by: the patient's own, a configured column, or one
+/// derived from table and key.
+fn identifier_for(track: &Track, row: Option<&Row>, key: &str, base: &str) -> (String, String) {
+    match track.mapper {
+        Mapper::Patient => {
+            if let Some(row) = row {
+                if let (Some(s), Some(v)) = (
+                    text_of(row.get("identifier_system")),
+                    text_of(row.get("identifier_value")),
+                ) {
+                    return (s, v);
+                }
+            }
+        }
+        Mapper::Function => {
+            if let (Some(col), Some(row)) = (&track.identifier_column, row) {
+                if let Some(v) = text_of(row.get(col)) {
+                    let system = track
+                        .identifier_system
+                        .clone()
+                        .unwrap_or_else(|| mapping::derived_system(base, &track.name));
+                    return (system, v);
+                }
+            }
+        }
+        _ => {}
+    }
+    (mapping::derived_system(base, &track.name), key.to_string())
+}
+
+fn plan_put(
+    track: &Track,
+    mut body: Value,
+    row: Option<&Row>,
+    c: &Claimed,
+    state: &Synced,
+    base: &str,
+) -> Action {
+    let identifier = identifier_for(track, row, &c.resource_key, base);
+    // Once the identifier of a synced resource changes, a conditional PUT on the new one would
+    // create a second resource: update the one we know by id instead.
+    if let (Some(id), Some(old), false) = (&state.fhir_id, &state.identifier, state.deleted) {
+        if *old != identifier {
+            body["id"] = Value::String(id.clone());
+            return Action::Put {
+                path: format!("{}/{}", track.resource_type, id),
+                body,
+                identifier,
+            };
+        }
+    }
+    Action::Put {
+        path: format!(
+            "{}?{}",
+            track.resource_type,
+            identifier_query(&identifier.0, &identifier.1)
+        ),
+        body,
+        identifier,
+    }
+}
+
+fn plan_delete(track: &Track, c: &Claimed, state: &Synced, base: &str) -> Action {
+    if state.deleted {
+        return Action::AlreadyGone;
+    }
+    if let Some(id) = &state.fhir_id {
+        return Action::Delete {
+            path: format!("{}/{}", track.resource_type, id),
+        };
+    }
+    let identifier = match track.mapper {
+        Mapper::Patient => c.identifier.clone().or_else(|| state.identifier.clone()),
+        Mapper::Function if track.identifier_column.is_some() => state.identifier.clone(),
+        _ => Some(identifier_for(track, None, &c.resource_key, base)),
+    };
+    match identifier {
+        Some((s, v)) => Action::Delete {
+            path: format!("{}?{}", track.resource_type, identifier_query(&s, &v)),
+        },
+        None => Action::AlreadyGone,
+    }
+}
+
+/// Sync state of the Patients and Encounters that a batch of rows references.
+struct References {
+    patient: Option<(pg_sys::Oid, Option<Track>, HashMap<String, Synced>)>,
+    encounter: Option<(pg_sys::Oid, Option<Track>, HashMap<String, Synced>)>,
+}
+
+impl References {
+    fn load(
+        schema: &str,
+        tracks: &HashMap<pg_sys::Oid, Track>,
+        track: &Track,
+        rows: &HashMap<String, Row>,
+    ) -> Result<References, FhirSyncError> {
+        if !matches!(
+            track.mapper,
+            Mapper::Encounter | Mapper::BloodPressure | Mapper::Pulse
+        ) {
+            return Ok(References {
+                patient: None,
+                encounter: None,
+            });
+        }
+        let load = |target: Option<pg_sys::Oid>, column: &str| -> Result<_, FhirSyncError> {
+            let Some(t) = target else { return Ok(None) };
+            let keys: Vec<String> = rows
+                .values()
+                .filter_map(|r| text_of(r.get(column)))
+                .collect();
+            let states = if keys.is_empty() {
+                HashMap::new()
+            } else {
+                source::sync_states(schema, t, &keys)?
+            };
+            Ok(Some((t, tracks.get(&t).cloned(), states)))
+        };
+        Ok(References {
+            patient: load(track.patient_ref, "patient_id")?,
+            encounter: if track.mapper == Mapper::Encounter {
+                None
+            } else {
+                load(track.encounter_ref, "form_id")?
+            },
+        })
+    }
+
+    fn resolve(
+        &self,
+        row: &Row,
+        track: &Track,
+        c: &Claimed,
+        mode: Mode,
+        deps: &mut Vec<(pg_sys::Oid, String)>,
+    ) -> Result<Refs, Action> {
+        let subject = match text_of(row.get("patient_id")) {
+            // The mapper reports the missing patient_id with the field's name.
+            None => None,
+            Some(k) => Some(Self::one(
+                &self.patient,
+                "patient_id",
+                "Patient",
+                &k,
+                track,
+                c,
+                mode,
+                deps,
+            )?),
+        };
+        let encounter = match text_of(row.get("form_id")) {
+            None => None,
+            Some(k) if self.encounter.is_some() => Some(Self::one(
+                &self.encounter,
+                "form_id",
+                "Encounter",
+                &k,
+                track,
+                c,
+                mode,
+                deps,
+            )?),
+            Some(_) => None,
+        };
+        Ok(Refs { subject, encounter })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn one(
+        target: &Option<(pg_sys::Oid, Option<Track>, HashMap<String, Synced>)>,
+        column: &str,
+        kind: &str,
+        key: &str,
+        track: &Track,
+        c: &Claimed,
+        mode: Mode,
+        deps: &mut Vec<(pg_sys::Oid, String)>,
+    ) -> Result<Value, Action> {
+        let Some((table, target_track, states)) = target else {
+            return Err(Action::Fail(Class::Unmappable, format!("{} row {}: field \"{column}\" refers to a {kind}, but no {kind} table is tracked", track.name, c.resource_key)));
+        };
+        let Some(target_track) = target_track else {
+            return Err(Action::Fail(
+                Class::Unmappable,
+                format!(
+                    "{} row {}: field \"{column}\" refers to a table that is not tracked",
+                    track.name, c.resource_key
+                ),
+            ));
+        };
+        match states.get(key) {
+            Some(Synced {
+                fhir_id: Some(id),
+                deleted: false,
+                ..
+            }) => Ok(json!({"reference": format!("{}/{}", target_track.resource_type, id)})),
+            Some(Synced { deleted: true, .. }) => Err(Action::Fail(
+                Class::Unmappable,
+                format!(
+                    "{} row {}: the {kind} it refers to was deleted",
+                    track.name, c.resource_key
+                ),
+            )),
+            _ if mode == Mode::Preview => Ok(
+                json!({"type": target_track.resource_type, "display": format!("{} row {key} (not on the FHIR server yet)", target_track.name)}),
+            ),
+            _ if c.age_s > crate::gucs::dependency_timeout_s() as f64 => Err(Action::Fail(
+                Class::Dependency,
+                format!(
+                    "{} row {}: waited {:.0} s for {} row {key} to reach the FHIR server",
+                    track.name, c.resource_key, c.age_s, target_track.name
+                ),
+            )),
+            _ => {
+                deps.push((*table, key.to_string()));
+                Err(Action::Wait(format!(
+                    "waiting for {} row {key}",
+                    target_track.name
+                )))
+            }
+        }
+    }
+}

@@ -1,0 +1,633 @@
+//! The background worker: claim → map → send → settle, woken at commit.
+//!
+//! Discipline (after pg_net's worker): transactions are short and never open during HTTP;
+//! a PostgreSQL error in a cycle is caught, logged and the cycle abandoned (leases expire),
+//! never a crash loop; SIGTERM exits with code 1 so `pg_terminate_backend` is followed by a
+//! restart; SIGHUP reloads settings; a database without the extension is waited on quietly.
+
+pub mod claim;
+pub mod map;
+pub mod policy;
+pub mod send;
+pub mod settle;
+
+use crate::http::{Auth, Client, Method, Response};
+use crate::shmem::{self, WorkerState};
+use crate::source;
+use claim::Claimed;
+use map::{Action, Mode};
+use pgrx::bgworkers::{
+    BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
+};
+use pgrx::prelude::*;
+use policy::{classify, Class, Transport, Verdict};
+use settle::Settlement;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+/// Registers the static workers (from _PG_init in the postmaster).
+pub fn register() {
+    if unsafe { !pg_sys::process_shared_preload_libraries_in_progress } {
+        return;
+    }
+    let mut slot = 0usize;
+    for db in crate::gucs::databases() {
+        for i in 0..crate::gucs::workers() {
+            if slot >= shmem::MAX_WORKERS {
+                pgrx::warning!(
+                    "fhir_sync: at most {} workers; not starting more",
+                    shmem::MAX_WORKERS
+                );
+                return;
+            }
+            BackgroundWorkerBuilder::new(&format!("fhir_sync worker {i} for database {db}"))
+                .set_type("fhir_sync worker")
+                .set_library("fhir_sync")
+                .set_function("fhir_sync_worker_main")
+                .set_argument((slot as i32).into_datum())
+                .set_extra(&db)
+                .enable_spi_access()
+                // A hot standby cannot write the outbox; the worker starts once it is promoted.
+                .set_start_time(BgWorkerStartTime::RecoveryFinished)
+                .set_restart_time(Some(Duration::from_secs(2)))
+                .load();
+            slot += 1;
+        }
+    }
+}
+
+/// Settings that shape the HTTP client; a change rebuilds it.
+#[derive(Clone, PartialEq, Debug)]
+struct ClientSettings {
+    base: Option<String>,
+    timeout: Duration,
+    in_flight: usize,
+    auth: Auth,
+    ca_file: Option<String>,
+}
+
+impl ClientSettings {
+    fn read() -> Self {
+        use crate::gucs::{self as g, AuthMode};
+        let auth = match g::auth() {
+            AuthMode::None => Auth::None,
+            AuthMode::Bearer => Auth::Bearer(g::auth_token().unwrap_or_default()),
+            AuthMode::Basic => Auth::Basic(crate::http::base64(
+                format!(
+                    "{}:{}",
+                    g::auth_username().unwrap_or_default(),
+                    g::auth_password().unwrap_or_default()
+                )
+                .as_bytes(),
+            )),
+            AuthMode::Oauth2 => Auth::OAuth2 {
+                token_url: g::oauth_token_url().unwrap_or_default(),
+                client_id: g::oauth_client_id().unwrap_or_default(),
+                client_secret: g::oauth_client_secret().unwrap_or_default(),
+                scope: g::oauth_scope(),
+            },
+        };
+        ClientSettings {
+            base: g::server_url(),
+            timeout: g::http_timeout(),
+            in_flight: g::max_in_flight(),
+            auth,
+            ca_file: g::ca_file(),
+        }
+    }
+}
+
+struct Pause {
+    class: Class,
+    until: Instant,
+    /// Next probe interval, doubling while the problem lasts.
+    backoff: Duration,
+}
+
+struct Worker {
+    slot: &'static shmem::WorkerSlot,
+    shared: &'static shmem::Shared,
+    settings: ClientSettings,
+    client: Option<Client>,
+    pause: Option<Pause>,
+    rng: u64,
+}
+
+#[pg_guard]
+#[no_mangle]
+pub extern "C-unwind" fn fhir_sync_worker_main(arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let index =
+        unsafe { i32::from_polymorphic_datum(arg, false, pg_sys::INT4OID) }.unwrap_or(0) as usize;
+    let db = BackgroundWorker::get_extra().to_string();
+    let Some(shared) = shmem::shared() else {
+        return;
+    };
+    let slot = &shared.workers[index.min(shmem::MAX_WORKERS - 1)];
+    BackgroundWorker::connect_worker_to_spi(Some(&db), None);
+    slot.claim(unsafe { pg_sys::MyDatabaseId });
+    pgrx::log!("fhir_sync worker started for database \"{db}\"");
+
+    // The worker's bookkeeping may be lost in a crash without harm (a lost mark means an
+    // idempotent re-send), so it need not wait for WAL flush; and nothing it runs may resolve
+    // names through a search_path a user controls.
+    let _ = crate::subxact::transaction(|| {
+        Spi::run("SET synchronous_commit = off; SET search_path = pg_catalog, pg_temp; SET application_name = 'fhir_sync worker'")
+    });
+
+    let mut w = Worker {
+        slot,
+        shared,
+        settings: ClientSettings::read(),
+        client: None,
+        pause: None,
+        rng: seed(),
+    };
+    w.rebuild_client();
+    loop {
+        if BackgroundWorker::sigterm_received() || unsafe { pg_sys::ShutdownRequestPending != 0 } {
+            break;
+        }
+        if BackgroundWorker::sighup_received() {
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+            let s = ClientSettings::read();
+            if s != w.settings {
+                w.settings = s;
+                w.rebuild_client();
+            }
+            // New credentials or a new URL deserve an immediate try.
+            w.pause = None;
+        }
+        let nap = w.cycle();
+        if let Some(nap) = nap {
+            if !BackgroundWorker::wait_latch(Some(nap)) {
+                break;
+            }
+        } else {
+            unsafe { pg_sys::ResetLatch(pg_sys::MyLatch) };
+            pgrx::check_for_interrupts!();
+        }
+    }
+    slot.release();
+    pgrx::log!("fhir_sync worker for database \"{db}\" stopping");
+    // Exit code 1: the postmaster restarts us after restart_time (0 would unregister the
+    // worker, so pg_terminate_backend would stop delivery for good). At shutdown nothing restarts.
+    unsafe { pg_sys::proc_exit(1) };
+}
+
+fn seed() -> u64 {
+    (shmem::now_ms() as u64) ^ ((unsafe { pg_sys::MyProcPid } as u64) << 32) | 1
+}
+
+impl Worker {
+    fn rebuild_client(&mut self) {
+        self.client = None;
+        let Some(base) = self.settings.base.clone() else {
+            return;
+        };
+        match Client::new(
+            base,
+            self.settings.timeout,
+            self.settings.in_flight,
+            self.settings.auth.clone(),
+            self.settings.ca_file.as_deref(),
+        ) {
+            Ok(c) => self.client = Some(c),
+            Err(e) => pgrx::warning!("fhir_sync: {e}"),
+        }
+    }
+
+    fn jitter(&mut self) -> f64 {
+        // xorshift: enough to spread retries, no crate needed.
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        (self.rng % 10_000) as f64 / 10_000.0
+    }
+
+    /// One pass. Returns how long to sleep, or None to go again at once (more work waiting).
+    fn cycle(&mut self) -> Option<Duration> {
+        let poll = crate::gucs::poll_interval();
+        let schema = match crate::subxact::transaction(source::extension_schema) {
+            Ok(Ok(Some(s))) => s,
+            Ok(Ok(None)) => {
+                self.slot.set_state(WorkerState::NoExtension);
+                return Some(poll.max(Duration::from_secs(5)));
+            }
+            Ok(Err(e)) => return self.failed_cycle(&e.to_string()),
+            Err(e) => return self.failed_cycle(&e),
+        };
+        if self.client.is_none() {
+            self.slot.set_state(WorkerState::NotConfigured);
+            self.shared.paused_reason.store(0, Ordering::Relaxed);
+            return Some(poll.max(Duration::from_secs(5)));
+        }
+        if let Some(p) = &self.pause {
+            let now = Instant::now();
+            if now < p.until {
+                self.slot.set_state(WorkerState::Paused);
+                return Some((p.until - now).min(poll.max(Duration::from_millis(100))));
+            }
+            if p.class == Class::Unreachable {
+                if !self.probe() {
+                    return Some(Duration::from_millis(10));
+                }
+            } else {
+                // Throttle or credential pause over: try real work; a new refusal pauses again.
+                self.pause = None;
+                self.shared.paused_reason.store(0, Ordering::Relaxed);
+            }
+        }
+        let claimed = match crate::subxact::transaction(|| {
+            claim::claim(
+                &schema,
+                crate::gucs::batch_size(),
+                crate::gucs::lease_time_ms(),
+            )
+        }) {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return self.failed_cycle(&e.to_string()),
+            Err(e) => return self.failed_cycle(&e),
+        };
+        if claimed.is_empty() {
+            self.slot.set_state(if self.pause.is_some() {
+                WorkerState::Paused
+            } else {
+                WorkerState::Idle
+            });
+            self.slot.batch.store(0, Ordering::Relaxed);
+            return Some(poll);
+        }
+        self.slot.set_state(WorkerState::Working);
+        self.slot
+            .batch
+            .store(claimed.len() as u64, Ordering::Relaxed);
+        let full = claimed.len() as i64 >= crate::gucs::batch_size();
+        if let Err(e) = self.deliver(&schema, claimed) {
+            return self.failed_cycle(&e);
+        }
+        if full {
+            None
+        } else {
+            Some(Duration::ZERO)
+        }
+    }
+
+    /// A cycle that hit a PostgreSQL error (the extension being dropped, a table gone): log it
+    /// and try again later. The leases it held expire on their own.
+    fn failed_cycle(&mut self, error: &str) -> Option<Duration> {
+        pgrx::warning!("fhir_sync worker: cycle failed: {error}");
+        self.slot
+            .last_error_ms
+            .store(shmem::now_ms(), Ordering::Relaxed);
+        Some(Duration::from_secs(1).max(crate::gucs::poll_interval()))
+    }
+
+    /// Is the server reachable again? Any HTTP answer says yes.
+    fn probe(&mut self) -> bool {
+        let Some(client) = &self.client else {
+            return false;
+        };
+        let r = client.request(Method::Get, "metadata", None);
+        if r.transport == Transport::ConnectFailed {
+            let p = self.pause.as_mut().expect("probing while paused");
+            p.backoff = (p.backoff * 2).min(Duration::from_secs(30));
+            p.until = Instant::now() + p.backoff;
+            false
+        } else {
+            pgrx::log!("fhir_sync worker: FHIR server reachable again, resuming delivery");
+            self.pause = None;
+            self.shared.paused_reason.store(0, Ordering::Relaxed);
+            true
+        }
+    }
+
+    fn pause_for(&mut self, class: Class, wait: Duration) {
+        if self.pause.as_ref().map(|p| p.class) != Some(class) {
+            match class {
+                Class::Unreachable => pgrx::log!("fhir_sync worker: FHIR server unreachable, pausing delivery"),
+                Class::Auth => pgrx::warning!(
+                    "fhir_sync worker: FHIR server rejected the credentials (HTTP 401/403), pausing delivery; check fhir_sync.auth and its secret, then SELECT pg_reload_conf()"
+                ),
+                _ => pgrx::log!("fhir_sync worker: FHIR server asked to slow down, pausing {} ms", wait.as_millis()),
+            }
+        }
+        let backoff = self
+            .pause
+            .as_ref()
+            .map(|p| p.backoff)
+            .unwrap_or(Duration::from_millis(500));
+        self.pause = Some(Pause {
+            class,
+            until: Instant::now() + wait,
+            backoff,
+        });
+        self.shared
+            .paused_reason
+            .store(class.index() as u32, Ordering::Relaxed);
+        self.shared
+            .paused_until_ms
+            .store(shmem::now_ms() + wait.as_millis() as i64, Ordering::Relaxed);
+    }
+
+    fn deliver(&mut self, schema: &str, claimed: Vec<Claimed>) -> Result<(), String> {
+        let tracks = crate::subxact::transaction(|| source::load_tracks(schema))?
+            .map_err(|e| e.to_string())?;
+        let mut tiers: [Vec<Claimed>; 3] = Default::default();
+        for c in claimed {
+            let t = tracks
+                .get(&c.resource_table)
+                .map(|t| t.mapper.tier())
+                .unwrap_or(0);
+            tiers[t].push(c);
+        }
+        for tier in tiers {
+            if tier.is_empty() {
+                continue;
+            }
+            if self.pause.is_some() {
+                // Sent nothing: hand the changes back without spending attempts.
+                let release: Vec<i64> = tier.iter().flat_map(|c| c.outbox_ids.clone()).collect();
+                let s = Settlement {
+                    release,
+                    ..Default::default()
+                };
+                crate::subxact::transaction(|| settle::settle(schema, &s))?
+                    .map_err(|e| e.to_string())?;
+                continue;
+            }
+            let mut deps = Vec::new();
+            let actions = crate::subxact::transaction(|| {
+                map::plan(schema, &tracks, &tier, Mode::Deliver, &mut deps)
+            })?
+            .map_err(|e| e.to_string())?;
+            let mut requests = Vec::new();
+            let mut request_of = vec![None; tier.len()];
+            for (i, a) in actions.iter().enumerate() {
+                let req = match a {
+                    Action::Put { path, body, .. } => send::Outgoing {
+                        method: Method::Put,
+                        path: path.clone(),
+                        body: serde_json::to_vec(body).ok(),
+                    },
+                    Action::Delete { path } => send::Outgoing {
+                        method: Method::Delete,
+                        path: path.clone(),
+                        body: None,
+                    },
+                    _ => continue,
+                };
+                request_of[i] = Some(requests.len());
+                requests.push(req);
+            }
+            let client = self.client.as_ref().expect("checked in cycle");
+            let responses = if requests.is_empty() {
+                Vec::new()
+            } else {
+                send::send_all(client, &requests, self.settings.in_flight)
+            };
+            let settlement = self.judge(&tier, &actions, &request_of, &responses, deps);
+            crate::subxact::transaction(|| settle::settle(schema, &settlement))?
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Turns actions and responses into a settlement, updates the counters, and pauses the
+    /// worker when the server asks for it.
+    fn judge(
+        &mut self,
+        tier: &[Claimed],
+        actions: &[Action],
+        request_of: &[Option<usize>],
+        responses: &[Option<Response>],
+        deps: Vec<(pg_sys::Oid, String)>,
+    ) -> Settlement {
+        let mut s = Settlement {
+            dependencies: deps,
+            ..Default::default()
+        };
+        let max_retries = crate::gucs::max_retries();
+        let mut pause: Option<(Class, Duration)> = None;
+        for (i, c) in tier.iter().enumerate() {
+            let ids = c.outbox_ids.clone();
+            let action = &actions[i];
+            let response = request_of[i]
+                .and_then(|r| responses.get(r))
+                .and_then(|r| r.as_ref());
+            match (action, response) {
+                (Action::AlreadyGone, _) => s.delivered.push(settle::Delivered {
+                    outbox_ids: ids,
+                    resource_table: c.resource_table,
+                    resource_key: c.resource_key.clone(),
+                    resource_type: c.resource_type.clone(),
+                    fhir_id: None,
+                    version: None,
+                    identifier: None,
+                    deleted: true,
+                }),
+                (Action::Wait(reason), _) => {
+                    let delay = (c.age_s * 100.0).clamp(200.0, 30_000.0) as i64;
+                    s.waits.push(settle::Wait {
+                        outbox_ids: ids,
+                        delay_ms: delay,
+                        reason: reason.clone(),
+                    });
+                }
+                (Action::Fail(class, error), _) => {
+                    pgrx::warning!("fhir_sync worker: outbox rows {:?} dead-lettered ({}): no request was made", c.outbox_ids, class.name());
+                    self.shared.failed_total.fetch_add(1, Ordering::Relaxed);
+                    s.dead.push(settle::DeadLetter {
+                        outbox_ids: ids,
+                        class: class.name(),
+                        error: error.clone(),
+                        http_status: None,
+                        outcome: None,
+                        attempted: false,
+                    });
+                }
+                (_, None) => s.release.extend(ids),
+                (action, Some(r)) => {
+                    let is_delete = matches!(action, Action::Delete { .. });
+                    self.shared.record_call(r.elapsed.as_secs_f64());
+                    let status = match r.transport {
+                        Transport::Status(st) => Some(st as i32),
+                        _ => None,
+                    };
+                    let verdict = classify(&r.transport, is_delete);
+                    if verdict != Verdict::Delivered {
+                        let class = match verdict {
+                            Verdict::Retry(c) | Verdict::Pause(c) | Verdict::DeadLetter(c) => c,
+                            Verdict::Delivered => Class::Transient,
+                        };
+                        self.shared.record_call_error(class.index());
+                        self.slot
+                            .last_error_class
+                            .store(class.index() as u32, Ordering::Relaxed);
+                        self.slot
+                            .last_error_ms
+                            .store(shmem::now_ms(), Ordering::Relaxed);
+                    }
+                    match verdict {
+                        Verdict::Delivered => {
+                            let (fhir_id, version) = if is_delete {
+                                (None, None)
+                            } else {
+                                resource_id(r)
+                            };
+                            let identifier = match action {
+                                Action::Put { identifier, .. } => Some(identifier.clone()),
+                                _ => None,
+                            };
+                            self.shared
+                                .processed_total
+                                .fetch_add(ids.len() as u64, Ordering::Relaxed);
+                            self.slot
+                                .last_success_ms
+                                .store(shmem::now_ms(), Ordering::Relaxed);
+                            s.delivered.push(settle::Delivered {
+                                outbox_ids: ids,
+                                resource_table: c.resource_table,
+                                resource_key: c.resource_key.clone(),
+                                resource_type: c.resource_type.clone(),
+                                fhir_id,
+                                version,
+                                identifier,
+                                deleted: is_delete,
+                            });
+                        }
+                        Verdict::Pause(class) => {
+                            let wait = if class == Class::Auth {
+                                Duration::from_secs(60)
+                            } else {
+                                Duration::from_millis(500)
+                            };
+                            pause = Some((class, wait));
+                            s.release.extend(ids);
+                        }
+                        Verdict::Retry(class) => {
+                            self.shared.failed_total.fetch_add(1, Ordering::Relaxed);
+                            let attempts = c.attempts + 1;
+                            let error = describe_failure(r);
+                            let retry_after = r
+                                .retry_after
+                                .as_deref()
+                                .and_then(|v| policy::parse_retry_after(v, chrono::Utc::now()));
+                            if let Some(ra) = retry_after {
+                                pause = Some((Class::Transient, ra));
+                            } else if status == Some(429) {
+                                pause = Some((Class::Transient, Duration::from_secs(1)));
+                            }
+                            if policy::exhausted(attempts, max_retries) {
+                                pgrx::warning!("fhir_sync worker: outbox rows {:?} dead-lettered after {attempts} attempts ({})", c.outbox_ids, class.name());
+                                s.dead.push(settle::DeadLetter {
+                                    outbox_ids: ids,
+                                    class: Class::Exhausted.name(),
+                                    error: format!("gave up after {attempts} attempts: {error}"),
+                                    http_status: status,
+                                    outcome: operation_outcome(r),
+                                    attempted: true,
+                                });
+                            } else {
+                                let j = self.jitter();
+                                let delay = policy::backoff(attempts, retry_after, j);
+                                s.retries.push(settle::Retry {
+                                    outbox_ids: ids,
+                                    delay_ms: delay.as_millis() as i64,
+                                    error,
+                                    class: class.name(),
+                                    http_status: status,
+                                });
+                            }
+                        }
+                        Verdict::DeadLetter(class) => {
+                            self.shared.failed_total.fetch_add(1, Ordering::Relaxed);
+                            pgrx::warning!(
+                                "fhir_sync worker: outbox rows {:?} dead-lettered: HTTP {}",
+                                c.outbox_ids,
+                                status.unwrap_or(0)
+                            );
+                            s.dead.push(settle::DeadLetter {
+                                outbox_ids: ids,
+                                class: class.name(),
+                                error: describe_failure(r),
+                                http_status: status,
+                                outcome: operation_outcome(r),
+                                attempted: true,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        let dead_rows: usize = s.dead.iter().map(|d| d.outbox_ids.len()).sum();
+        self.shared
+            .dead_lettered_total
+            .fetch_add(dead_rows as u64, Ordering::Relaxed);
+        if let Some((class, wait)) = pause {
+            self.pause_for(class, wait);
+        }
+        s
+    }
+}
+
+/// "HTTP 422" plus the server's first diagnostic, or the transport error. Kept in the
+/// protected tables only, never logged: a server may echo patient data in its diagnostics.
+fn describe_failure(r: &Response) -> String {
+    match r.transport {
+        Transport::Status(s) => {
+            let diag = operation_outcome(r).and_then(|o| {
+                o.pointer("/issue/0/diagnostics")
+                    .and_then(|d| d.as_str())
+                    .map(str::to_string)
+            });
+            match diag {
+                Some(d) => format!("HTTP {s}: {}", d.chars().take(500).collect::<String>()),
+                None if (300..400).contains(&s) => format!("HTTP {s}: the server answered with a redirect, which fhir_sync does not follow"),
+                None => format!("HTTP {s}"),
+            }
+        }
+        _ => r.error.clone().unwrap_or_else(|| "request failed".into()),
+    }
+}
+
+fn operation_outcome(r: &Response) -> Option<serde_json::Value> {
+    let v: serde_json::Value = serde_json::from_slice(&r.body).ok()?;
+    (v.get("resourceType")?.as_str()? == "OperationOutcome").then_some(v)
+}
+
+/// The id and version the server gave the resource: from the body, else Location
+/// (…/Type/<id>/_history/<v>), else the ETag (W/"<v>").
+fn resource_id(r: &Response) -> (Option<String>, Option<String>) {
+    let body: Option<serde_json::Value> = serde_json::from_slice(&r.body).ok();
+    let mut id = body
+        .as_ref()
+        .and_then(|b| b.get("id"))
+        .and_then(|v| v.as_str())
+        .map(str::to_string);
+    let mut version = body
+        .as_ref()
+        .and_then(|b| b.pointer("/meta/versionId"))
+        .and_then(|v| v.as_str())
+        .map(str::to_string);
+    if let Some(loc) = &r.location {
+        let parts: Vec<&str> = loc.trim_end_matches('/').split('/').collect();
+        if let Some(h) = parts.iter().position(|p| *p == "_history") {
+            if id.is_none() && h >= 1 {
+                id = Some(parts[h - 1].to_string());
+            }
+            if version.is_none() {
+                version = parts.get(h + 1).map(|s| s.to_string());
+            }
+        } else if id.is_none() {
+            id = parts.last().map(|s| s.to_string());
+        }
+    }
+    if version.is_none() {
+        version = r
+            .etag
+            .as_deref()
+            .map(|e| e.trim_start_matches("W/").trim_matches('"').to_string());
+    }
+    (id, version)
+}

@@ -1,0 +1,224 @@
+//! Settle: record what happened to each claimed resource, in one short transaction per tier.
+//! Every statement is a set statement over arrays: one round trip per kind of outcome, not
+//! one per row.
+
+use crate::error::FhirSyncError;
+use pgrx::prelude::*;
+
+pub struct Delivered {
+    pub outbox_ids: Vec<i64>,
+    pub resource_table: pg_sys::Oid,
+    pub resource_key: String,
+    pub resource_type: String,
+    pub fhir_id: Option<String>,
+    pub version: Option<String>,
+    pub identifier: Option<(String, String)>,
+    pub deleted: bool,
+}
+
+pub struct Retry {
+    pub outbox_ids: Vec<i64>,
+    pub delay_ms: i64,
+    pub error: String,
+    pub class: &'static str,
+    pub http_status: Option<i32>,
+}
+
+pub struct DeadLetter {
+    pub outbox_ids: Vec<i64>,
+    pub class: &'static str,
+    pub error: String,
+    pub http_status: Option<i32>,
+    pub outcome: Option<serde_json::Value>,
+    /// Whether this failure spends an attempt (a rejected request does; a mapping error,
+    /// which made no request, does not).
+    pub attempted: bool,
+}
+
+pub struct Wait {
+    pub outbox_ids: Vec<i64>,
+    pub delay_ms: i64,
+    pub reason: String,
+}
+
+#[derive(Default)]
+pub struct Settlement {
+    pub delivered: Vec<Delivered>,
+    pub retries: Vec<Retry>,
+    pub dead: Vec<DeadLetter>,
+    pub waits: Vec<Wait>,
+    pub release: Vec<i64>,
+    pub dependencies: Vec<(pg_sys::Oid, String)>,
+}
+
+pub fn settle(schema: &str, s: &Settlement) -> Result<(), FhirSyncError> {
+    Spi::connect_mut(|client| {
+        if !s.delivered.is_empty() {
+            let (mut ids, mut fids, mut vers) = (Vec::new(), Vec::new(), Vec::new());
+            for d in &s.delivered {
+                for id in &d.outbox_ids {
+                    ids.push(*id);
+                    fids.push(d.fhir_id.clone());
+                    vers.push(d.version.clone());
+                }
+            }
+            client.update(
+                format!(
+                    "UPDATE {schema}.fhir_outbox o SET processed = true, processed_at = pg_catalog.now(),
+                            locked_by = NULL, lock_expires_at = NULL, next_retry_at = NULL,
+                            fhir_resource_id = d.fid, fhir_version = d.ver, last_error = NULL, error_class = NULL
+                       FROM unnest($1::bigint[], $2::text[], $3::text[]) AS d(id, fid, ver)
+                      WHERE o.id = d.id"
+                )
+                .as_str(),
+                None,
+                &[ids.into(), fids.into(), vers.into()],
+            )?;
+            let d = &s.delivered;
+            let rts: Vec<pg_sys::Oid> = d.iter().map(|x| x.resource_table).collect();
+            let rks: Vec<String> = d.iter().map(|x| x.resource_key.clone()).collect();
+            let tys: Vec<String> = d.iter().map(|x| x.resource_type.clone()).collect();
+            let fids: Vec<Option<String>> = d.iter().map(|x| x.fhir_id.clone()).collect();
+            let vers: Vec<Option<String>> = d.iter().map(|x| x.version.clone()).collect();
+            let isys: Vec<Option<String>> = d
+                .iter()
+                .map(|x| x.identifier.as_ref().map(|i| i.0.clone()))
+                .collect();
+            let ival: Vec<Option<String>> = d
+                .iter()
+                .map(|x| x.identifier.as_ref().map(|i| i.1.clone()))
+                .collect();
+            let dels: Vec<bool> = d.iter().map(|x| x.deleted).collect();
+            let last: Vec<i64> = d
+                .iter()
+                .map(|x| x.outbox_ids.iter().copied().max().unwrap_or(0))
+                .collect();
+            client.update(
+                format!(
+                    "INSERT INTO {schema}.fhir_sync_state AS s (resource_table, resource_key, resource_type, fhir_id,
+                            fhir_version, identifier_system, identifier_value, deleted, last_synced_at, last_outbox_id)
+                     SELECT u.rt::pg_catalog.regclass, u.rk, u.ty, u.fid, u.ver, u.isys, u.ival, u.del, pg_catalog.now(), u.last
+                       FROM unnest($1::oid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                                              $7::text[], $8::boolean[], $9::bigint[])
+                            AS u(rt, rk, ty, fid, ver, isys, ival, del, last)
+                     ON CONFLICT (resource_table, resource_key) DO UPDATE SET
+                            resource_type = excluded.resource_type,
+                            fhir_id = coalesce(excluded.fhir_id, s.fhir_id),
+                            fhir_version = coalesce(excluded.fhir_version, s.fhir_version),
+                            identifier_system = coalesce(excluded.identifier_system, s.identifier_system),
+                            identifier_value = coalesce(excluded.identifier_value, s.identifier_value),
+                            deleted = excluded.deleted, last_synced_at = excluded.last_synced_at,
+                            last_outbox_id = excluded.last_outbox_id"
+                )
+                .as_str(),
+                None,
+                &[rts.into(), rks.into(), tys.into(), fids.into(), vers.into(), isys.into(), ival.into(), dels.into(), last.into()],
+            )?;
+        }
+        if !s.retries.is_empty() {
+            let (mut ids, mut delays, mut errs, mut classes, mut statuses) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for r in &s.retries {
+                for id in &r.outbox_ids {
+                    ids.push(*id);
+                    delays.push(r.delay_ms);
+                    errs.push(r.error.clone());
+                    classes.push(r.class.to_string());
+                    statuses.push(r.http_status);
+                }
+            }
+            client.update(
+                format!(
+                    "UPDATE {schema}.fhir_outbox o SET attempts = o.attempts + 1,
+                            next_retry_at = pg_catalog.now() + u.delay * interval '1 millisecond',
+                            locked_by = NULL, lock_expires_at = NULL, last_error = u.err, error_class = u.cls,
+                            http_status = u.st, first_failed_at = coalesce(o.first_failed_at, pg_catalog.now())
+                       FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::int[])
+                            AS u(id, delay, err, cls, st)
+                      WHERE o.id = u.id"
+                )
+                .as_str(),
+                None,
+                &[ids.into(), delays.into(), errs.into(), classes.into(), statuses.into()],
+            )?;
+        }
+        if !s.waits.is_empty() {
+            let (mut ids, mut delays, mut reasons) = (Vec::new(), Vec::new(), Vec::new());
+            for w in &s.waits {
+                for id in &w.outbox_ids {
+                    ids.push(*id);
+                    delays.push(w.delay_ms);
+                    reasons.push(w.reason.clone());
+                }
+            }
+            client.update(
+                format!(
+                    "UPDATE {schema}.fhir_outbox o SET next_retry_at = pg_catalog.now() + u.delay * interval '1 millisecond',
+                            locked_by = NULL, lock_expires_at = NULL, last_error = u.reason, error_class = 'waiting'
+                       FROM unnest($1::bigint[], $2::bigint[], $3::text[]) AS u(id, delay, reason)
+                      WHERE o.id = u.id"
+                )
+                .as_str(),
+                None,
+                &[ids.into(), delays.into(), reasons.into()],
+            )?;
+        }
+        if !s.release.is_empty() {
+            client.update(
+                format!("UPDATE {schema}.fhir_outbox SET locked_by = NULL, lock_expires_at = NULL WHERE id = ANY ($1) AND NOT processed").as_str(),
+                None,
+                &[s.release.clone().into()],
+            )?;
+        }
+        let dlq = format!(
+            "WITH moved AS (DELETE FROM {schema}.fhir_outbox WHERE id = ANY ($1) RETURNING *)
+             INSERT INTO {schema}.fhir_dlq (outbox_ids, txid, table_name, record_id, operation, resource_type,
+                    resource_table, resource_key, payload_json, identifier_system, identifier_value, error_class,
+                    error, http_status, operation_outcome, attempts, first_failed_at, last_failed_at)
+             SELECT pg_catalog.array_agg(id ORDER BY id), pg_catalog.max(txid),
+                    (pg_catalog.array_agg(table_name ORDER BY id DESC))[1], (pg_catalog.array_agg(record_id ORDER BY id DESC))[1],
+                    (pg_catalog.array_agg(operation ORDER BY id DESC))[1], pg_catalog.max(resource_type),
+                    (pg_catalog.array_agg(resource_table))[1], (pg_catalog.array_agg(resource_key))[1],
+                    (pg_catalog.array_agg(payload_json ORDER BY id DESC))[1],
+                    (pg_catalog.array_agg(identifier_system ORDER BY id DESC))[1],
+                    (pg_catalog.array_agg(identifier_value ORDER BY id DESC))[1],
+                    $2, $3, $4, $5, pg_catalog.max(attempts) + $6, coalesce(pg_catalog.min(first_failed_at), pg_catalog.now()),
+                    pg_catalog.now()
+               FROM moved HAVING pg_catalog.count(*) > 0"
+        );
+        for d in &s.dead {
+            client.update(
+                dlq.as_str(),
+                None,
+                &[
+                    d.outbox_ids.clone().into(),
+                    d.class.to_string().into(),
+                    d.error.clone().into(),
+                    d.http_status.into(),
+                    d.outcome.clone().map(pgrx::JsonB).into(),
+                    (d.attempted as i32).into(),
+                ],
+            )?;
+        }
+        if !s.dependencies.is_empty() {
+            let rts: Vec<pg_sys::Oid> = s.dependencies.iter().map(|d| d.0).collect();
+            let keys: Vec<String> = s.dependencies.iter().map(|d| d.1.clone()).collect();
+            client.update(
+                format!(
+                    "INSERT INTO {schema}.fhir_outbox (table_name, record_id, operation, resource_type, resource_table, resource_key)
+                     SELECT DISTINCT n.nspname || '.' || c.relname, u.k, 'U', t.resource_type, t.table_name, u.k
+                       FROM unnest($1::oid[], $2::text[]) AS u(rt, k)
+                       JOIN {schema}.fhir_tracked t ON t.table_name = u.rt::pg_catalog.regclass
+                       JOIN pg_catalog.pg_class c ON c.oid = u.rt
+                       JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                      WHERE NOT EXISTS (SELECT 1 FROM {schema}.fhir_outbox o
+                                         WHERE o.resource_table = t.table_name AND o.resource_key = u.k AND NOT o.processed)"
+                )
+                .as_str(),
+                None,
+                &[rts.into(), keys.into()],
+            )?;
+        }
+        Ok(())
+    })
+}

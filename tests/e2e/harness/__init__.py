@@ -1,0 +1,1 @@
+"""End-to-end test harness for fhir_sync: PostgreSQL clusters, a Helios FHIR server, a fault-injecting FHIR stub."""
