@@ -21,7 +21,7 @@ mod source;
 mod subxact;
 mod worker;
 
-pgrx::pg_module_magic!();
+pgrx::pg_module_magic!(name, version);
 
 extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
 extension_sql_file!("../sql/track.sql", name = "track", requires = ["schema"]);
@@ -62,4 +62,6 @@ pub mod pg_test {
 
 #[cfg(any(test, feature = "pg_test"))]
 #[pg_schema]
-mod tests;
+mod tests {
+    include!("tests.rs");
+}

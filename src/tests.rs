@@ -1,2 +1,259 @@
-//! In-database tests (`cargo pgrx test`). Each runs in a transaction that is rolled back, so
-//! they test capture, mapping and the SQL surface; delivery is tested end to end in tests/e2e.
+// In-database tests (`cargo pgrx test`). Each runs in a transaction that is rolled back, so
+// they test capture, mapping and the SQL surface; delivery is tested end to end in tests/e2e.
+
+use pgrx::prelude::*;
+use serde_json::Value;
+
+const TABLES: &str = include_str!("../tests/fixtures/health_tables.sql");
+const ROWS: &str = include_str!("../tests/fixtures/sample_rows.sql");
+
+/// Creates, tracks and fills the health tables; returns the last outbox id before the test's
+/// own changes (identity values are not rolled back between tests).
+fn setup() -> i64 {
+    Spi::run(TABLES).unwrap();
+    Spi::run(
+        "SELECT fhir_track('patient', 'Patient'), fhir_track('patient_other_identifiers', 'Patient'),
+                fhir_track('form', 'Encounter'), fhir_track('blood_pressure', 'Observation'),
+                fhir_track('pulse', 'Observation')",
+    )
+    .unwrap();
+    Spi::run(ROWS).unwrap();
+    count("SELECT coalesce(max(id), 0) FROM fhir_outbox")
+}
+
+fn json(sql: &str) -> Value {
+    Spi::get_one::<pgrx::JsonB>(sql).unwrap().expect("a row").0
+}
+
+fn json_with(sql: &str, arg: i64) -> Value {
+    Spi::get_one_with_args::<pgrx::JsonB>(sql, &[arg.into()]).unwrap().expect("a row").0
+}
+
+fn count(sql: &str) -> i64 {
+    Spi::get_one::<i64>(sql).unwrap().unwrap_or(0)
+}
+
+#[pg_test]
+fn capture_writes_one_outbox_row_per_change() {
+    setup();
+    assert_eq!(count("SELECT count(*) FROM fhir_outbox"), 6);
+    let ops = json(
+        "SELECT jsonb_agg(jsonb_build_array(table_name, operation, resource_type, resource_table::text, resource_key) ORDER BY id) FROM fhir_outbox",
+    );
+    assert_eq!(ops[0], serde_json::json!(["public.patient", "I", "Patient", "patient", "1"]));
+    // The identifier row is a change of its parent Patient.
+    assert_eq!(ops[2], serde_json::json!(["public.patient_other_identifiers", "U", "Patient", "patient", "1"]));
+    assert_eq!(ops[5], serde_json::json!(["public.pulse", "I", "Observation", "pulse", "1"]));
+}
+
+#[pg_test]
+fn update_and_delete_are_captured_with_the_identifier() {
+    let base = setup();
+    Spi::run("UPDATE patient SET name_family = 'Okafor-Smith' WHERE id = 1").unwrap();
+    Spi::run("DELETE FROM pulse WHERE id = 1").unwrap();
+    Spi::run("DELETE FROM patient WHERE id = 2").unwrap();
+    let last = json_with(
+        "SELECT jsonb_agg(jsonb_build_array(table_name, operation, record_id, identifier_value) ORDER BY id) FROM fhir_outbox WHERE id > $1",
+        base,
+    );
+    assert_eq!(last[0], serde_json::json!(["public.patient", "U", "1", "MRN-0001"]));
+    assert_eq!(last[1], serde_json::json!(["public.pulse", "D", "1", null]));
+    assert_eq!(last[2], serde_json::json!(["public.patient", "D", "2", "MRN-0002"]));
+}
+
+#[pg_test]
+fn a_child_row_moving_between_patients_changes_both() {
+    let base = setup();
+    Spi::run("UPDATE patient_other_identifiers SET patient_id = 2 WHERE id = 1").unwrap();
+    let keys = json_with("SELECT jsonb_agg(resource_key ORDER BY id) FROM fhir_outbox WHERE id > $1", base);
+    assert_eq!(keys, serde_json::json!(["1", "2"]));
+}
+
+#[pg_test]
+fn a_rolled_back_change_leaves_nothing() {
+    let base = setup();
+    Spi::run(
+        "DO $$ BEGIN
+             INSERT INTO patient (identifier_system, identifier_value, name_family) VALUES ('urn:x', 'rolled-back', 'X');
+             RAISE EXCEPTION 'roll it back';
+         EXCEPTION WHEN raise_exception THEN NULL;
+         END $$",
+    )
+    .unwrap();
+    assert_eq!(count(&format!("SELECT count(*) FROM fhir_outbox WHERE id > {base}")), 0);
+}
+
+#[pg_test]
+fn untrack_stops_capture() {
+    setup();
+    Spi::run("SELECT fhir_untrack('pulse')").unwrap();
+    Spi::run("INSERT INTO pulse (patient_id, rate, measurement_time) VALUES (1, 60, now())").unwrap();
+    assert_eq!(count("SELECT count(*) FROM fhir_outbox WHERE table_name = 'public.pulse'"), 1);
+    assert_eq!(count("SELECT count(*) FROM fhir_tracked WHERE table_name = 'pulse'::regclass"), 0);
+}
+
+#[pg_test]
+fn track_refuses_a_table_without_a_mapping() {
+    Spi::run("CREATE TABLE misc (id int PRIMARY KEY, x text)").unwrap();
+    let err = PgTryBuilder::new(|| Spi::run("SELECT fhir_track('misc', 'Observation')").map(|_| String::new()).unwrap_or_default())
+        .catch_others(|e| match e {
+            pg_sys::panic::CaughtError::PostgresError(r) | pg_sys::panic::CaughtError::ErrorReport(r) => {
+                format!("{} | {}", r.message(), r.hint().unwrap_or_default())
+            }
+            _ => "panic".into(),
+        })
+        .execute();
+    assert!(err.contains("has no built-in Observation mapping"), "{err}");
+    assert!(err.contains("map_function"), "{err}");
+}
+
+#[pg_test]
+fn patient_json_is_fhir_r4_with_all_identifiers() {
+    setup();
+    let p = json("SELECT fhir_patient_json(p) FROM patient p WHERE id = 1");
+    assert_eq!(p["resourceType"], "Patient");
+    assert_eq!(p["identifier"][0]["system"], "http://hospital.example.org/mrn");
+    assert_eq!(p["identifier"][0]["value"], "MRN-0001");
+    assert_eq!(p["identifier"][1]["system"], "http://hl7.org/fhir/sid/us-ssn");
+    assert_eq!(p["gender"], "female");
+    assert_eq!(p["birthDate"], "1980-04-12");
+    assert_eq!(p["deceasedBoolean"], false);
+    assert_eq!(p["name"][0]["family"], "Okafor");
+    assert_eq!(p["name"][0]["given"], serde_json::json!(["Ada", "Ngozi"]));
+    assert_eq!(p["address"][0]["postalCode"], "03801");
+    // Preview of the tracked row is the same resource.
+    assert_eq!(json("SELECT fhir_preview('patient', 1)"), p);
+    // …and so is the preview of its identifier row, which belongs to the same Patient.
+    assert_eq!(json("SELECT fhir_preview('patient_other_identifiers', 1)"), p);
+}
+
+#[pg_test]
+fn observations_carry_loinc_codes_and_ucum_units() {
+    setup();
+    let bp = json("SELECT fhir_observation_json(b) FROM blood_pressure b WHERE id = 1");
+    assert_eq!(bp["code"]["coding"][0]["code"], "85354-9");
+    assert_eq!(bp["category"][0]["coding"][0]["code"], "vital-signs");
+    assert_eq!(bp["component"][0]["code"]["coding"][0]["code"], "8480-6");
+    assert_eq!(bp["component"][0]["valueQuantity"]["value"], 128);
+    assert_eq!(bp["component"][1]["code"]["coding"][0]["code"], "8462-4");
+    assert_eq!(bp["component"][1]["valueQuantity"]["code"], "mm[Hg]");
+    assert_eq!(bp["identifier"][0]["system"], "urn:fhir-sync/public.blood_pressure");
+    let pulse = json("SELECT fhir_observation_json(p) FROM pulse p WHERE id = 1");
+    assert_eq!(pulse["code"]["coding"][0]["code"], "8867-4");
+    assert_eq!(pulse["valueQuantity"]["unit"], "/min");
+    let enc = json("SELECT fhir_encounter_json(f) FROM form f WHERE id = 1");
+    assert_eq!(enc["resourceType"], "Encounter");
+    assert_eq!(enc["status"], "finished");
+    assert_eq!(enc["period"]["start"], "2024-03-01T09:30:00+00:00");
+}
+
+#[pg_test]
+fn a_bad_row_gets_an_error_naming_row_and_field() {
+    setup();
+    Spi::run("UPDATE patient SET gender = 'banana' WHERE id = 2").unwrap();
+    let err = PgTryBuilder::new(|| {
+        Spi::get_one::<pgrx::JsonB>("SELECT fhir_patient_json(p) FROM patient p WHERE id = 2").map(|_| String::new()).unwrap_or_default()
+    })
+    .catch_others(|e| match e {
+        pg_sys::panic::CaughtError::PostgresError(r) | pg_sys::panic::CaughtError::ErrorReport(r) => r.message().to_string(),
+        _ => "panic".into(),
+    })
+    .execute();
+    assert!(err.contains("public.patient row 2"), "{err}");
+    assert!(err.contains("\"gender\""), "{err}");
+    assert!(!err.contains("banana"), "the message must not echo the value: {err}");
+}
+
+#[pg_test]
+fn backfill_enqueues_every_row_and_children_once_per_parent() {
+    Spi::run(TABLES).unwrap();
+    Spi::run(ROWS).unwrap();
+    Spi::run("INSERT INTO patient_other_identifiers (patient_id, identifier_system, identifier_value) VALUES (1, 'urn:a', 'x')").unwrap();
+    Spi::run("SELECT fhir_track('patient', 'Patient'), fhir_track('patient_other_identifiers', 'Patient')").unwrap();
+    assert_eq!(count("SELECT count(*) FROM fhir_outbox"), 0);
+    assert_eq!(count("SELECT fhir_backfill('patient')"), 2);
+    assert_eq!(count("SELECT fhir_backfill('patient_other_identifiers')"), 1);
+    assert_eq!(count("SELECT count(*) FROM fhir_outbox WHERE resource_table = 'patient'::regclass AND resource_key = '1'"), 2);
+}
+
+#[pg_test]
+fn requeue_moves_dead_letters_back_and_keeps_the_record() {
+    setup();
+    Spi::run(
+        "INSERT INTO fhir_dlq (outbox_ids, table_name, record_id, operation, resource_type, resource_table, resource_key, error_class, error, http_status)
+         VALUES ('{1}', 'public.patient', '1', 'U', 'Patient', 'patient', '1', 'rejected', 'HTTP 422', 422),
+                ('{2}', 'public.pulse', '1', 'U', 'Observation', 'pulse', '1', 'transient', 'HTTP 503', 503)",
+    )
+    .unwrap();
+    assert_eq!(count("SELECT fhir_requeue_dlq(http_status => 422)"), 1);
+    assert_eq!(count("SELECT count(*) FROM fhir_dlq WHERE requeued AND requeued_outbox_id IS NOT NULL"), 1);
+    assert_eq!(count("SELECT fhir_requeue_dlq()"), 1);
+    assert_eq!(count("SELECT fhir_requeue_dlq()"), 0);
+    assert_eq!(count("SELECT count(*) FROM fhir_dlq"), 2);
+    assert_eq!(count("SELECT count(*) FROM fhir_outbox o JOIN fhir_dlq d ON d.requeued_outbox_id = o.id WHERE o.attempts = 0 AND NOT o.processed"), 2);
+}
+
+#[pg_test]
+fn cleanup_deletes_old_history_only() {
+    let last = setup();
+    Spi::run(&format!("UPDATE fhir_outbox SET processed = true, processed_at = now() - interval '40 days' WHERE id <= {last} - 4")).unwrap();
+    Spi::run(&format!("UPDATE fhir_outbox SET processed = true, processed_at = now() - interval '1 day' WHERE id = {last} - 3")).unwrap();
+    Spi::run(
+        "INSERT INTO fhir_dlq (outbox_ids, table_name, record_id, operation, resource_type, resource_table, resource_key, error_class, error, last_failed_at)
+         VALUES ('{9}', 'public.pulse', '1', 'U', 'Observation', 'pulse', '1', 'rejected', 'HTTP 422', now() - interval '100 days'),
+                ('{8}', 'public.pulse', '1', 'U', 'Observation', 'pulse', '1', 'rejected', 'HTTP 422', now() - interval '40 days')",
+    )
+    .unwrap();
+    let r = json("SELECT to_jsonb(c) FROM fhir_cleanup_old(30) c");
+    assert_eq!(r, serde_json::json!({"outbox_deleted": 2, "dlq_deleted": 1}));
+    assert_eq!(count("SELECT count(*) FROM fhir_outbox"), 4);
+}
+
+#[pg_test]
+fn ordinary_roles_see_nothing_but_can_still_capture() {
+    setup();
+    Spi::run("CREATE ROLE fhir_test_clerk; GRANT ALL ON patient, patient_other_identifiers TO fhir_test_clerk; GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO fhir_test_clerk").unwrap();
+    Spi::run("SET LOCAL ROLE fhir_test_clerk").unwrap();
+    // Capture works for a role that may write the tracked table…
+    Spi::run("INSERT INTO patient (identifier_system, identifier_value, name_family) VALUES ('urn:x', 'clerk-1', 'Clerk')").unwrap();
+    // …but the outbox, the DLQ and the admin functions are out of reach.
+    for sql in [
+        "SELECT count(*) FROM fhir_dlq",
+        "SELECT count(*) FROM fhir_outbox",
+        "INSERT INTO fhir_outbox (table_name, record_id, operation, resource_type, resource_table, resource_key) VALUES ('x', '1', 'I', 'Patient', 'patient', '1')",
+        "SELECT fhir_requeue_dlq()",
+        "SELECT fhir_cleanup_old(1)",
+        "SELECT fhir_track('form', 'Encounter')",
+        "SELECT fhir_preview('patient', 1)",
+    ] {
+        let denied = PgTryBuilder::new(|| Spi::run(sql).map(|_| false).unwrap_or(false))
+            .catch_others(|e| match e {
+                pg_sys::panic::CaughtError::PostgresError(r) | pg_sys::panic::CaughtError::ErrorReport(r) => {
+                    r.message().contains("permission denied")
+                }
+                _ => false,
+            })
+            .execute();
+        assert!(denied, "expected permission denied for: {sql}");
+    }
+    Spi::run("RESET ROLE").unwrap();
+    assert_eq!(count("SELECT count(*) FROM fhir_outbox WHERE identifier_value = 'clerk-1'"), 1);
+}
+
+#[pg_test]
+fn the_trigger_ignores_a_planted_search_path() {
+    setup();
+    // A schema ahead on the path with look-alikes of what the trigger might resolve.
+    Spi::run(
+        "CREATE SCHEMA evil;
+         CREATE TABLE evil.fhir_outbox (LIKE fhir_outbox);
+         CREATE FUNCTION evil.txid_current() RETURNS bigint LANGUAGE sql AS 'SELECT -1::bigint';
+         CREATE FUNCTION evil.clock_timestamp() RETURNS timestamptz LANGUAGE sql AS $$SELECT '2000-01-01'::timestamptz$$;
+         SET LOCAL search_path = evil, public, pg_catalog;",
+    )
+    .unwrap();
+    Spi::run("INSERT INTO public.pulse (patient_id, rate, measurement_time) VALUES (1, 61, now())").unwrap();
+    Spi::run("RESET search_path").unwrap();
+    assert_eq!(count("SELECT count(*) FROM evil.fhir_outbox"), 0);
+    assert_eq!(count("SELECT count(*) FROM public.fhir_outbox WHERE table_name = 'public.pulse' AND txid > 0 AND created_at > '2001-01-01'"), 2);
+}
