@@ -1,0 +1,27 @@
+-- The role postgres_exporter connects as, with what queries.yaml needs and nothing more.
+-- Run as a superuser in the database where CREATE EXTENSION fhir_sync was run (psql -d <db> -f grants.sql).
+-- Then give the role a password (ALTER ROLE fhir_sync_exporter PASSWORD '...') or a pg_hba.conf rule.
+--
+--   pg_monitor          postgres_exporter's own metrics (pg_up, pg_stat_*, pg_settings, database sizes)
+--   SELECT on the views the fhir_sync queries read. The views run with their owner's rights, so
+--                       the role never reads fhir_outbox / fhir_dlq (patient data) itself.
+--   EXECUTE on fhir_sync_stats(), fhir_sync_latency_histogram(), fhir_sync_call_errors() and
+--                       fhir_sync_worker_slots(): granted to PUBLIC by CREATE EXTENSION; they only
+--                       read shared-memory counters. Nothing here can change fhir_sync's state
+--                       (fhir_sync_reset_stats() stays revoked from PUBLIC).
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'fhir_sync_exporter') THEN
+        CREATE ROLE fhir_sync_exporter LOGIN;
+    END IF;
+    EXECUTE pg_catalog.format('GRANT CONNECT ON DATABASE %I TO fhir_sync_exporter', pg_catalog.current_database());
+    EXECUTE pg_catalog.format('GRANT USAGE ON SCHEMA %I TO fhir_sync_exporter',
+                              (SELECT n.nspname FROM pg_catalog.pg_extension e
+                                 JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace
+                                WHERE e.extname = 'fhir_sync'));
+END
+$$;
+
+GRANT pg_monitor TO fhir_sync_exporter;
+GRANT SELECT ON fhir_sync_status, fhir_sync_workers, fhir_sync_tables, fhir_pending_transactions, fhir_sync_metrics
+    TO fhir_sync_exporter;

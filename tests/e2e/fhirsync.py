@@ -1,0 +1,90 @@
+"""Helpers shared by the fhir_sync end-to-end tests: a database with the extension, the health
+tables tracked, and a way to wait for the worker."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from harness.util import REPO_ROOT, wait_until
+
+FIXTURES = REPO_ROOT / "tests" / "fixtures"
+MRN = "http://hospital.example.org/mrn"
+DB = "app"
+
+
+class App:
+    """A cluster serving database `app` with fhir_sync tracking the health tables."""
+
+    def __init__(self, cluster):
+        self.cluster = cluster
+        self.conn = cluster.connect(DB)
+
+    def sql(self, query: str, params=None):
+        with self.conn.cursor() as cur:
+            cur.execute(query, params)
+            return cur.fetchall() if cur.description else None
+
+    def one(self, query: str, params=None):
+        rows = self.sql(query, params)
+        return rows[0][0] if rows else None
+
+    def reconnect(self):
+        try:
+            self.conn.close()
+        except Exception:
+            pass
+        self.conn = self.cluster.connect(DB)
+
+    def pending(self) -> int:
+        return self.one("SELECT count(*) FROM fhir_outbox WHERE NOT processed")
+
+    def wait_drained(self, timeout: float = 60):
+        """Until every change is settled (delivered, or moved to the DLQ)."""
+        wait_until(lambda: self.pending() == 0, timeout=timeout, message="outbox drained")
+
+    def worker_pid(self) -> int | None:
+        return self.one("SELECT pid FROM fhir_sync_workers LIMIT 1")
+
+    def add_patient(self, mrn: str, family: str = "Doe", given: str = "Jane", gender: str = "female") -> int:
+        return self.one(
+            "INSERT INTO patient (identifier_system, identifier_value, name_family, name_given, gender, birth_date)"
+            " VALUES (%s, %s, %s, %s, %s, '1970-01-01') RETURNING id",
+            (MRN, mrn, family, given, gender),
+        )
+
+
+def make_app(make_cluster, server_url: str, conf: dict | None = None, track: bool = True, rows: bool = False) -> App:
+    settings = {
+        "fhir_sync.database": DB,
+        "fhir_sync.server_url": server_url,
+        "fhir_sync.http_timeout": "5s",
+        "fhir_sync.poll_interval": "1s",
+        "log_min_messages": "log",
+    }
+    settings.update(conf or {})
+    cluster = make_cluster(conf=settings)
+    cluster.create_db(DB)
+    app = App(cluster)
+    app.sql("CREATE EXTENSION fhir_sync")
+    app.sql((FIXTURES / "health_tables.sql").read_text())
+    if track:
+        app.sql(
+            "SELECT fhir_track('patient', 'Patient'), fhir_track('patient_other_identifiers', 'Patient'),"
+            " fhir_track('form', 'Encounter'), fhir_track('blood_pressure', 'Observation'),"
+            " fhir_track('pulse', 'Observation')"
+        )
+    if rows:
+        app.sql((FIXTURES / "sample_rows.sql").read_text())
+    return app
+
+
+def eventually(fn, timeout: float = 30, interval: float = 0.1, message: str = "condition"):
+    """Poll fn until it returns a truthy value; return that value."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {message}; last value: {last!r}")
