@@ -1,9 +1,12 @@
 -- Housekeeping a DBA runs from SQL: requeue dead letters, delete old history.
+-- SECURITY DEFINER with EXECUTE revoked from PUBLIC (privileges.sql): granting EXECUTE on one of
+-- these is all a role needs to run it; they touch only fhir_sync's own tables.
 
 -- Requeues dead letters as fresh outbox rows (attempts start again at 0). The dead letter
 -- stays, marked requeued, so the DLQ keeps the record of what failed and when it was retried.
 CREATE FUNCTION fhir_requeue_dlq(ids bigint[]) RETURNS bigint
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
@@ -36,6 +39,7 @@ $fn$;
 
 CREATE FUNCTION fhir_requeue_dlq(id bigint) RETURNS bigint
 LANGUAGE sql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $fn$ SELECT @extschema@.fhir_requeue_dlq(ARRAY[id]) $fn$;
 
@@ -49,6 +53,7 @@ CREATE FUNCTION fhir_requeue_dlq(
     since       timestamptz DEFAULT NULL
 ) RETURNS bigint
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
@@ -76,6 +81,7 @@ $fn$;
 CREATE FUNCTION fhir_cleanup_old(days integer DEFAULT 30)
 RETURNS TABLE (outbox_deleted bigint, dlq_deleted bigint)
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE

@@ -12,7 +12,6 @@ REVOKE EXECUTE ON FUNCTION
     fhir_cleanup_old(integer),
     fhir_preview(regclass, anyelement),
     fhir_preview_row(oid, text),
-    fhir_sync_wake(),
     fhir_capture()
 FROM PUBLIC;
 REVOKE ALL ON fhir_sync_status, fhir_sync_workers, fhir_sync_tables, fhir_pending_transactions, fhir_sync_metrics FROM PUBLIC;
