@@ -1,7 +1,6 @@
 //! Every `fhir_sync.*` setting: one documented static each, one `init()`, one accessor each.
 //!
 //! Contexts are chosen for who may change a setting and when it takes effect:
-//! - `Postmaster`: decides which background workers exist; needs a restart.
 //! - `Sighup`: read by the workers; `SELECT pg_reload_conf()` applies it.
 //! Secrets are `SUPERUSER_ONLY | NO_SHOW_ALL`, so `SHOW`, `pg_settings` and `SHOW ALL`
 //! hide them from ordinary roles.
@@ -82,7 +81,7 @@ pub fn init() {
     let secret = GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL;
     let ms = GucFlags::UNIT_MS;
     let s = GucFlags::UNIT_S;
-    use GucContext::{Postmaster, Sighup};
+    use GucContext::Sighup;
 
     GucRegistry::define_string_guc(
         c"fhir_sync.server_url",
@@ -97,7 +96,7 @@ pub fn init() {
         c"Comma-separated databases whose outbox the workers deliver.",
         c"",
         &DATABASE,
-        Postmaster,
+        Sighup,
         GucFlags::default(),
     );
     GucRegistry::define_int_guc(
@@ -107,7 +106,7 @@ pub fn init() {
         &WORKERS,
         0,
         crate::shmem::MAX_WORKERS as i32,
-        Postmaster,
+        Sighup,
         GucFlags::default(),
     );
     GucRegistry::define_int_guc(

@@ -190,6 +190,15 @@ impl Client {
         }
     }
 
+    /// Whether the server answers HTTP at all (any status). Reads no body: a CapabilityStatement
+    /// can be megabytes.
+    pub fn reachable(&self) -> bool {
+        match self.agent.get(format!("{}/metadata", self.base)).call() {
+            Ok(_) => true,
+            Err(e) => !is_connect_failure(&e),
+        }
+    }
+
     fn authorization(&self) -> Result<Option<String>, String> {
         match &self.auth {
             Auth::None => Ok(None),
@@ -347,8 +356,17 @@ pub fn base64(input: &[u8]) -> String {
 }
 
 /// `system|value` as a conditional-update search: `identifier=<system>%7C<value>`.
+///
+/// Inside a token search value a comma means OR and a backslash escapes (FHIR search, §3.2.1.5.7),
+/// so both are escaped first: an unescaped comma would make the PUT match nothing and create a
+/// duplicate on every send.
 pub fn identifier_query(system: &str, value: &str) -> String {
-    format!("identifier={}%7C{}", url_encode(system), url_encode(value))
+    let esc = |s: &str| s.replace('\\', "\\\\").replace(',', "\\,");
+    format!(
+        "identifier={}%7C{}",
+        url_encode(&esc(system)),
+        url_encode(&esc(value))
+    )
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ mod capture;
 mod error;
 mod gucs;
 mod http;
+mod launcher;
 mod mapping;
 mod metrics;
 mod shmem;
@@ -44,7 +45,7 @@ pub extern "C-unwind" fn _PG_init() {
     }
     gucs::init();
     shmem::init();
-    worker::register();
+    launcher::register();
 }
 
 /// Settings for the cluster that `cargo pgrx test` starts.

@@ -27,6 +27,8 @@ pub struct WorkerSlot {
     pub last_error_class: AtomicU32,
     pub last_error_ms: AtomicI64,
     pub started_ms: AtomicI64,
+    /// Set by DROP DATABASE (and RENAME): the worker must disconnect now.
+    pub leave: std::sync::atomic::AtomicBool,
 }
 
 #[repr(C)]
@@ -44,6 +46,9 @@ pub struct Shared {
     pub paused_reason: AtomicU32,
     pub paused_until_ms: AtomicI64,
     pub stats_reset_ms: AtomicI64,
+    /// A database being dropped: the launcher starts no worker there until the hold expires.
+    pub db_hold_oid: AtomicU32,
+    pub db_hold_until_ms: AtomicI64,
 }
 
 static mut SHARED: *mut Shared = std::ptr::null_mut();
@@ -164,6 +169,7 @@ impl WorkerSlot {
             .store(unsafe { pg_sys::MyLatch } as usize, Ordering::Release);
         self.started_ms.store(now_ms(), Ordering::Relaxed);
         self.batch.store(0, Ordering::Relaxed);
+        self.leave.store(false, Ordering::Relaxed);
         self.state
             .store(WorkerState::Starting as u32, Ordering::Relaxed);
         self.pid

@@ -23,6 +23,7 @@ SEARCH_PARAMS=$MEDPLUM_DIR/search-parameters-r4.json
 VENV=$FHIR_SYNC_CACHE/venv
 PYTEST_PIN="pytest==8.4.2"
 PSYCOPG_PIN="psycopg[binary]==3.2.13"
+PYYAML_PIN="PyYAML==6.0.2"             # tests/e2e/test_observability.py reads the docker/ YAML files
 
 step() { printf '[setup] %-22s %s\n' "$1" "$2"; }
 die() { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -102,13 +103,15 @@ else
 fi
 
 # ----------------------------------------------------------------------------------- Python venv
-if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c 'import pytest, psycopg' 2>/dev/null; then
+if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c 'import pytest, psycopg, yaml' 2>/dev/null; then
     step venv "$VENV present (skip)"
 else
-    step venv "creating $VENV ($PYTEST_PIN, $PSYCOPG_PIN)"
-    rm -rf "$VENV"
-    /usr/bin/python3 -m venv "$VENV"
-    "$VENV/bin/pip" install -q --disable-pip-version-check "$PYTEST_PIN" "$PSYCOPG_PIN"
+    step venv "creating $VENV ($PYTEST_PIN, $PSYCOPG_PIN, $PYYAML_PIN)"
+    if ! "$VENV/bin/python" -c 'import sys' 2>/dev/null; then
+        rm -rf "$VENV"
+        /usr/bin/python3 -m venv "$VENV"
+    fi
+    "$VENV/bin/pip" install -q --disable-pip-version-check "$PYTEST_PIN" "$PSYCOPG_PIN" "$PYYAML_PIN"
 fi
 
 step done "FHIR_SYNC_CACHE=$FHIR_SYNC_CACHE"

@@ -2,8 +2,8 @@
 //!
 //! Discipline (after pg_net's worker): transactions are short and never open during HTTP;
 //! a PostgreSQL error in a cycle is caught, logged and the cycle abandoned (leases expire),
-//! never a crash loop; SIGTERM exits with code 1 so `pg_terminate_backend` is followed by a
-//! restart; SIGHUP reloads settings; a database without the extension is waited on quietly.
+//! never a crash loop; the launcher starts a new worker after SIGTERM (pg_terminate_backend) or a
+//! crash; SIGHUP reloads settings; a database without the extension is waited on quietly.
 
 pub mod claim;
 pub mod map;
@@ -16,45 +16,12 @@ use crate::shmem::{self, WorkerState};
 use crate::source;
 use claim::Claimed;
 use map::{Action, Mode};
-use pgrx::bgworkers::{
-    BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
-};
+use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
 use policy::{classify, Class, Transport, Verdict};
 use settle::Settlement;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-
-/// Registers the static workers (from _PG_init in the postmaster).
-pub fn register() {
-    if unsafe { !pg_sys::process_shared_preload_libraries_in_progress } {
-        return;
-    }
-    let mut slot = 0usize;
-    for db in crate::gucs::databases() {
-        for i in 0..crate::gucs::workers() {
-            if slot >= shmem::MAX_WORKERS {
-                pgrx::warning!(
-                    "fhir_sync: at most {} workers; not starting more",
-                    shmem::MAX_WORKERS
-                );
-                return;
-            }
-            BackgroundWorkerBuilder::new(&format!("fhir_sync worker {i} for database {db}"))
-                .set_type("fhir_sync worker")
-                .set_library("fhir_sync")
-                .set_function("fhir_sync_worker_main")
-                .set_argument((slot as i32).into_datum())
-                .set_extra(&db)
-                .enable_spi_access()
-                // A hot standby cannot write the outbox; the worker starts once it is promoted.
-                .set_start_time(BgWorkerStartTime::RecoveryFinished)
-                .set_restart_time(Some(Duration::from_secs(2)))
-                .load();
-            slot += 1;
-        }
-    }
-}
 
 /// Settings that shape the HTTP client; a change rebuilds it.
 #[derive(Clone, PartialEq, Debug)]
@@ -148,6 +115,12 @@ pub extern "C-unwind" fn fhir_sync_worker_main(arg: pg_sys::Datum) {
         if BackgroundWorker::sigterm_received() || unsafe { pg_sys::ShutdownRequestPending != 0 } {
             break;
         }
+        if slot.leave.load(Ordering::Acquire) {
+            pgrx::log!(
+                "fhir_sync worker: leaving database \"{db}\" (it is being dropped or renamed)"
+            );
+            break;
+        }
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
             let s = ClientSettings::read();
@@ -170,9 +143,8 @@ pub extern "C-unwind" fn fhir_sync_worker_main(arg: pg_sys::Datum) {
     }
     slot.release();
     pgrx::log!("fhir_sync worker for database \"{db}\" stopping");
-    // Exit code 1: the postmaster restarts us after restart_time (0 would unregister the
-    // worker, so pg_terminate_backend would stop delivery for good). At shutdown nothing restarts.
-    unsafe { pg_sys::proc_exit(1) };
+    // The launcher starts a new worker when this one is gone, unless the database is going.
+    unsafe { pg_sys::proc_exit(0) };
 }
 
 fn seed() -> u64 {
@@ -288,8 +260,7 @@ impl Worker {
         let Some(client) = &self.client else {
             return false;
         };
-        let r = client.request(Method::Get, "metadata", None);
-        if r.transport == Transport::ConnectFailed {
+        if !client.reachable() {
             let p = self.pause.as_mut().expect("probing while paused");
             p.backoff = (p.backoff * 2).min(Duration::from_secs(30));
             p.until = Instant::now() + p.backoff;

@@ -12,11 +12,11 @@ set_conf() rewrites it (then reload() or restart()).
 """
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import psycopg
@@ -114,6 +114,7 @@ class Cluster:
     def start(self, timeout: int = 60) -> "Cluster":
         if not self.data.exists():
             self.init()
+        _LIVE.add(self)
         self._pg_ctl("start", "-w", "-t", str(timeout), "-l", self.logfile)
         return self
 
@@ -153,6 +154,7 @@ class Cluster:
 
     def cleanup(self) -> None:
         """Stop whatever is running, never raising (fixture teardown)."""
+        _LIVE.discard(self)
         self.close_connections()
         try:
             if self.is_running():
@@ -223,6 +225,16 @@ class Cluster:
 
     def __repr__(self) -> str:
         return f"Cluster({self.name!r}, port={self.port}, dir={str(self.dir)!r})"
+
+
+_LIVE: set = set()
+
+
+@atexit.register
+def _stop_leftovers() -> None:
+    """Last resort (e.g. pytest interrupted during teardown): stop every cluster this process started."""
+    for c in list(_LIVE):
+        c.cleanup()
 
 
 def _pid_alive(pid: int) -> bool:

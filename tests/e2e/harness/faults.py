@@ -131,9 +131,10 @@ class _Resp:
 class FhirStore:
     """Versioned in-memory resources, keyed by (type, id). Not thread-safe by itself (FaultServer locks)."""
 
-    def __init__(self):
+    def __init__(self, location_style: str = "history"):
         self.items: dict[tuple[str, str], dict] = {}   # (type,id) -> {version, deleted, resource, history}
         self._ids = itertools.count(1)
+        self.location_style = location_style
 
     def _new_id(self) -> str:
         return f"fs{next(self._ids)}"
@@ -143,6 +144,8 @@ class FhirStore:
         system, sep, value = identifier.partition("|")
         if not sep:
             system, value = None, identifier
+        system = _unescape_token(system) if system is not None else None
+        value = _unescape_token(value)
         out = []
         for (t, rid), it in self.items.items():
             if t != rtype or it["deleted"]:
@@ -175,7 +178,12 @@ class FhirStore:
             it = self.items[(rtype, rid)] = {"history": []}
         it.update(version=version, deleted=False, resource=res)
         it["history"].append({"version": version, "method": "PUT", "resource": copy.deepcopy(res)})
-        return _Resp(201 if created else 200, res, self._headers(base, rtype, rid, version))
+        headers = self._headers(base, rtype, rid, version)
+        if self.location_style == "helios":     # as Helios 0.2.7: Location only on create, without _history
+            headers.pop("Location")
+            if created:
+                headers["Location"] = f"{base}/{rtype}/{rid}"
+        return _Resp(201 if created else 200, res, headers)
 
     def delete(self, rtype: str, rid: str) -> _Resp:
         it = self.items.get((rtype, rid))
@@ -262,10 +270,12 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class FaultServer:
-    def __init__(self, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, location_style: str = "history"):
+        """location_style: "history" (Location <base>/<T>/<id>/_history/<n> on every PUT) or "helios"
+        (like Helios 0.2.7: Location <base>/<T>/<id> on 201 only, none on 200)."""
         self.host = host
         self.port = port
-        self.store = FhirStore()
+        self.store = FhirStore(location_style)
         self._lock = threading.RLock()
         self._requests: list[Request] = []
         self._rules: list[Rule] = []
@@ -649,6 +659,19 @@ class FaultServer:
             out.append(ent)
         return _Resp(200, {"resourceType": "Bundle", "type": "transaction-response" if tx else "batch-response",
                            "entry": out})
+
+
+def _unescape_token(t: str) -> str:
+    """Undo FHIR search escaping of '\\,' and '\\\\' (what Helios honours)."""
+    out, i = [], 0
+    while i < len(t):
+        if t[i] == "\\" and i + 1 < len(t) and t[i + 1] in ",\\":
+            out.append(t[i + 1])
+            i += 2
+        else:
+            out.append(t[i])
+            i += 1
+    return "".join(out)
 
 
 def _reason(status: int) -> str:

@@ -11,10 +11,12 @@ The database is ':memory:': a restart() loses every resource.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import urllib.error
@@ -56,9 +58,35 @@ def http(method: str, url: str, body=None, headers: dict | None = None, timeout:
         return HttpResult(e.code, e.headers, e.read())
 
 
+def _port_in_use(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def escape_token(s: str) -> str:
+    """FHIR search escaping as Helios 0.2.7 honours it: '\\' -> '\\\\' and ',' -> '\\,' (an unescaped comma means OR).
+
+    Do not escape '|' or '$': Helios does not unescape '\\|' / '\\$', and splits system|value at the first '|'.
+    """
+    return s.replace("\\", "\\\\").replace(",", "\\,")
+
+
 def identifier_query(system: str | None, value: str) -> str:
-    token = f"{system}|{value}" if system is not None else value
+    """'identifier=<percent-encoded system|value>' for a search / conditional URL."""
+    token = f"{escape_token(system)}|{escape_token(value)}" if system is not None else escape_token(value)
     return "identifier=" + quote(token, safe="")
+
+
+_LIVE: set = set()
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    for h in list(_LIVE):
+        h.kill()
 
 
 class Helios:
@@ -97,6 +125,10 @@ class Helios:
     def start(self, timeout: float = 60) -> "Helios":
         if not self.binary.exists():
             raise FileNotFoundError(f"{self.binary} not found: run tests/setup.sh")
+        if _port_in_use(self.port):
+            # hfs logs "Server listening" and only then fails to bind; /_readiness would be answered by the other
+            # process, so refuse up front.
+            raise RuntimeError(f"port {self.port} is already in use")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         target = self.data_dir / "search-parameters-r4.json"
         if not target.exists():
@@ -107,7 +139,10 @@ class Helios:
                                      stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      start_new_session=True)
         log.close()
+        _LIVE.add(self)
         self.wait_ready(timeout)
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"hfs exited with {self.proc.returncode}:\n{self.log_tail()}")
         self.startup_seconds = time.monotonic() - t0
         return self
 
@@ -128,6 +163,7 @@ class Helios:
         raise TimeoutError(f"hfs not ready after {timeout}s:\n{self.log_tail()}")
 
     def stop(self, timeout: float = 10) -> None:
+        _LIVE.discard(self)
         if self.proc is None:
             return
         if self.proc.poll() is None:
