@@ -15,4 +15,4 @@ REVOKE EXECUTE ON FUNCTION
     fhir_capture()
 FROM PUBLIC;
 REVOKE ALL ON fhir_sync_status, fhir_sync_workers, fhir_sync_tables, fhir_pending_transactions, fhir_sync_metrics FROM PUBLIC;
-REVOKE EXECUTE ON FUNCTION fhir_sync_reset_stats() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION fhir_sync_reset_stats(), fhir_sync_explain_claim(integer) FROM PUBLIC;

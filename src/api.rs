@@ -418,3 +418,31 @@ fn fhir_sync_worker_slots() -> TableIterator<
         .collect();
     TableIterator::new(rows)
 }
+
+/// EXPLAIN (ANALYZE, BUFFERS) of the worker's claim statement, run in a subtransaction that is
+/// rolled back (nothing stays leased). For checking that claiming stays cheap with a large
+/// backlog.
+#[pg_extern]
+fn fhir_sync_explain_claim(batch: default!(i32, 200)) -> TableIterator<'static, (name!(plan, String),)> {
+    let schema = match source::extension_schema() {
+        Ok(Some(s)) => s,
+        _ => return TableIterator::new(std::iter::empty()),
+    };
+    let sql = format!("EXPLAIN (ANALYZE, BUFFERS) {}", crate::worker::claim::claim_sql(&schema));
+    let live = crate::worker::claim::live_workers();
+    let lines = crate::subxact::rolled_back(|| {
+        Spi::connect_mut(|client| {
+            let mut out = Vec::new();
+            let args = [(batch as i64).into(), 0i32.into(), 1000i64.into(), live.clone().into()];
+            for row in client.update(sql.as_str(), None, &args)? {
+                out.push((row.get::<String>(1)?.unwrap_or_default(),));
+            }
+            Ok::<_, pgrx::spi::SpiError>(out)
+        })
+    });
+    match lines {
+        Ok(Ok(v)) => TableIterator::new(v),
+        Ok(Err(e)) => FhirSyncError::Spi(e.to_string()).report(),
+        Err(e) => FhirSyncError::Spi(e).report(),
+    }
+}

@@ -38,6 +38,19 @@ pub static LEASE_TIME: GucSetting<i32> = GucSetting::<i32>::new(120_000);
 /// Requests one worker keeps in flight at once (never two for one resource).
 pub static MAX_IN_FLIGHT: GucSetting<i32> = GucSetting::<i32>::new(4);
 
+/// Entries per Bundle; 0 or 1 sends one request per resource.
+pub static BUNDLE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(0);
+
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum BundleKind {
+    Batch,
+    Transaction,
+}
+
+/// Bundle type: batch (entries succeed or fail one by one) or transaction (all or nothing;
+/// a failed transaction is re-sent entry by entry to find the bad one).
+pub static BUNDLE_TYPE: GucSetting<BundleKind> = GucSetting::<BundleKind>::new(BundleKind::Batch);
+
 /// Base URI for identifiers derived from table and primary key.
 pub static IDENTIFIER_SYSTEM: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"urn:fhir-sync"));
@@ -166,6 +179,24 @@ pub fn init() {
         &MAX_IN_FLIGHT,
         1,
         64,
+        Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"fhir_sync.bundle_size",
+        c"Entries per Bundle; 0 sends one request per resource.",
+        c"Bundles are POSTed to the base URL; each entry is a conditional PUT or a DELETE.",
+        &BUNDLE_SIZE,
+        0,
+        10_000,
+        Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_enum_guc(
+        c"fhir_sync.bundle_type",
+        c"Bundle type: batch or transaction.",
+        c"",
+        &BUNDLE_TYPE,
         Sighup,
         GucFlags::default(),
     );
@@ -332,4 +363,15 @@ pub fn oauth_scope() -> Option<String> {
 }
 pub fn ca_file() -> Option<String> {
     string(&CA_FILE)
+}
+
+pub fn grouping() -> crate::worker::send::Grouping {
+    crate::worker::send::Grouping {
+        bundle_size: BUNDLE_SIZE.get().max(0) as usize,
+        bundle_type: match BUNDLE_TYPE.get() {
+            BundleKind::Batch => crate::worker::send::BundleType::Batch,
+            BundleKind::Transaction => crate::worker::send::BundleType::Transaction,
+        },
+        in_flight: max_in_flight(),
+    }
 }

@@ -6,8 +6,8 @@
 //! and starts a worker only where there is something to serve. It also makes
 //! fhir_sync.database and fhir_sync.workers reloadable.
 //!
-//! DROP DATABASE must not wait for our worker: a ProcessUtility hook asks the database's
-//! workers to leave and holds the launcher off that database for a while.
+//! DROP DATABASE must not wait for our worker: a ProcessUtility hook (utility.rs) asks the
+//! database's workers to leave and holds the launcher off that database for a while.
 
 use crate::shmem::{self, MAX_WORKERS};
 use pgrx::bgworkers::{
@@ -30,10 +30,7 @@ pub fn register() {
         .set_start_time(BgWorkerStartTime::RecoveryFinished)
         .set_restart_time(Some(Duration::from_secs(5)))
         .load();
-    unsafe {
-        PREV_UTILITY = pg_sys::ProcessUtility_hook;
-        pg_sys::ProcessUtility_hook = Some(utility_hook);
-    }
+    crate::utility::install();
 }
 
 struct Running {
@@ -186,105 +183,4 @@ fn held(db: pg_sys::Oid) -> bool {
     };
     s.db_hold_oid.load(Ordering::Acquire) == db.to_u32()
         && s.db_hold_until_ms.load(Ordering::Acquire) > shmem::now_ms()
-}
-
-static mut PREV_UTILITY: pg_sys::ProcessUtility_hook_type = None;
-
-/// Asks the workers of a database that is about to be dropped or renamed to leave it, so the
-/// command does not fail with "database is being accessed by other users".
-fn release_database(name: *const std::ffi::c_char) {
-    if name.is_null() {
-        return;
-    }
-    let oid = unsafe { pg_sys::get_database_oid(name, true) };
-    if oid == pg_sys::InvalidOid {
-        return;
-    }
-    let Some(s) = shmem::shared() else { return };
-    s.db_hold_oid.store(oid.to_u32(), Ordering::Release);
-    s.db_hold_until_ms
-        .store(shmem::now_ms() + 15_000, Ordering::Release);
-    for w in &s.workers {
-        if w.pid.load(Ordering::Acquire) != 0 && w.db_oid.load(Ordering::Acquire) == oid.to_u32() {
-            w.leave.store(true, Ordering::Release);
-        }
-    }
-    shmem::wake_database(oid);
-    // Give them a moment: DROP DATABASE checks for other sessions for five seconds.
-    for _ in 0..50 {
-        if !s.workers.iter().any(|w| {
-            w.pid.load(Ordering::Acquire) != 0 && w.db_oid.load(Ordering::Acquire) == oid.to_u32()
-        }) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-unsafe fn database_named_by(stmt: *mut pg_sys::Node) -> *const std::ffi::c_char {
-    unsafe {
-        match (*stmt).type_ {
-            pg_sys::NodeTag::T_DropdbStmt => (*(stmt as *mut pg_sys::DropdbStmt)).dbname,
-            pg_sys::NodeTag::T_RenameStmt => {
-                let r = stmt as *mut pg_sys::RenameStmt;
-                if (*r).renameType == pg_sys::ObjectType::OBJECT_DATABASE {
-                    (*r).subname
-                } else {
-                    std::ptr::null()
-                }
-            }
-            _ => std::ptr::null(),
-        }
-    }
-}
-
-#[cfg(not(feature = "pg13"))]
-#[pg_guard]
-#[allow(clippy::too_many_arguments)]
-unsafe extern "C-unwind" fn utility_hook(
-    pstmt: *mut pg_sys::PlannedStmt,
-    query: *const std::ffi::c_char,
-    read_only_tree: bool,
-    context: pg_sys::ProcessUtilityContext::Type,
-    params: pg_sys::ParamListInfo,
-    env: *mut pg_sys::QueryEnvironment,
-    dest: *mut pg_sys::DestReceiver,
-    qc: *mut pg_sys::QueryCompletion,
-) {
-    unsafe {
-        release_database(database_named_by((*pstmt).utilityStmt));
-        match PREV_UTILITY {
-            Some(prev) => prev(pstmt, query, read_only_tree, context, params, env, dest, qc),
-            None => pg_sys::standard_ProcessUtility(
-                pstmt,
-                query,
-                read_only_tree,
-                context,
-                params,
-                env,
-                dest,
-                qc,
-            ),
-        }
-    }
-}
-
-#[cfg(feature = "pg13")]
-#[pg_guard]
-unsafe extern "C-unwind" fn utility_hook(
-    pstmt: *mut pg_sys::PlannedStmt,
-    query: *const std::ffi::c_char,
-    context: pg_sys::ProcessUtilityContext::Type,
-    params: pg_sys::ParamListInfo,
-    env: *mut pg_sys::QueryEnvironment,
-    dest: *mut pg_sys::DestReceiver,
-    qc: *mut pg_sys::QueryCompletion,
-) {
-    unsafe {
-        release_database(database_named_by((*pstmt).utilityStmt));
-        match PREV_UTILITY {
-            Some(prev) => prev(pstmt, query, context, params, env, dest, qc),
-            None => pg_sys::standard_ProcessUtility(pstmt, query, context, params, env, dest, qc),
-        }
-    }
 }

@@ -20,6 +20,7 @@ mod metrics;
 mod shmem;
 mod source;
 mod subxact;
+mod utility;
 mod worker;
 
 pgrx::pg_module_magic!(name, version);

@@ -39,6 +39,15 @@ pub fn transaction<R>(f: impl FnOnce() -> R) -> Result<R, String> {
 /// Runs `f` in a subtransaction of the current transaction. On ERROR the subtransaction is
 /// rolled back and the outer transaction goes on.
 pub fn subtransaction<R>(f: impl FnOnce() -> R) -> Result<R, String> {
+    in_subtransaction(f, false)
+}
+
+/// Runs `f` in a subtransaction that is always rolled back: what it wrote is undone.
+pub fn rolled_back<R>(f: impl FnOnce() -> R) -> Result<R, String> {
+    in_subtransaction(f, true)
+}
+
+fn in_subtransaction<R>(f: impl FnOnce() -> R, always_roll_back: bool) -> Result<R, String> {
     unsafe {
         let cxt = pg_sys::CurrentMemoryContext;
         let owner = pg_sys::CurrentResourceOwner;
@@ -49,8 +58,8 @@ pub fn subtransaction<R>(f: impl FnOnce() -> R) -> Result<R, String> {
             .catch_others(|e| Err(caught_message(e)))
             .execute();
         match result {
-            Ok(_) => pg_sys::ReleaseCurrentSubTransaction(),
-            Err(_) => pg_sys::RollbackAndReleaseCurrentSubTransaction(),
+            Ok(_) if !always_roll_back => pg_sys::ReleaseCurrentSubTransaction(),
+            _ => pg_sys::RollbackAndReleaseCurrentSubTransaction(),
         }
         pg_sys::MemoryContextSwitchTo(cxt);
         pg_sys::CurrentResourceOwner = owner;

@@ -25,7 +25,7 @@ pub struct Claimed {
 
 /// Pids of running fhir_sync workers. A lease held by any other pid belongs to a worker that
 /// died (kill -9, crash): it is taken over at once instead of after lease_time.
-fn live_workers() -> Vec<i32> {
+pub fn live_workers() -> Vec<i32> {
     crate::shmem::shared()
         .map(|s| {
             s.workers
@@ -39,9 +39,9 @@ fn live_workers() -> Vec<i32> {
 
 const CLAIM_LOCK: i64 = 0x6668_6972_5f73_796e; // "fhir_syn"
 
-pub fn claim(schema: &str, batch: i64, lease_ms: i64) -> Result<Vec<Claimed>, FhirSyncError> {
-    let pid = unsafe { pg_sys::MyProcPid };
-    let sql = format!(
+/// The claim statement: $1 batch size, $2 this worker's pid, $3 lease in ms, $4 live worker pids.
+pub fn claim_sql(schema: &str) -> String {
+    format!(
         "WITH cand AS (
             SELECT o.id, o.resource_table, o.resource_key FROM {schema}.fhir_outbox o
              WHERE NOT o.processed
@@ -73,7 +73,12 @@ pub fn claim(schema: &str, batch: i64, lease_ms: i64) -> Result<Vec<Claimed>, Fh
                 (pg_catalog.array_agg(identifier_value ORDER BY id DESC) FILTER (WHERE identifier_value IS NOT NULL))[1],
                 extract(epoch FROM pg_catalog.clock_timestamp() - pg_catalog.min(created_at))::float8
            FROM leased GROUP BY 1, 2 ORDER BY pg_catalog.min(id)"
-    );
+    )
+}
+
+pub fn claim(schema: &str, batch: i64, lease_ms: i64) -> Result<Vec<Claimed>, FhirSyncError> {
+    let pid = unsafe { pg_sys::MyProcPid };
+    let sql = claim_sql(schema);
     Spi::connect_mut(|client| {
         client.update(
             "SELECT pg_catalog.pg_advisory_xact_lock($1)",

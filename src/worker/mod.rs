@@ -339,7 +339,7 @@ impl Worker {
                     Action::Put { path, body, .. } => send::Outgoing {
                         method: Method::Put,
                         path: path.clone(),
-                        body: serde_json::to_vec(body).ok(),
+                        body: Some(body.clone()),
                     },
                     Action::Delete { path } => send::Outgoing {
                         method: Method::Delete,
@@ -355,7 +355,7 @@ impl Worker {
             let responses = if requests.is_empty() {
                 Vec::new()
             } else {
-                send::send_all(client, &requests, self.settings.in_flight)
+                send::send_all(client, &requests, crate::gucs::grouping())
             };
             let settlement = self.judge(&tier, &actions, &request_of, &responses, deps);
             crate::subxact::transaction(|| settle::settle(schema, &settlement))?
@@ -420,7 +420,6 @@ impl Worker {
                 (_, None) => s.release.extend(ids),
                 (action, Some(r)) => {
                     let is_delete = matches!(action, Action::Delete { .. });
-                    self.shared.record_call(r.elapsed.as_secs_f64());
                     let status = match r.transport {
                         Transport::Status(st) => Some(st as i32),
                         _ => None,

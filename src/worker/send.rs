@@ -1,24 +1,45 @@
-//! Send: the HTTP requests of one tier of a batch, up to fhir_sync.max_in_flight at once.
+//! Send: the requests of one tier of a batch, as single requests or Bundles, up to
+//! fhir_sync.max_in_flight HTTP requests at once.
 //!
 //! Runs with no transaction open. The extra threads do HTTP only (no PostgreSQL calls) and
 //! block all signals, so PostgreSQL's handlers keep running on the worker's main thread.
 //! Each request is for a different resource (the claim guarantees it), so concurrency never
-//! puts two requests for one resource in flight.
+//! puts two requests for one resource in flight, and a Bundle never holds one resource twice.
 
 use super::policy::{classify, Class, Transport, Verdict, CONFLICT_RESENDS};
 use crate::http::{Client, Method, Response};
+use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 pub struct Outgoing {
     pub method: Method,
     pub path: String,
-    pub body: Option<Vec<u8>>,
+    pub body: Option<Value>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BundleType {
+    Batch,
+    Transaction,
+}
+
+/// How requests are grouped: one HTTP request each, or Bundles of up to `size` entries.
+#[derive(Clone, Copy, Debug)]
+pub struct Grouping {
+    pub bundle_size: usize,
+    pub bundle_type: BundleType,
+    pub in_flight: usize,
 }
 
 /// Sends every request; `None` for those not sent because the server asked the worker to stop
 /// (unreachable, credentials rejected, throttled) before their turn.
-pub fn send_all(client: &Client, requests: &[Outgoing], in_flight: usize) -> Vec<Option<Response>> {
+pub fn send_all(client: &Client, requests: &[Outgoing], g: Grouping) -> Vec<Option<Response>> {
+    let size = if g.bundle_size > 1 { g.bundle_size } else { 1 };
+    let units: Vec<std::ops::Range<usize>> = (0..requests.len())
+        .step_by(size)
+        .map(|s| s..(s + size).min(requests.len()))
+        .collect();
     let results: Vec<Mutex<Option<Response>>> = requests.iter().map(|_| Mutex::new(None)).collect();
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
@@ -26,15 +47,22 @@ pub fn send_all(client: &Client, requests: &[Outgoing], in_flight: usize) -> Vec
         if stop.load(Ordering::Acquire) {
             return;
         }
-        let i = next.fetch_add(1, Ordering::AcqRel);
-        let Some(req) = requests.get(i) else { return };
-        let resp = send_one(client, req);
-        if halts_sending(&resp, req.method == Method::Delete) {
-            stop.store(true, Ordering::Release);
+        let u = next.fetch_add(1, Ordering::AcqRel);
+        let Some(range) = units.get(u) else { return };
+        let chunk = &requests[range.clone()];
+        let responses = if chunk.len() == 1 {
+            vec![send_one(client, &chunk[0])]
+        } else {
+            send_bundle(client, chunk, g.bundle_type)
+        };
+        for (i, resp) in range.clone().zip(responses) {
+            if halts_sending(&resp, requests[i].method == Method::Delete) {
+                stop.store(true, Ordering::Release);
+            }
+            *results[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(resp);
         }
-        *results[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(resp);
     };
-    let threads = in_flight.min(requests.len()).max(1);
+    let threads = g.in_flight.min(units.len()).max(1);
     if threads == 1 {
         work();
     } else {
@@ -48,22 +76,99 @@ pub fn send_all(client: &Client, requests: &[Outgoing], in_flight: usize) -> Vec
             work();
         });
     }
-    results
-        .into_iter()
-        .map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()))
-        .collect()
+    results.into_iter().map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner())).collect()
+}
+
+fn call(client: &Client, method: Method, path: &str, body: Option<&Value>) -> Response {
+    let bytes = body.and_then(|b| serde_json::to_vec(b).ok());
+    let resp = client.request(method, path, bytes.as_deref());
+    record(&resp);
+    resp
+}
+
+/// Counts the call in the shared metrics. A connection that could not be made is not a call:
+/// its near-zero duration would only drag the latency quantiles down during an outage.
+fn record(resp: &Response) {
+    let Some(shared) = crate::shmem::shared() else { return };
+    if resp.transport != Transport::ConnectFailed {
+        shared.record_call(resp.elapsed.as_secs_f64());
+    }
 }
 
 fn send_one(client: &Client, req: &Outgoing) -> Response {
-    let mut resp = client.request(req.method, &req.path, req.body.as_deref());
+    let mut resp = call(client, req.method, &req.path, req.body.as_ref());
     // A 409 on a conditional update means a concurrent write won the race; the resource we
     // send is still the latest, so send it again at once.
     let mut resends = 0;
     while resp.transport == Transport::Status(409) && resends < CONFLICT_RESENDS {
         resends += 1;
-        resp = client.request(req.method, &req.path, req.body.as_deref());
+        resp = call(client, req.method, &req.path, req.body.as_ref());
     }
     resp
+}
+
+/// POSTs one Bundle and splits its answer into one response per entry. A transaction that
+/// fails as a whole does not say which entry was at fault: its entries are then sent one by
+/// one, so that only the bad one is dead-lettered.
+fn send_bundle(client: &Client, chunk: &[Outgoing], kind: BundleType) -> Vec<Response> {
+    let entries: Vec<Value> = chunk
+        .iter()
+        .map(|r| {
+            let mut e = json!({"request": {"method": r.method.name(), "url": r.path}});
+            if let Some(b) = &r.body {
+                e["resource"] = b.clone();
+            }
+            e
+        })
+        .collect();
+    let kind_name = match kind {
+        BundleType::Batch => "batch",
+        BundleType::Transaction => "transaction",
+    };
+    let bundle = json!({"resourceType": "Bundle", "type": kind_name, "entry": entries});
+    let resp = call(client, Method::Post, "", Some(&bundle));
+    match resp.transport {
+        Transport::Status(200..=299) => match split_bundle_response(&resp, chunk.len()) {
+            Some(parts) => parts,
+            None => {
+                let mut broken = resp.clone();
+                broken.transport = Transport::Broken;
+                broken.error = Some("the server's Bundle response could not be read".into());
+                vec![broken; chunk.len()]
+            }
+        },
+        Transport::Status(400..=499) if kind == BundleType::Transaction && !matches!(resp.transport, Transport::Status(401 | 403 | 408 | 429)) => {
+            chunk.iter().map(|r| send_one(client, r)).collect()
+        }
+        _ => vec![resp; chunk.len()],
+    }
+}
+
+/// One response per entry of a batch-response / transaction-response Bundle.
+pub fn split_bundle_response(resp: &Response, n: usize) -> Option<Vec<Response>> {
+    let v: Value = serde_json::from_slice(&resp.body).ok()?;
+    let entries = v.get("entry")?.as_array()?;
+    if entries.len() != n {
+        return None;
+    }
+    entries
+        .iter()
+        .map(|e| {
+            let r = e.get("response")?;
+            let status: u16 = r.get("status")?.as_str()?.split_whitespace().next()?.parse().ok()?;
+            let text = |k: &str| r.get(k).and_then(|x| x.as_str()).map(str::to_string);
+            let body = e.get("resource").or_else(|| r.get("outcome")).map(|b| serde_json::to_vec(b).unwrap_or_default()).unwrap_or_default();
+            Some(Response {
+                transport: Transport::Status(status),
+                body,
+                etag: text("etag"),
+                location: text("location"),
+                retry_after: None,
+                elapsed: resp.elapsed,
+                error: None,
+            })
+        })
+        .collect()
 }
 
 /// Whether the rest of the batch should wait: the server is gone, refuses our credentials, or
@@ -71,9 +176,7 @@ fn send_one(client: &Client, req: &Outgoing) -> Response {
 pub fn halts_sending(resp: &Response, is_delete: bool) -> bool {
     match classify(&resp.transport, is_delete) {
         Verdict::Pause(_) => true,
-        Verdict::Retry(Class::Transient) => {
-            resp.retry_after.is_some() || resp.transport == Transport::Status(429)
-        }
+        Verdict::Retry(Class::Transient) => resp.retry_after.is_some() || resp.transport == Transport::Status(429),
         _ => false,
     }
 }
@@ -83,5 +186,48 @@ fn block_signals() {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigfillset(&mut set);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn resp(body: Value) -> Response {
+        Response {
+            transport: Transport::Status(200),
+            body: serde_json::to_vec(&body).unwrap(),
+            etag: None,
+            location: None,
+            retry_after: None,
+            elapsed: Duration::from_millis(3),
+            error: None,
+        }
+    }
+
+    #[test]
+    fn a_batch_response_splits_into_one_outcome_per_entry() {
+        let r = resp(json!({"resourceType": "Bundle", "type": "batch-response", "entry": [
+            {"response": {"status": "201 Created", "location": "Patient/a/_history/1", "etag": "W/\"1\""},
+             "resource": {"resourceType": "Patient", "id": "a"}},
+            {"response": {"status": "422 Unprocessable Entity",
+                          "outcome": {"resourceType": "OperationOutcome", "issue": [{"severity": "error"}]}}},
+        ]}));
+        let parts = split_bundle_response(&r, 2).unwrap();
+        assert_eq!(parts[0].transport, Transport::Status(201));
+        assert_eq!(parts[0].location.as_deref(), Some("Patient/a/_history/1"));
+        assert_eq!(serde_json::from_slice::<Value>(&parts[0].body).unwrap()["id"], "a");
+        assert_eq!(parts[1].transport, Transport::Status(422));
+        assert_eq!(serde_json::from_slice::<Value>(&parts[1].body).unwrap()["resourceType"], "OperationOutcome");
+    }
+
+    #[test]
+    fn a_bundle_response_of_the_wrong_shape_is_refused() {
+        assert!(split_bundle_response(&resp(json!({"entry": []})), 2).is_none());
+        assert!(split_bundle_response(&resp(json!({"entry": [{"response": {"status": "OK"}}]})), 1).is_none());
+        let mut garbage = resp(json!(null));
+        garbage.body = b"<html>".to_vec();
+        assert!(split_bundle_response(&garbage, 1).is_none());
     }
 }

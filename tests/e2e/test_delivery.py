@@ -214,3 +214,53 @@ def _try(fn):
         return fn()
     except Exception:
         return None
+
+
+def test_batch_bundles_settle_each_entry_on_its_own(make_cluster, faults):
+    app = make_app(make_cluster, faults.base_url, conf={"fhir_sync.bundle_size": 10, "fhir_sync.workers": 1})
+    faults.respond(422, entry=True, match={"contains": "bundle-bad"})
+    with app.conn.transaction():
+        for i in range(29):
+            app.add_patient(f"bundle-{i}")
+        app.add_patient("bundle-bad")
+    app.wait_drained()
+    posts = [r for r in faults.requests if r.method == "POST"]
+    assert 3 <= len(posts) <= 6, len(posts)             # 30 resources, 10 per Bundle
+    assert not [r for r in faults.requests if r.method == "PUT"]
+    assert all(r.json()["type"] == "batch" for r in posts)
+    delivered = {it["resource"]["identifier"][0]["value"] for (t, _), it in faults.store.items.items() if t == "Patient"}
+    assert delivered == {f"bundle-{i}" for i in range(29)}
+    assert app.sql("SELECT identifier_value, error_class, http_status FROM fhir_dlq") == [("bundle-bad", "rejected", 422)]
+
+
+def test_a_failed_transaction_bundle_is_retried_entry_by_entry(make_cluster, faults):
+    app = make_app(make_cluster, faults.base_url,
+                   conf={"fhir_sync.bundle_size": 10, "fhir_sync.bundle_type": "transaction"})
+    faults.respond(422, entry=True, times=None, match={"contains": "tx-bad"})   # inside a Bundle
+    faults.respond(422, times=None, match={"contains": "tx-bad"})               # sent on its own
+    with app.conn.transaction():
+        for i in range(5):
+            app.add_patient(f"tx-{i}")
+        app.add_patient("tx-bad")
+    app.wait_drained()
+    delivered = {it["resource"]["identifier"][0]["value"] for (t, _), it in faults.store.items.items() if t == "Patient"}
+    assert delivered == {f"tx-{i}" for i in range(5)}
+    assert app.sql("SELECT identifier_value, error_class FROM fhir_dlq") == [("tx-bad", "rejected")]
+    tx = [r for r in faults.requests if r.method == "POST"]
+    assert tx and all(r.json()["type"] == "transaction" for r in tx)
+
+
+def test_bundles_against_helios(make_cluster, helios):
+    app = make_app(make_cluster, helios.base_url, conf={"fhir_sync.bundle_size": 25})
+    tag = unique("hb")
+    with app.conn.transaction():
+        pids = [app.add_patient(f"{tag}-{i}") for i in range(60)]
+        for pid in pids[:10]:
+            app.sql("INSERT INTO pulse (patient_id, rate, measurement_time) VALUES (%s, 70, now())", (pid,))
+    app.wait_drained(timeout=90)
+    assert app.one("SELECT count(*) FROM fhir_dlq") == 0
+    for i in (0, 30, 59):
+        assert patient_on(helios, f"{tag}-{i}")
+    first = patient_on(helios, f"{tag}-0")
+    pulses = helios.search_all("Observation", subject=f"Patient/{first['id']}")
+    assert len(pulses) == 1 and pulses[0]["valueQuantity"]["value"] == 70
