@@ -65,9 +65,14 @@ fn map_row(mapper: &str, rowtype: pg_sys::Oid, row: Value) -> Result<Value, Fhir
         &[relid.into()],
     )?
     .ok_or_else(|| FhirSyncError::NoPrimaryKey(table.clone()))?;
-    let Value::Object(row) = row else {
-        return Err(FhirSyncError::Spi("row is not an object".into()));
+    let unknown = Ctx {
+        table: &table,
+        key: "?",
+        identifier_base: "",
     };
+    let row = mapping::row::as_row(&row, &unknown)
+        .map_err(FhirSyncError::Map)?
+        .clone();
     let key = match row.get(&key_column) {
         Some(Value::String(s)) => s.clone(),
         Some(Value::Number(n)) => n.to_string(),
@@ -423,17 +428,27 @@ fn fhir_sync_worker_slots() -> TableIterator<
 /// rolled back (nothing stays leased). For checking that claiming stays cheap with a large
 /// backlog.
 #[pg_extern]
-fn fhir_sync_explain_claim(batch: default!(i32, 200)) -> TableIterator<'static, (name!(plan, String),)> {
+fn fhir_sync_explain_claim(
+    batch: default!(i32, 200),
+) -> TableIterator<'static, (name!(plan, String),)> {
     let schema = match source::extension_schema() {
         Ok(Some(s)) => s,
         _ => return TableIterator::new(std::iter::empty()),
     };
-    let sql = format!("EXPLAIN (ANALYZE, BUFFERS) {}", crate::worker::claim::claim_sql(&schema));
+    let sql = format!(
+        "EXPLAIN (ANALYZE, BUFFERS) {}",
+        crate::worker::claim::claim_sql(&schema)
+    );
     let live = crate::worker::claim::live_workers();
     let lines = crate::subxact::rolled_back(|| {
         Spi::connect_mut(|client| {
             let mut out = Vec::new();
-            let args = [(batch as i64).into(), 0i32.into(), 1000i64.into(), live.clone().into()];
+            let args = [
+                (batch as i64).into(),
+                0i32.into(),
+                1000i64.into(),
+                live.clone().into(),
+            ];
             for row in client.update(sql.as_str(), None, &args)? {
                 out.push((row.get::<String>(1)?.unwrap_or_default(),));
             }

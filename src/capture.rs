@@ -297,7 +297,7 @@ fn register_commit_callback() {
 }
 
 /// Wakes the workers once the changes are visible to them. A rollback or a PREPARE clears the
-/// flag: a prepared transaction is found by the fallback poll once COMMIT PREPARED runs.
+/// flag: COMMIT PREPARED wakes the workers itself (utility.rs).
 unsafe extern "C-unwind" fn on_xact_event(
     event: pg_sys::XactEvent::Type,
     _arg: *mut std::ffi::c_void,
@@ -305,11 +305,9 @@ unsafe extern "C-unwind" fn on_xact_event(
     use pg_sys::XactEvent::*;
     unsafe {
         match event {
-            XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
-                if CAPTURED_IN_XACT {
-                    CAPTURED_IN_XACT = false;
-                    crate::shmem::wake_database(pg_sys::MyDatabaseId);
-                }
+            XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT if CAPTURED_IN_XACT => {
+                CAPTURED_IN_XACT = false;
+                crate::shmem::wake_database(pg_sys::MyDatabaseId);
             }
             XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
                 CAPTURED_IN_XACT = false;

@@ -16,16 +16,12 @@ pub enum FhirSyncError {
         table: String,
         resource_type: String,
     },
-    UnknownResourceType(String),
     RowNotFound {
         table: String,
         key: String,
     },
     Map(crate::mapping::MapError),
     MapFunction(String),
-    ParentNotFound {
-        table: String,
-    },
 }
 
 impl std::fmt::Display for FhirSyncError {
@@ -43,13 +39,9 @@ impl std::fmt::Display for FhirSyncError {
             } => {
                 write!(f, "table {table} has no built-in {resource_type} mapping")
             }
-            UnknownResourceType(r) => {
-                write!(f, "\"{r}\" is not a FHIR resource type fhir_sync can map")
-            }
             RowNotFound { table, key } => write!(f, "{table} has no row with key {key}"),
             Map(e) => write!(f, "{e}"),
             MapFunction(e) => write!(f, "{e}"),
-            ParentNotFound { table } => write!(f, "cannot find the parent table of {table}"),
         }
     }
 }
@@ -64,12 +56,8 @@ impl FhirSyncError {
             NullKey(_) => PgSqlErrorCode::ERRCODE_NOT_NULL_VIOLATION,
             Spi(_) => PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
             NotTracked(_) | RowNotFound { .. } => PgSqlErrorCode::ERRCODE_NO_DATA_FOUND,
-            NoPrimaryKey(_) | ParentNotFound { .. } => {
-                PgSqlErrorCode::ERRCODE_INVALID_TABLE_DEFINITION
-            }
-            NoBuiltInMapper { .. } | UnknownResourceType(_) => {
-                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE
-            }
+            NoPrimaryKey(_) => PgSqlErrorCode::ERRCODE_INVALID_TABLE_DEFINITION,
+            NoBuiltInMapper { .. } => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
             Map(_) | MapFunction(_) => PgSqlErrorCode::ERRCODE_DATA_EXCEPTION,
         }
     }
@@ -80,10 +68,9 @@ impl FhirSyncError {
             BadTrigger(_) => Some("Recreate the trigger with SELECT fhir_untrack(...) and SELECT fhir_track(...)."),
             NotTracked(_) => Some("Start tracking it with SELECT fhir_track('table', 'ResourceType')."),
             NoPrimaryKey(_) => Some("Add a primary key on one column: fhir_sync addresses rows by it."),
-            NoBuiltInMapper { .. } | UnknownResourceType(_) => Some(
+            NoBuiltInMapper { .. } => Some(
                 "Pass a mapping function: SELECT fhir_track('table', 'Type', map_function => 'my_fn(my_table)'::regprocedure).",
             ),
-            ParentNotFound { .. } => Some("Add a foreign key from the child table to the patient table, or track the patient table first."),
             Map(_) => Some("Correct the row; the change is retried when the row is updated or requeued."),
             _ => None,
         }

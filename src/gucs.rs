@@ -1,7 +1,6 @@
 //! Every `fhir_sync.*` setting: one documented static each, one `init()`, one accessor each.
 //!
-//! Contexts are chosen for who may change a setting and when it takes effect:
-//! - `Sighup`: read by the workers; `SELECT pg_reload_conf()` applies it.
+//! Worker settings are `Sighup`: `SELECT pg_reload_conf()` applies them, no restart needed.
 //! Secrets are `SUPERUSER_ONLY | NO_SHOW_ALL`, so `SHOW`, `pg_settings` and `SHOW ALL`
 //! hide them from ordinary roles.
 

@@ -111,7 +111,11 @@ impl Client {
     /// One request. `path` is relative to the base URL ("Patient?identifier=…", "metadata").
     pub fn request(&self, method: Method, path: &str, body: Option<&[u8]>) -> Response {
         let started = Instant::now();
-        let url = if path.is_empty() { self.base.clone() } else { format!("{}/{}", self.base, path) };
+        let url = if path.is_empty() {
+            self.base.clone()
+        } else {
+            format!("{}/{}", self.base, path)
+        };
         let auth = match self.authorization() {
             Ok(a) => a,
             Err(e) => return failed(Transport::ConnectFailed, e, started),

@@ -61,7 +61,9 @@ pub extern "C-unwind" fn fhir_sync_launcher_main(_arg: pg_sys::Datum) {
             Ok(_) => true,
             Err(pgrx::bgworkers::BackgroundWorkerStatus::NotYetStarted) => true,
             Err(_) => {
-                shmem::shared().map(|s| s.workers[r.slot].release());
+                if let Some(s) = shmem::shared() {
+                    s.workers[r.slot].release();
+                }
                 next_try.insert(key.clone(), now + Duration::from_secs(1));
                 false
             }

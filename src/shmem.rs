@@ -109,7 +109,7 @@ unsafe extern "C-unwind" fn startup() {
 
 /// The shared state, or None in a process that did not preload the library.
 pub fn shared() -> Option<&'static Shared> {
-    unsafe { (*(&raw const SHARED)).as_ref() }
+    unsafe { (&raw const SHARED).read().as_ref() }
 }
 
 pub fn now_ms() -> i64 {

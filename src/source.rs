@@ -46,7 +46,6 @@ impl Mapper {
 
 #[derive(Clone, Debug)]
 pub struct Track {
-    pub relid: pg_sys::Oid,
     /// schema.table, unquoted: the name in messages and in derived identifier systems.
     pub name: String,
     /// Quoted for SQL.
@@ -136,7 +135,6 @@ pub fn load_tracks(schema: &str) -> Result<HashMap<pg_sys::Oid, Track>, FhirSync
             out.insert(
                 relid,
                 Track {
-                    relid,
                     name: format!("{nsp}.{rel}"),
                     sql_name: format!("{}.{}", quote_identifier(&nsp), quote_identifier(&rel)),
                     resource_type: row.get(4)?.unwrap_or_default(),

@@ -26,7 +26,8 @@ unsafe fn before(stmt: *mut pg_sys::Node) {
         }
         release_database(database_named_by(stmt));
         if (*stmt).type_ == pg_sys::NodeTag::T_TransactionStmt
-            && (*(stmt as *mut pg_sys::TransactionStmt)).kind == pg_sys::TransactionStmtKind::TRANS_STMT_COMMIT_PREPARED
+            && (*(stmt as *mut pg_sys::TransactionStmt)).kind
+                == pg_sys::TransactionStmtKind::TRANS_STMT_COMMIT_PREPARED
         {
             crate::capture::announce_changes();
         }

@@ -131,6 +131,7 @@ impl MapError {
         }
     }
 
+    #[cfg(test)]
     pub fn field(&self) -> Option<&str> {
         match self {
             MapError::MissingField { field, .. } | MapError::InvalidField { field, .. } => {

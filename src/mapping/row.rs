@@ -186,26 +186,6 @@ impl<'a> Fields<'a> {
         }
     }
 
-    /// A finite decimal.
-    pub fn number(&self, field: &str) -> Result<Option<f64>, MapError> {
-        let parsed = match self.get(field) {
-            None => return Ok(None),
-            Some(Value::Number(n)) => n.as_f64(),
-            Some(Value::String(s)) => {
-                let s = s.trim();
-                if s.is_empty() {
-                    return Ok(None);
-                }
-                s.parse::<f64>().ok()
-            }
-            Some(other) => return Err(self.wrong_type(field, "number", other)),
-        };
-        match parsed {
-            Some(x) if x.is_finite() => Ok(Some(x)),
-            _ => Err(self.invalid(field, "is not a finite number")),
-        }
-    }
-
     pub fn boolean(&self, field: &str) -> Result<Option<bool>, MapError> {
         match self.get(field) {
             None => Ok(None),
@@ -520,21 +500,6 @@ mod tests {
             reason(f.required_integer_in("neg", 0, 9, "").unwrap_err()),
             "is out of range (0 to 9)"
         );
-    }
-
-    #[test]
-    fn numbers() {
-        let r = row(
-            json!({"a": 1.5, "b": "2.25", "c": "NaN", "d": "inf", "e": "1e999", "f": "x", "g": []}),
-        );
-        let c = ctx();
-        let f = Fields::new(&r, &c);
-        assert_eq!(f.number("a"), Ok(Some(1.5)));
-        assert_eq!(f.number("b"), Ok(Some(2.25)));
-        assert_eq!(f.number("absent"), Ok(None));
-        for bad in ["c", "d", "e", "f", "g"] {
-            assert!(f.number(bad).is_err(), "{bad}");
-        }
     }
 
     #[test]

@@ -90,7 +90,7 @@ pub fn classify(t: &Transport, is_delete: bool) -> Verdict {
             401 | 403 => Verdict::Pause(Class::Auth),
             408 | 429 | 500 | 502 | 503 | 504 => Verdict::Retry(Class::Transient),
             409 => Verdict::Retry(Class::Conflict),
-            300..=399 | 400..=499 => Verdict::DeadLetter(Class::Rejected),
+            300..=499 => Verdict::DeadLetter(Class::Rejected),
             _ => Verdict::Retry(Class::Transient),
         },
     }

@@ -76,7 +76,10 @@ pub fn send_all(client: &Client, requests: &[Outgoing], g: Grouping) -> Vec<Opti
             work();
         });
     }
-    results.into_iter().map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner())).collect()
+    results
+        .into_iter()
+        .map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()))
+        .collect()
 }
 
 fn call(client: &Client, method: Method, path: &str, body: Option<&Value>) -> Response {
@@ -89,7 +92,9 @@ fn call(client: &Client, method: Method, path: &str, body: Option<&Value>) -> Re
 /// Counts the call in the shared metrics. A connection that could not be made is not a call:
 /// its near-zero duration would only drag the latency quantiles down during an outage.
 fn record(resp: &Response) {
-    let Some(shared) = crate::shmem::shared() else { return };
+    let Some(shared) = crate::shmem::shared() else {
+        return;
+    };
     if resp.transport != Transport::ConnectFailed {
         shared.record_call(resp.elapsed.as_secs_f64());
     }
@@ -137,7 +142,10 @@ fn send_bundle(client: &Client, chunk: &[Outgoing], kind: BundleType) -> Vec<Res
                 vec![broken; chunk.len()]
             }
         },
-        Transport::Status(400..=499) if kind == BundleType::Transaction && !matches!(resp.transport, Transport::Status(401 | 403 | 408 | 429)) => {
+        Transport::Status(400..=499)
+            if kind == BundleType::Transaction
+                && !matches!(resp.transport, Transport::Status(401 | 403 | 408 | 429)) =>
+        {
             chunk.iter().map(|r| send_one(client, r)).collect()
         }
         _ => vec![resp; chunk.len()],
@@ -155,9 +163,19 @@ pub fn split_bundle_response(resp: &Response, n: usize) -> Option<Vec<Response>>
         .iter()
         .map(|e| {
             let r = e.get("response")?;
-            let status: u16 = r.get("status")?.as_str()?.split_whitespace().next()?.parse().ok()?;
+            let status: u16 = r
+                .get("status")?
+                .as_str()?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()?;
             let text = |k: &str| r.get(k).and_then(|x| x.as_str()).map(str::to_string);
-            let body = e.get("resource").or_else(|| r.get("outcome")).map(|b| serde_json::to_vec(b).unwrap_or_default()).unwrap_or_default();
+            let body = e
+                .get("resource")
+                .or_else(|| r.get("outcome"))
+                .map(|b| serde_json::to_vec(b).unwrap_or_default())
+                .unwrap_or_default();
             Some(Response {
                 transport: Transport::Status(status),
                 body,
@@ -176,7 +194,9 @@ pub fn split_bundle_response(resp: &Response, n: usize) -> Option<Vec<Response>>
 pub fn halts_sending(resp: &Response, is_delete: bool) -> bool {
     match classify(&resp.transport, is_delete) {
         Verdict::Pause(_) => true,
-        Verdict::Retry(Class::Transient) => resp.retry_after.is_some() || resp.transport == Transport::Status(429),
+        Verdict::Retry(Class::Transient) => {
+            resp.retry_after.is_some() || resp.transport == Transport::Status(429)
+        }
         _ => false,
     }
 }
@@ -208,24 +228,36 @@ mod tests {
 
     #[test]
     fn a_batch_response_splits_into_one_outcome_per_entry() {
-        let r = resp(json!({"resourceType": "Bundle", "type": "batch-response", "entry": [
-            {"response": {"status": "201 Created", "location": "Patient/a/_history/1", "etag": "W/\"1\""},
-             "resource": {"resourceType": "Patient", "id": "a"}},
-            {"response": {"status": "422 Unprocessable Entity",
-                          "outcome": {"resourceType": "OperationOutcome", "issue": [{"severity": "error"}]}}},
-        ]}));
+        let r = resp(
+            json!({"resourceType": "Bundle", "type": "batch-response", "entry": [
+                {"response": {"status": "201 Created", "location": "Patient/a/_history/1", "etag": "W/\"1\""},
+                 "resource": {"resourceType": "Patient", "id": "a"}},
+                {"response": {"status": "422 Unprocessable Entity",
+                              "outcome": {"resourceType": "OperationOutcome", "issue": [{"severity": "error"}]}}},
+            ]}),
+        );
         let parts = split_bundle_response(&r, 2).unwrap();
         assert_eq!(parts[0].transport, Transport::Status(201));
         assert_eq!(parts[0].location.as_deref(), Some("Patient/a/_history/1"));
-        assert_eq!(serde_json::from_slice::<Value>(&parts[0].body).unwrap()["id"], "a");
+        assert_eq!(
+            serde_json::from_slice::<Value>(&parts[0].body).unwrap()["id"],
+            "a"
+        );
         assert_eq!(parts[1].transport, Transport::Status(422));
-        assert_eq!(serde_json::from_slice::<Value>(&parts[1].body).unwrap()["resourceType"], "OperationOutcome");
+        assert_eq!(
+            serde_json::from_slice::<Value>(&parts[1].body).unwrap()["resourceType"],
+            "OperationOutcome"
+        );
     }
 
     #[test]
     fn a_bundle_response_of_the_wrong_shape_is_refused() {
         assert!(split_bundle_response(&resp(json!({"entry": []})), 2).is_none());
-        assert!(split_bundle_response(&resp(json!({"entry": [{"response": {"status": "OK"}}]})), 1).is_none());
+        assert!(split_bundle_response(
+            &resp(json!({"entry": [{"response": {"status": "OK"}}]})),
+            1
+        )
+        .is_none());
         let mut garbage = resp(json!(null));
         garbage.body = b"<html>".to_vec();
         assert!(split_bundle_response(&garbage, 1).is_none());

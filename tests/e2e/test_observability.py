@@ -245,7 +245,7 @@ def test_exporter_serves_every_metric_with_its_value(make_cluster, faults):
     # What fhir_sync itself says, right before the scrape (nothing changes while paused).
     st = status(c)
     assert (st["unprocessed"], st["processed_total"], st["failed_total"], st["dlq_size"],
-            st["dead_lettered_total"], st["fhir_calls"], st["fhir_call_errors"]) == (3, 5, 1, 1, 1, 7, 2), st
+            st["dead_lettered_total"], st["fhir_calls"], st["fhir_call_errors"]) == (3, 5, 1, 1, 1, 6, 2), st
     assert st["paused_reason"] == "server unreachable"
     hist = c.query("SELECT le, count FROM fhir_sync_latency_histogram() ORDER BY le", db=DB)
     latency_sum = c.query("SELECT latency_sum_seconds FROM fhir_sync_stats()", db=DB)[0][0]
@@ -289,17 +289,17 @@ def test_exporter_serves_every_metric_with_its_value(make_cluster, faults):
     assert s.by("fhir_call_errors_total", "error_class") == {
         k: (1.0 if k in ("rejected", "unreachable") else 0.0) for k in ERROR_CLASSES}
 
-    # --- latency histogram: 7 calls (5 delivered, 1 rejected, 1 refused); one took >= 0.3 s
+    # --- latency histogram: 6 calls (5 delivered, 1 rejected; a refused connection is no call); one took >= 0.3 s
     assert s.types["fhir_call_latency_seconds"] == "histogram"
     buckets = s.by("fhir_call_latency_seconds_bucket", "le")
     assert sorted(float(k) for k in buckets) == LATENCY_BOUNDS + [math.inf], buckets
     by_bound = {float(k): v for k, v in buckets.items()}
     assert by_bound == {le: float(n) for le, n in hist}, (buckets, hist)      # what fhir_sync says
-    assert by_bound[math.inf] == 7
-    assert s.one("fhir_call_latency_seconds_count") == 7
+    assert by_bound[math.inf] == 6
+    assert s.one("fhir_call_latency_seconds_count") == 6
     counts = [by_bound[b] for b in sorted(by_bound)]
     assert counts == sorted(counts), f"buckets not cumulative: {buckets}"
-    assert by_bound[0.25] <= 6, f"the 0.3 s call must sit above le=0.25: {buckets}"
+    assert by_bound[0.25] <= 5, f"the 0.3 s call must sit above le=0.25: {buckets}"
     assert s.one("fhir_call_latency_seconds_sum") == pytest.approx(latency_sum, abs=1e-6)
     assert latency_sum >= 0.3
 
