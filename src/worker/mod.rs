@@ -20,6 +20,7 @@ use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
 use policy::{classify, Class, Transport, Verdict};
 use settle::Settlement;
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -78,7 +79,14 @@ struct Worker {
     client: Option<Client>,
     pause: Option<Pause>,
     rng: u64,
+    /// Tracked tables, read at most every TRACKS_TTL (or sooner when a claim names a table
+    /// not in it): catalog joins on every cycle would cost more than the delivery itself.
+    tracks: Option<(Instant, String, Tracks)>,
 }
+
+const TRACKS_TTL: Duration = Duration::from_secs(2);
+
+type Tracks = std::rc::Rc<HashMap<pg_sys::Oid, source::Track>>;
 
 #[pg_guard]
 #[no_mangle]
@@ -109,6 +117,7 @@ pub extern "C-unwind" fn fhir_sync_worker_main(arg: pg_sys::Datum) {
         client: None,
         pause: None,
         rng: seed(),
+        tracks: None,
     };
     w.rebuild_client();
     loop {
@@ -248,6 +257,7 @@ impl Worker {
     /// A cycle that hit a PostgreSQL error (the extension being dropped, a table gone): log it
     /// and try again later. The leases it held expire on their own.
     fn failed_cycle(&mut self, error: &str) -> Option<Duration> {
+        self.tracks = None;
         pgrx::warning!("fhir_sync worker: cycle failed: {error}");
         self.slot
             .last_error_ms
@@ -301,9 +311,25 @@ impl Worker {
             .store(shmem::now_ms() + wait.as_millis() as i64, Ordering::Relaxed);
     }
 
+    fn tracks(&mut self, schema: &str, claimed: &[Claimed]) -> Result<Tracks, String> {
+        if let Some((at, s, t)) = &self.tracks {
+            if at.elapsed() < TRACKS_TTL
+                && s == schema
+                && claimed.iter().all(|c| t.contains_key(&c.resource_table))
+            {
+                return Ok(t.clone());
+            }
+        }
+        let t = std::rc::Rc::new(
+            crate::subxact::transaction(|| source::load_tracks(schema))?
+                .map_err(|e| e.to_string())?,
+        );
+        self.tracks = Some((Instant::now(), schema.to_string(), t.clone()));
+        Ok(t)
+    }
+
     fn deliver(&mut self, schema: &str, claimed: Vec<Claimed>) -> Result<(), String> {
-        let tracks = crate::subxact::transaction(|| source::load_tracks(schema))?
-            .map_err(|e| e.to_string())?;
+        let tracks = self.tracks(schema, &claimed)?;
         let mut tiers: [Vec<Claimed>; 3] = Default::default();
         for c in claimed {
             let t = tracks

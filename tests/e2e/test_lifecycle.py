@@ -84,3 +84,14 @@ def test_a_database_without_the_extension_is_waited_on_quietly(make_cluster, fau
     conn.execute("CREATE EXTENSION fhir_sync")
     eventually(lambda: conn.execute("SELECT state FROM fhir_sync_workers").fetchone()[0] == "idle",
                message="worker idle once the extension exists")
+
+
+def test_create_extension_without_preload_is_refused_with_a_hint(make_cluster):
+    import psycopg
+    import pytest
+    cluster = make_cluster(preload="")
+    conn = cluster.connect("postgres")
+    with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState) as err:
+        conn.execute("CREATE EXTENSION fhir_sync")
+    assert "shared_preload_libraries" in str(err.value)
+    assert "Add fhir_sync to shared_preload_libraries" in (err.value.diag.message_hint or "")
