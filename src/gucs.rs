@@ -372,5 +372,8 @@ pub fn grouping() -> crate::worker::send::Grouping {
             BundleKind::Transaction => crate::worker::send::BundleType::Transaction,
         },
         in_flight: max_in_flight(),
+        // Half the lease: a request started before this ends (http_timeout) well within it.
+        deadline: std::time::Instant::now()
+            + std::time::Duration::from_millis(lease_time_ms() as u64 / 2),
     }
 }

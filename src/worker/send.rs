@@ -30,10 +30,13 @@ pub struct Grouping {
     pub bundle_size: usize,
     pub bundle_type: BundleType,
     pub in_flight: usize,
+    /// No request starts after this: the claim's lease must outlive every request of the batch,
+    /// or another worker could take a resource over while it is still in flight.
+    pub deadline: std::time::Instant,
 }
 
 /// Sends every request; `None` for those not sent because the server asked the worker to stop
-/// (unreachable, credentials rejected, throttled) before their turn.
+/// (unreachable, credentials rejected, throttled) or the deadline passed before their turn.
 pub fn send_all(client: &Client, requests: &[Outgoing], g: Grouping) -> Vec<Option<Response>> {
     let size = if g.bundle_size > 1 { g.bundle_size } else { 1 };
     let units: Vec<std::ops::Range<usize>> = (0..requests.len())
@@ -44,7 +47,7 @@ pub fn send_all(client: &Client, requests: &[Outgoing], g: Grouping) -> Vec<Opti
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
     let work = || loop {
-        if stop.load(Ordering::Acquire) {
+        if stop.load(Ordering::Acquire) || std::time::Instant::now() >= g.deadline {
             return;
         }
         let u = next.fetch_add(1, Ordering::AcqRel);
