@@ -86,8 +86,8 @@ fn map_row(mapper: &str, rowtype: pg_sys::Oid, row: Value) -> Result<Value, Fhir
     };
     let refs = || -> Result<Refs, FhirSyncError> {
         Ok(Refs {
-            subject: display_ref(&row, "patient_id", "Patient")?,
-            encounter: display_ref(&row, "form_id", "Encounter")?,
+            subject: display_ref(relid, &row, "patient_id", "Patient")?,
+            encounter: display_ref(relid, &row, "form_id", "Encounter")?,
         })
     };
     let mapped = match mapper {
@@ -145,8 +145,10 @@ fn other_identifiers(patient: pg_sys::Oid, key: &str) -> Result<Vec<mapping::Row
 }
 
 /// A reference for the standalone mappers: `Type/<id>` when the caller may read the sync state
-/// and the target synced, else a display naming the source row.
+/// and the referenced row synced, else a display naming the source row. The referenced table is
+/// the column's foreign key target, or else the tracked table of that kind.
 fn display_ref(
+    relid: pg_sys::Oid,
     row: &mapping::Row,
     column: &str,
     kind: &str,
@@ -156,26 +158,41 @@ fn display_ref(
         Some(Value::String(s)) => s.clone(),
         _ => return Ok(None),
     };
+    let unknown =
+        || json!({"type": kind, "display": format!("{column} {key} (not on the FHIR server yet)")});
     let Some(schema) = source::extension_schema()? else {
-        return Ok(None);
+        return Ok(Some(unknown()));
     };
     let readable = source::one::<bool>(
-        "SELECT pg_catalog.has_table_privilege(($1 || '.fhir_sync_state')::text, 'SELECT')",
+        "SELECT pg_catalog.has_table_privilege(($1 || '.fhir_sync_state')::text, 'SELECT')
+            AND pg_catalog.has_table_privilege(($1 || '.fhir_tracked')::text, 'SELECT')",
         &[schema.clone().into()],
     )?
     .unwrap_or(false);
-    if readable {
-        let id = source::one::<String>(
-            &format!("SELECT fhir_id FROM {schema}.fhir_sync_state WHERE resource_type = $1 AND resource_key = $2 AND NOT deleted ORDER BY last_synced_at DESC LIMIT 1"),
-            &[kind.into(), key.clone().into()],
-        )?;
-        if let Some(id) = id {
-            return Ok(Some(json!({"reference": format!("{kind}/{id}")})));
-        }
+    if !readable {
+        return Ok(Some(unknown()));
     }
-    Ok(Some(
-        json!({"type": kind, "display": format!("{column} {key} (not on the FHIR server yet)")}),
-    ))
+    let mapper = if kind == "Patient" {
+        "patient"
+    } else {
+        "encounter"
+    };
+    let id = source::one::<String>(
+        &format!(
+            "SELECT s.fhir_id FROM {schema}.fhir_sync_state s
+              WHERE s.resource_table = coalesce(
+                      (SELECT c.confrelid FROM pg_catalog.pg_constraint c
+                         JOIN pg_catalog.pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = c.conkey[1]
+                        WHERE c.conrelid = $1 AND c.contype = 'f' AND a.attname = $2 LIMIT 1),
+                      (SELECT pg_catalog.min(t.table_name::pg_catalog.oid) FROM {schema}.fhir_tracked t WHERE t.mapper = $3))::pg_catalog.regclass
+                AND s.resource_key = $4 AND NOT s.deleted"
+        ),
+        &[relid.into(), column.into(), mapper.into(), key.clone().into()],
+    )?;
+    Ok(Some(match id {
+        Some(id) => json!({"reference": format!("{kind}/{id}")}),
+        None => unknown(),
+    }))
 }
 
 /// The resource fhir_sync would send for one row of a tracked table, as it stands now.

@@ -238,7 +238,7 @@ pub fn sync_states(
 ) -> Result<HashMap<String, Synced>, FhirSyncError> {
     let sql = format!(
         "SELECT resource_key, fhir_id, identifier_system, identifier_value, deleted FROM {schema}.fhir_sync_state
-          WHERE resource_table = $1 AND resource_key = ANY ($2)"
+          WHERE resource_table = $1::pg_catalog.regclass AND resource_key = ANY ($2)"
     );
     let keys = keys_arg(keys);
     Spi::connect(|client| {

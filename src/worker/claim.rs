@@ -48,7 +48,7 @@ pub fn claim_sql(schema: &str) -> String {
                AND (o.next_retry_at IS NULL OR o.next_retry_at <= pg_catalog.now())
                AND (o.lock_expires_at IS NULL OR o.lock_expires_at < pg_catalog.now() OR o.locked_by <> ALL ($4))
              ORDER BY o.next_retry_at NULLS FIRST, o.id
-             LIMIT $1 * 4
+             LIMIT $1 * 2
          ), res AS (
             SELECT c.resource_table, c.resource_key, pg_catalog.min(c.id) AS first_id FROM cand c
              WHERE NOT EXISTS (

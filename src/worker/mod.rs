@@ -104,10 +104,16 @@ pub extern "C-unwind" fn fhir_sync_worker_main(arg: pg_sys::Datum) {
     pgrx::log!("fhir_sync worker started for database \"{db}\"");
 
     // The worker's bookkeeping may be lost in a crash without harm (a lost mark means an
-    // idempotent re-send), so it need not wait for WAL flush; and nothing it runs may resolve
-    // names through a search_path a user controls.
+    // idempotent re-send), so it need not wait for WAL flush; nothing it runs may resolve names
+    // through a search_path a user controls; and the outbox it reads is hot in shared buffers,
+    // so random reads cost what sequential ones do — without that, the planner trades the
+    // partial indexes for sequential scans of the whole outbox once the backlog is a few
+    // percent of it.
     let _ = crate::subxact::transaction(|| {
-        Spi::run("SET synchronous_commit = off; SET search_path = pg_catalog, pg_temp; SET application_name = 'fhir_sync worker'")
+        Spi::run(
+            "SET synchronous_commit = off; SET search_path = pg_catalog, pg_temp; \
+             SET random_page_cost = 1.1; SET application_name = 'fhir_sync worker'",
+        )
     });
 
     let mut w = Worker {
