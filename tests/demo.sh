@@ -11,6 +11,8 @@ PG_BIN=/usr/lib/postgresql/15/bin
 DEMO=$PWD/target/demo
 
 bash tests/setup.sh
+# The cluster runs as postgres, which must reach it (a checkout under /root is out of its reach).
+runuser -u postgres -- test -x "$PWD" || DEMO=/tmp/fhir_sync-demo
 echo "[demo] building and installing fhir_sync into PostgreSQL 15"
 cargo pgrx install --pg-config "$PG_BIN/pg_config" >/dev/null
 

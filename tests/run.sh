@@ -14,9 +14,12 @@ bash tests/setup.sh
 
 # In-database tests share one database; their DDL must not race.
 export RUST_TEST_THREADS=1
-mkdir -p target/pgrx-test-data
-chown postgres target/pgrx-test-data
-cargo pgrx test pg15 --runas postgres --pgdata "$PWD/target/pgrx-test-data"
+# The test cluster runs as postgres: keep it in the build directory if postgres can reach it.
+PGRX_DATA=$PWD/target/pgrx-test-data
+runuser -u postgres -- test -x "$PWD" || PGRX_DATA=/tmp/fhir_sync-pgrx-test-data
+mkdir -p "$PGRX_DATA"
+chown postgres "$PGRX_DATA"
+cargo pgrx test pg15 --runas postgres --pgdata "$PGRX_DATA"
 
 # The pg_test build carries test functions; install the plain extension for the e2e tests.
 cargo pgrx install --pg-config /usr/lib/postgresql/15/bin/pg_config >/dev/null

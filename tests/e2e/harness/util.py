@@ -12,7 +12,21 @@ FHIR_SYNC_CACHE = Path(os.environ.get("FHIR_SYNC_CACHE") or Path.home() / ".cach
 HFS_BIN = FHIR_SYNC_CACHE / "helios-0.2.7" / "bin" / "hfs"
 SEARCH_PARAMS = FHIR_SYNC_CACHE / "medplum-5.2.13" / "search-parameters-r4.json"
 PG_BIN = Path(os.environ.get("FHIR_SYNC_PG_BIN", "/usr/lib/postgresql/15/bin"))
-E2E_DIR = REPO_ROOT / "target" / "e2e"
+
+
+def _postgres_can_reach(path: Path) -> bool:
+    """Whether the postgres OS user can traverse to path (a clone under /root cannot)."""
+    import subprocess
+    try:
+        return subprocess.run(["runuser", "-u", "postgres", "--", "test", "-x", str(path)],
+                              capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+# Clusters live under the build directory, unless the postgres user cannot reach it.
+E2E_DIR = Path(os.environ.get("FHIR_SYNC_E2E_DIR") or (
+    REPO_ROOT / "target" / "e2e" if _postgres_can_reach(REPO_ROOT) else Path("/tmp/fhir_sync-e2e")))
 
 
 def free_port(host: str = "127.0.0.1") -> int:
