@@ -309,8 +309,11 @@ pub fn databases() -> Vec<String> {
 pub fn workers() -> usize {
     WORKERS.get().max(0) as usize
 }
+/// Resources claimed per cycle: fhir_sync.batch_size, but at least enough to fill every Bundle
+/// that may be in flight at once (bundle_size × max_in_flight).
 pub fn batch_size() -> i64 {
-    BATCH_SIZE.get() as i64
+    let bundles = BUNDLE_SIZE.get().max(0) as i64 * max_in_flight() as i64;
+    (BATCH_SIZE.get() as i64).max(bundles)
 }
 pub fn max_retries() -> i32 {
     MAX_RETRIES.get()
