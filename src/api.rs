@@ -441,7 +441,7 @@ fn fhir_sync_worker_slots() -> TableIterator<
     TableIterator::new(rows)
 }
 
-/// EXPLAIN (ANALYZE, BUFFERS) of the worker's claim statement, run in a subtransaction that is
+/// EXPLAIN (ANALYZE, BUFFERS) of the worker's claim statements, run in a subtransaction that is
 /// rolled back (nothing stays leased). For checking that claiming stays cheap with a large
 /// backlog.
 #[pg_extern]
@@ -452,29 +452,13 @@ fn fhir_sync_explain_claim(
         Ok(Some(s)) => s,
         _ => return TableIterator::new(std::iter::empty()),
     };
-    let sql = format!(
-        "EXPLAIN (ANALYZE, BUFFERS) {}",
-        crate::worker::claim::claim_sql(&schema)
-    );
-    let live = crate::worker::claim::live_workers();
-    let lines = crate::subxact::rolled_back(|| {
-        Spi::connect_mut(|client| {
-            let mut out = Vec::new();
-            let args = [
-                (batch as i64).into(),
-                0i32.into(),
-                1000i64.into(),
-                live.clone().into(),
-            ];
-            for row in client.update(sql.as_str(), None, &args)? {
-                out.push((row.get::<String>(1)?.unwrap_or_default(),));
-            }
-            Ok::<_, pgrx::spi::SpiError>(out)
-        })
+    let mut plans = Vec::new();
+    let run = crate::subxact::rolled_back(|| {
+        crate::worker::claim::claim_with(&schema, batch as i64, 1000, Some(&mut plans))
     });
-    match lines {
-        Ok(Ok(v)) => TableIterator::new(v),
-        Ok(Err(e)) => FhirSyncError::Spi(e.to_string()).report(),
+    match run {
+        Ok(Ok(_)) => TableIterator::new(plans.into_iter().map(|p| (p,)).collect::<Vec<_>>()),
+        Ok(Err(e)) => e.report(),
         Err(e) => FhirSyncError::Spi(e).report(),
     }
 }

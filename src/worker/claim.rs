@@ -5,6 +5,12 @@
 //! can never lease the same resource: a resource is claimable only when none of its pending
 //! changes is leased by another live worker or waiting for a retry. All its pending changes are
 //! leased together and settled by one request (the resource as it stands now).
+//!
+//! A queue table's statistics are always wrong: autovacuum analyses it when the queue happens
+//! to be empty, and the planner then expects one pending row. So the claim is three small
+//! statements whose only sensible plans walk the partial indexes (the candidates come off
+//! `fhir_outbox_pending_idx` in order; everything after is driven by those few keys), and the
+//! claim transaction switches off the plan shapes that would scan the whole outbox.
 
 use crate::error::FhirSyncError;
 use pgrx::prelude::*;
@@ -39,73 +45,167 @@ pub fn live_workers() -> Vec<i32> {
 
 const CLAIM_LOCK: i64 = 0x6668_6972_5f73_796e; // "fhir_syn"
 
-/// The claim statement: $1 batch size, $2 this worker's pid, $3 lease in ms, $4 live worker pids.
-pub fn claim_sql(schema: &str) -> String {
+const PLAN_GUARDS: &str = "SET LOCAL enable_seqscan = off; SET LOCAL enable_sort = off; \
+                           SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off; \
+                           SET LOCAL enable_bitmapscan = off";
+
+/// Due, unleased changes in claim order: fresh ones first, then retries that came due.
+/// $1 how many, $2 live worker pids.
+fn candidates_sql(schema: &str) -> String {
     format!(
-        "WITH cand AS (
-            SELECT o.id, o.resource_table, o.resource_key FROM {schema}.fhir_outbox o
-             WHERE NOT o.processed
-               AND (o.next_retry_at IS NULL OR o.next_retry_at <= pg_catalog.now())
-               AND (o.lock_expires_at IS NULL OR o.lock_expires_at < pg_catalog.now() OR o.locked_by <> ALL ($4))
-             ORDER BY o.next_retry_at NULLS FIRST, o.id
-             LIMIT $1 * 2
-         ), res AS (
-            SELECT c.resource_table, c.resource_key, pg_catalog.min(c.id) AS first_id FROM cand c
-             WHERE NOT EXISTS (
-                   SELECT 1 FROM {schema}.fhir_outbox b
-                    WHERE b.resource_table = c.resource_table AND b.resource_key = c.resource_key
-                      AND NOT b.processed
-                      AND ((b.lock_expires_at >= pg_catalog.now() AND b.locked_by IS DISTINCT FROM $2
-                            AND b.locked_by = ANY ($4))
-                           OR b.next_retry_at > pg_catalog.now()))
-             GROUP BY 1, 2 ORDER BY first_id LIMIT $1
-         ), leased AS (
-            UPDATE {schema}.fhir_outbox o
-               SET locked_by = $2, lock_expires_at = pg_catalog.now() + $3 * interval '1 millisecond'
-              FROM res
-             WHERE o.resource_table = res.resource_table AND o.resource_key = res.resource_key AND NOT o.processed
-            RETURNING o.id, o.resource_table, o.resource_key, o.resource_type, o.attempts,
-                      o.identifier_system, o.identifier_value, o.created_at
-         )
-         SELECT resource_table::pg_catalog.oid, resource_key, pg_catalog.max(resource_type),
-                pg_catalog.array_agg(id ORDER BY id), pg_catalog.max(attempts),
-                (pg_catalog.array_agg(identifier_system ORDER BY id DESC) FILTER (WHERE identifier_value IS NOT NULL))[1],
-                (pg_catalog.array_agg(identifier_value ORDER BY id DESC) FILTER (WHERE identifier_value IS NOT NULL))[1],
-                extract(epoch FROM pg_catalog.clock_timestamp() - pg_catalog.min(created_at))::float8
-           FROM leased GROUP BY 1, 2 ORDER BY pg_catalog.min(id)"
+        "SELECT o.id, o.resource_table::pg_catalog.oid, o.resource_key FROM {schema}.fhir_outbox o
+          WHERE NOT o.processed
+            AND (o.next_retry_at IS NULL OR o.next_retry_at <= pg_catalog.now())
+            AND (o.lock_expires_at IS NULL OR o.lock_expires_at < pg_catalog.now() OR NOT (o.locked_by = ANY ($2)))
+          ORDER BY o.next_retry_at NULLS FIRST, o.id
+          LIMIT $1"
     )
 }
 
-pub fn claim(schema: &str, batch: i64, lease_ms: i64) -> Result<Vec<Claimed>, FhirSyncError> {
+/// Of the given resources, those another live worker holds or that wait for a retry.
+/// $1 tables, $2 keys, $3 live worker pids, $4 this worker's pid.
+fn busy_sql(schema: &str) -> String {
+    format!(
+        "SELECT u.t, u.k FROM unnest($1::pg_catalog.oid[], $2::text[]) AS u(t, k)
+          WHERE EXISTS (SELECT 1 FROM {schema}.fhir_outbox b
+                         WHERE b.resource_table = u.t::pg_catalog.regclass AND b.resource_key = u.k
+                           AND NOT b.processed
+                           AND ((b.lock_expires_at >= pg_catalog.now() AND b.locked_by = ANY ($3) AND b.locked_by <> $4)
+                                OR b.next_retry_at > pg_catalog.now()))"
+    )
+}
+
+/// Leases every pending change of the given resources. $1 tables, $2 keys, $3 pid, $4 lease ms.
+fn lease_sql(schema: &str) -> String {
+    format!(
+        "UPDATE {schema}.fhir_outbox o
+            SET locked_by = $3, lock_expires_at = pg_catalog.now() + $4 * interval '1 millisecond'
+           FROM unnest($1::pg_catalog.oid[], $2::text[]) AS u(t, k)
+          WHERE o.resource_table = u.t::pg_catalog.regclass AND o.resource_key = u.k AND NOT o.processed
+         RETURNING o.id, o.resource_table::pg_catalog.oid, o.resource_key, o.resource_type, o.attempts,
+                   o.identifier_system, o.identifier_value,
+                   extract(epoch FROM pg_catalog.clock_timestamp() - o.created_at)::float8"
+    )
+}
+
+/// Leases up to `batch` resources. With `explain`, each statement runs under EXPLAIN (ANALYZE,
+/// BUFFERS) and its plan is appended there (for fhir_sync_explain_claim; the caller rolls back).
+pub fn claim_with(
+    schema: &str,
+    batch: i64,
+    lease_ms: i64,
+    mut explain: Option<&mut Vec<String>>,
+) -> Result<Vec<Claimed>, FhirSyncError> {
     let pid = unsafe { pg_sys::MyProcPid };
-    let sql = claim_sql(schema);
+    let live = live_workers();
     Spi::connect_mut(|client| {
         client.update(
             "SELECT pg_catalog.pg_advisory_xact_lock($1)",
             None,
             &[CLAIM_LOCK.into()],
         )?;
-        let mut out = Vec::new();
-        let live = live_workers();
-        for row in client.update(
-            sql.as_str(),
+        client.update(PLAN_GUARDS, None, &[])?;
+        if let Some(plans) = explain.as_mut() {
+            let sql = format!("EXPLAIN (ANALYZE, BUFFERS) {}", candidates_sql(schema));
+            plans.push("-- candidates".into());
+            for row in client.select(
+                sql.as_str(),
+                None,
+                &[(batch * 2).into(), live.clone().into()],
+            )? {
+                plans.push(row.get::<String>(1)?.unwrap_or_default());
+            }
+        }
+        // Several changes of one resource count once: read twice the batch, keep `batch` resources.
+        let mut order: Vec<(pg_sys::Oid, String)> = Vec::new();
+        for row in client.select(
+            candidates_sql(schema).as_str(),
             None,
-            &[batch.into(), pid.into(), lease_ms.into(), live.into()],
+            &[(batch * 2).into(), live.clone().into()],
         )? {
-            let identifier = match (row.get::<String>(6)?, row.get::<String>(7)?) {
-                (Some(s), Some(v)) => Some((s, v)),
-                _ => None,
-            };
-            out.push(Claimed {
-                resource_table: row.get(1)?.unwrap_or(pg_sys::InvalidOid),
-                resource_key: row.get(2)?.unwrap_or_default(),
-                resource_type: row.get(3)?.unwrap_or_default(),
-                outbox_ids: row.get::<Vec<i64>>(4)?.unwrap_or_default(),
-                attempts: row.get(5)?.unwrap_or(0),
-                identifier,
-                age_s: row.get(8)?.unwrap_or(0.0),
-            });
+            let key = (
+                row.get::<pg_sys::Oid>(2)?.unwrap_or(pg_sys::InvalidOid),
+                row.get::<String>(3)?.unwrap_or_default(),
+            );
+            if !order.contains(&key) {
+                order.push(key);
+            }
+        }
+        if order.is_empty() {
+            return Ok(Vec::new());
+        }
+        let tables: Vec<pg_sys::Oid> = order.iter().map(|r| r.0).collect();
+        let keys: Vec<String> = order.iter().map(|r| r.1.clone()).collect();
+        let mut busy = std::collections::HashSet::new();
+        for row in client.select(
+            busy_sql(schema).as_str(),
+            None,
+            &[
+                tables.clone().into(),
+                keys.clone().into(),
+                live.clone().into(),
+                pid.into(),
+            ],
+        )? {
+            busy.insert((
+                row.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid),
+                row.get::<String>(2)?.unwrap_or_default(),
+            ));
+        }
+        order.retain(|r| !busy.contains(r));
+        order.truncate(batch.max(1) as usize);
+        if order.is_empty() {
+            return Ok(Vec::new());
+        }
+        let tables: Vec<pg_sys::Oid> = order.iter().map(|r| r.0).collect();
+        let keys: Vec<String> = order.iter().map(|r| r.1.clone()).collect();
+        let args = [tables.into(), keys.into(), pid.into(), lease_ms.into()];
+        if let Some(plans) = explain.as_mut() {
+            let sql = format!("EXPLAIN (ANALYZE, BUFFERS) {}", lease_sql(schema));
+            plans.push("-- lease".into());
+            for row in client.update(sql.as_str(), None, &args)? {
+                plans.push(row.get::<String>(1)?.unwrap_or_default());
+            }
+        }
+        let mut by_resource: std::collections::HashMap<(pg_sys::Oid, String), Claimed> =
+            std::collections::HashMap::new();
+        for row in client.update(lease_sql(schema).as_str(), None, &args)? {
+            let id: i64 = row.get(1)?.unwrap_or(0);
+            let table: pg_sys::Oid = row.get(2)?.unwrap_or(pg_sys::InvalidOid);
+            let key: String = row.get(3)?.unwrap_or_default();
+            let c = by_resource
+                .entry((table, key.clone()))
+                .or_insert_with(|| Claimed {
+                    resource_table: table,
+                    resource_key: key,
+                    resource_type: String::new(),
+                    outbox_ids: Vec::new(),
+                    attempts: 0,
+                    identifier: None,
+                    age_s: 0.0,
+                });
+            c.outbox_ids.push(id);
+            c.resource_type = row.get::<String>(4)?.unwrap_or_default();
+            c.attempts = c.attempts.max(row.get::<i32>(5)?.unwrap_or(0));
+            c.age_s = c.age_s.max(row.get::<f64>(8)?.unwrap_or(0.0));
+            // The newest identifier the trigger saw wins (a DELETE may need it).
+            if let (Some(s), Some(v)) = (row.get::<String>(6)?, row.get::<String>(7)?) {
+                if c.outbox_ids.iter().all(|o| *o <= id) {
+                    c.identifier = Some((s, v));
+                }
+            }
+        }
+        let mut out: Vec<Claimed> = order
+            .into_iter()
+            .filter_map(|r| by_resource.remove(&r))
+            .collect();
+        for c in &mut out {
+            c.outbox_ids.sort_unstable();
         }
         Ok(out)
     })
+}
+
+pub fn claim(schema: &str, batch: i64, lease_ms: i64) -> Result<Vec<Claimed>, FhirSyncError> {
+    claim_with(schema, batch, lease_ms, None)
 }
