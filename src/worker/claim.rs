@@ -63,25 +63,40 @@ fn candidates_sql(schema: &str) -> String {
 }
 
 /// Of the given resources, those another live worker holds or that wait for a retry.
-/// $1 tables, $2 keys, $3 live worker pids, $4 this worker's pid.
+/// $1 tables, $2 keys, $3 live worker pids, $4 this worker's pid. LATERAL keeps the keys on the
+/// outside of the join: one index probe per key, whatever the planner believes of the outbox.
 fn busy_sql(schema: &str) -> String {
     format!(
         "SELECT u.t, u.k FROM unnest($1::pg_catalog.oid[], $2::text[]) AS u(t, k)
-          WHERE EXISTS (SELECT 1 FROM {schema}.fhir_outbox b
-                         WHERE b.resource_table = u.t::pg_catalog.regclass AND b.resource_key = u.k
-                           AND NOT b.processed
-                           AND ((b.lock_expires_at >= pg_catalog.now() AND b.locked_by = ANY ($3) AND b.locked_by <> $4)
-                                OR b.next_retry_at > pg_catalog.now()))"
+          CROSS JOIN LATERAL (
+                SELECT 1 FROM {schema}.fhir_outbox b
+                 WHERE b.resource_table = u.t::pg_catalog.regclass AND b.resource_key = u.k
+                   AND NOT b.processed
+                   AND ((b.lock_expires_at >= pg_catalog.now() AND b.locked_by = ANY ($3) AND b.locked_by <> $4)
+                        OR b.next_retry_at > pg_catalog.now())
+                 LIMIT 1) AS held"
     )
 }
 
-/// Leases every pending change of the given resources. $1 tables, $2 keys, $3 pid, $4 lease ms.
+/// Every pending change of the given resources. $1 tables, $2 keys.
+fn pending_of_sql(schema: &str) -> String {
+    format!(
+        "SELECT p.id FROM unnest($1::pg_catalog.oid[], $2::text[]) AS u(t, k)
+          CROSS JOIN LATERAL (
+                SELECT b.id FROM {schema}.fhir_outbox b
+                 WHERE b.resource_table = u.t::pg_catalog.regclass AND b.resource_key = u.k
+                   AND NOT b.processed) AS p"
+    )
+}
+
+/// Leases the given changes. $1 outbox ids, $2 pid, $3 lease ms. (No `NOT processed` here:
+/// the ids were read as pending under the claim lock, and the predicate would tempt the planner
+/// onto a partial index it believes empty.)
 fn lease_sql(schema: &str) -> String {
     format!(
         "UPDATE {schema}.fhir_outbox o
-            SET locked_by = $3, lock_expires_at = pg_catalog.now() + $4 * interval '1 millisecond'
-           FROM unnest($1::pg_catalog.oid[], $2::text[]) AS u(t, k)
-          WHERE o.resource_table = u.t::pg_catalog.regclass AND o.resource_key = u.k AND NOT o.processed
+            SET locked_by = $2, lock_expires_at = pg_catalog.now() + $3 * interval '1 millisecond'
+          WHERE o.id = ANY ($1)
          RETURNING o.id, o.resource_table::pg_catalog.oid, o.resource_key, o.resource_type, o.attempts,
                    o.identifier_system, o.identifier_value,
                    extract(epoch FROM pg_catalog.clock_timestamp() - o.created_at)::float8"
@@ -159,7 +174,15 @@ pub fn claim_with(
         }
         let tables: Vec<pg_sys::Oid> = order.iter().map(|r| r.0).collect();
         let keys: Vec<String> = order.iter().map(|r| r.1.clone()).collect();
-        let args = [tables.into(), keys.into(), pid.into(), lease_ms.into()];
+        let mut ids: Vec<i64> = Vec::new();
+        for row in client.select(
+            pending_of_sql(schema).as_str(),
+            None,
+            &[tables.into(), keys.into()],
+        )? {
+            ids.extend(row.get::<i64>(1)?);
+        }
+        let args = [ids.into(), pid.into(), lease_ms.into()];
         if let Some(plans) = explain.as_mut() {
             let sql = format!("EXPLAIN (ANALYZE, BUFFERS) {}", lease_sql(schema));
             plans.push("-- lease".into());
