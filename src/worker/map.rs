@@ -113,7 +113,8 @@ pub fn plan(
                     key: &c.resource_key,
                     identifier_base: &base,
                 };
-                let mapped = match track.mapper {
+                let unmappable = |e: String| Action::Fail(Class::Unmappable, e);
+                let mapped: Result<Value, Action> = match track.mapper {
                     Mapper::Patient => {
                         let row = &rows[&c.resource_key];
                         let none = Vec::new();
@@ -122,21 +123,22 @@ pub fn plan(
                             children.get(&c.resource_key).unwrap_or(&none),
                             &ctx,
                         )
-                        .map_err(|e| e.to_string())
+                        .map_err(|e| unmappable(e.to_string()))
                     }
                     Mapper::Encounter | Mapper::BloodPressure | Mapper::Pulse => {
                         let row = &rows[&c.resource_key];
-                        match refs.resolve(row, track, c, mode, deps) {
-                            Err(a) => Err2::Action(a).into_result(),
-                            Ok(r) => match track.mapper {
+                        // A reference that cannot be made yet is an Action (wait, or fail)
+                        // of its own, not a mapping error.
+                        refs.resolve(row, track, c, mode, deps).and_then(|r| {
+                            match track.mapper {
                                 Mapper::Encounter => mapping::encounter::map(row, &ctx, &r),
                                 Mapper::BloodPressure => {
                                     mapping::observation::blood_pressure(row, &ctx, &r)
                                 }
                                 _ => mapping::observation::pulse(row, &ctx, &r),
                             }
-                            .map_err(|e| e.to_string()),
-                        }
+                            .map_err(|e| unmappable(e.to_string()))
+                        })
                     }
                     Mapper::Function => match &custom[&c.resource_key] {
                         Ok(v) => {
@@ -152,17 +154,17 @@ pub fn plan(
                                 json!({"system": id.0, "value": id.1}),
                                 &ctx,
                             )
-                            .map_err(|e| e.to_string())
+                            .map_err(|e| unmappable(e.to_string()))
                         }
-                        Err(e) => Err(e.clone()),
+                        Err(e) => Err(unmappable(e.clone())),
                     },
-                    Mapper::PatientIdentifier => {
-                        Err("identifier rows are delivered with their patient".to_string())
-                    }
+                    Mapper::PatientIdentifier => Err(unmappable(
+                        "identifier rows are delivered with their patient".to_string(),
+                    )),
                 };
                 match mapped {
                     Ok(body) => plan_put(track, body, rows.get(&c.resource_key), c, &state, &base),
-                    Err(e) => Err2::decode(e),
+                    Err(action) => action,
                 }
             };
             actions[i] = Some(action);
@@ -172,38 +174,6 @@ pub fn plan(
         .into_iter()
         .map(|a| a.unwrap_or(Action::Fail(Class::Unmappable, "not planned".into())))
         .collect())
-}
-
-/// Carries a non-error outcome (Wait) through the mapping Result without a second type.
-enum Err2 {
-    Action(Action),
-}
-
-const ACTION_MARK: &str = "\u{0}action:";
-
-impl Err2 {
-    fn into_result<T>(self) -> Result<T, String> {
-        let Err2::Action(a) = self;
-        match a {
-            Action::Wait(w) => Err(format!("{ACTION_MARK}wait:{w}")),
-            Action::Fail(c, e) => Err(format!("{ACTION_MARK}{}:{e}", c.name())),
-            _ => Err("unexpected action".into()),
-        }
-    }
-    fn decode(e: String) -> Action {
-        if let Some(rest) = e.strip_prefix(ACTION_MARK) {
-            if let Some(w) = rest.strip_prefix("wait:") {
-                return Action::Wait(w.to_string());
-            }
-            if let Some(d) = rest.strip_prefix("dependency:") {
-                return Action::Fail(Class::Dependency, d.to_string());
-            }
-            if let Some(d) = rest.strip_prefix("unmappable:") {
-                return Action::Fail(Class::Unmappable, d.to_string());
-            }
-        }
-        Action::Fail(Class::Unmappable, e)
-    }
 }
 
 fn text_of(v: Option<&Value>) -> Option<String> {
