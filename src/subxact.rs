@@ -32,6 +32,10 @@ pub fn transaction<R>(f: impl FnOnce() -> R) -> Result<R, String> {
             }
         }
         pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_IDLE, std::ptr::null());
+        // A background worker reports its table statistics only when asked. Without this the
+        // outbox and the sync state never look changed to autovacuum: never analysed, never
+        // vacuumed, and every lookup degrades into a scan. (Rate-limited inside PostgreSQL.)
+        pg_sys::pgstat_report_stat(false);
     }
     result
 }

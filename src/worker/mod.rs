@@ -82,6 +82,11 @@ struct Worker {
     /// Tracked tables, read at most every TRACKS_TTL (or sooner when a claim names a table
     /// not in it): catalog joins on every cycle would cost more than the delivery itself.
     tracks: Option<(Instant, String, Tracks)>,
+    /// The extension's schema, re-read as often as the tracked tables.
+    schema: Option<(Instant, String)>,
+    /// Concurrency actually used, at most fhir_sync.max_in_flight: halved when the server
+    /// answers 5xx or 429 (it is struggling, or serialises writes), grown by one per clean tier.
+    in_flight: usize,
 }
 
 const TRACKS_TTL: Duration = Duration::from_secs(2);
@@ -124,6 +129,8 @@ pub extern "C-unwind" fn fhir_sync_worker_main(arg: pg_sys::Datum) {
         pause: None,
         rng: seed(),
         tracks: None,
+        schema: None,
+        in_flight: usize::MAX,
     };
     w.rebuild_client();
     loop {
@@ -184,6 +191,11 @@ impl Worker {
         }
     }
 
+    fn in_flight(&mut self, max: usize) -> usize {
+        self.in_flight = self.in_flight.clamp(1, max.max(1));
+        self.in_flight
+    }
+
     fn jitter(&mut self) -> f64 {
         // xorshift: enough to spread retries, no crate needed.
         self.rng ^= self.rng << 13;
@@ -195,26 +207,35 @@ impl Worker {
     /// One pass. Returns how long to sleep, or None to go again at once (more work waiting).
     fn cycle(&mut self) -> Option<Duration> {
         let poll = crate::gucs::poll_interval();
-        let schema = match crate::subxact::transaction(source::extension_schema) {
-            Ok(Ok(Some(s))) => s,
-            Ok(Ok(None)) => {
-                self.slot.set_state(WorkerState::NoExtension);
-                return Some(poll.max(Duration::from_secs(5)));
-            }
-            Ok(Err(e)) => return self.failed_cycle(&e.to_string()),
-            Err(e) => return self.failed_cycle(&e),
-        };
+        // Every commit that captured a change wakes the worker; when there is nothing it may
+        // do, it must find that out without running SQL.
         if self.client.is_none() {
             self.slot.set_state(WorkerState::NotConfigured);
             self.shared.paused_reason.store(0, Ordering::Relaxed);
             return Some(poll.max(Duration::from_secs(5)));
         }
         if let Some(p) = &self.pause {
-            let now = Instant::now();
-            if now < p.until {
+            if Instant::now() < p.until {
                 self.slot.set_state(WorkerState::Paused);
-                return Some((p.until - now).min(poll.max(Duration::from_millis(100))));
+                return Some((p.until - Instant::now()).min(poll.max(Duration::from_millis(100))));
             }
+        }
+        let schema = match &self.schema {
+            Some((at, s)) if at.elapsed() < TRACKS_TTL => s.clone(),
+            _ => match crate::subxact::transaction(source::extension_schema) {
+                Ok(Ok(Some(s))) => {
+                    self.schema = Some((Instant::now(), s.clone()));
+                    s
+                }
+                Ok(Ok(None)) => {
+                    self.slot.set_state(WorkerState::NoExtension);
+                    return Some(poll.max(Duration::from_secs(5)));
+                }
+                Ok(Err(e)) => return self.failed_cycle(&e.to_string()),
+                Err(e) => return self.failed_cycle(&e),
+            },
+        };
+        if let Some(p) = &self.pause {
             if p.class == Class::Unreachable {
                 if !self.probe() {
                     return Some(Duration::from_millis(10));
@@ -253,10 +274,12 @@ impl Worker {
         if let Err(e) = self.deliver(&schema, claimed) {
             return self.failed_cycle(&e);
         }
+        // A full batch means more is waiting: go on at once. Otherwise sleep; a commit that
+        // captured something while this batch was out has already set the latch.
         if full {
             None
         } else {
-            Some(Duration::ZERO)
+            Some(poll)
         }
     }
 
@@ -264,6 +287,7 @@ impl Worker {
     /// and try again later. The leases it held expire on their own.
     fn failed_cycle(&mut self, error: &str) -> Option<Duration> {
         self.tracks = None;
+        self.schema = None;
         pgrx::warning!("fhir_sync worker: cycle failed: {error}");
         self.slot
             .last_error_ms
@@ -383,11 +407,13 @@ impl Worker {
                 request_of[i] = Some(requests.len());
                 requests.push(req);
             }
+            let mut g = crate::gucs::grouping();
+            g.in_flight = self.in_flight(g.in_flight);
             let client = self.client.as_ref().expect("checked in cycle");
             let responses = if requests.is_empty() {
                 Vec::new()
             } else {
-                send::send_all(client, &requests, crate::gucs::grouping())
+                send::send_all(client, &requests, g)
             };
             let settlement = self.judge(&tier, &actions, &request_of, &responses, deps);
             crate::subxact::transaction(|| settle::settle(schema, &settlement))?
@@ -561,6 +587,15 @@ impl Worker {
                     }
                 }
             }
+        }
+        let overloaded = responses
+            .iter()
+            .flatten()
+            .any(|r| matches!(r.transport, Transport::Status(429 | 500 | 502 | 503 | 504)));
+        if overloaded {
+            self.in_flight = (self.in_flight / 2).max(1);
+        } else if !responses.is_empty() {
+            self.in_flight = self.in_flight.saturating_add(1);
         }
         let dead_rows: usize = s.dead.iter().map(|d| d.outbox_ids.len()).sum();
         self.shared
