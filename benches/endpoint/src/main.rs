@@ -217,7 +217,11 @@ enum ReadError {
     Bad(u16, &'static str),
 }
 
-fn read_line(r: &mut BufReader<TcpStream>, buf: &mut Vec<u8>, budget: &mut usize) -> Result<(), ReadError> {
+fn read_line(
+    r: &mut BufReader<TcpStream>,
+    buf: &mut Vec<u8>,
+    budget: &mut usize,
+) -> Result<(), ReadError> {
     buf.clear();
     let n = r
         .by_ref()
@@ -249,7 +253,8 @@ fn read_request(r: &mut BufReader<TcpStream>) -> Result<Request, ReadError> {
     }
     let text = String::from_utf8_lossy(&line).into_owned();
     let mut parts = text.split(' ');
-    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next()) else {
+    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next())
+    else {
         return Err(ReadError::Bad(400, "malformed request line"));
     };
     let (method, target, version) = (method.to_string(), target.to_string(), version.to_string());
@@ -293,7 +298,8 @@ fn read_request(r: &mut BufReader<TcpStream>) -> Result<Request, ReadError> {
             read_line(r, &mut line, &mut b)?;
             let size_text = String::from_utf8_lossy(&line);
             let size_text = size_text.split(';').next().unwrap_or("").trim();
-            let size = usize::from_str_radix(size_text, 16).map_err(|_| ReadError::Bad(400, "bad chunk size"))?;
+            let size = usize::from_str_radix(size_text, 16)
+                .map_err(|_| ReadError::Bad(400, "bad chunk size"))?;
             if size == 0 {
                 // trailers
                 loop {
@@ -309,11 +315,14 @@ fn read_request(r: &mut BufReader<TcpStream>) -> Result<Request, ReadError> {
             }
             let start = req.body.len();
             req.body.resize(start + size, 0);
-            r.read_exact(&mut req.body[start..]).map_err(|_| ReadError::Closed)?;
+            r.read_exact(&mut req.body[start..])
+                .map_err(|_| ReadError::Closed)?;
             read_line(r, &mut line, &mut b)?;
         }
     } else if let Some(len) = req.header("content-length") {
-        let len: usize = len.parse().map_err(|_| ReadError::Bad(400, "bad content-length"))?;
+        let len: usize = len
+            .parse()
+            .map_err(|_| ReadError::Bad(400, "bad content-length"))?;
         if len > MAX_BODY {
             return Err(ReadError::Bad(413, "body too large"));
         }
@@ -325,7 +334,12 @@ fn read_request(r: &mut BufReader<TcpStream>) -> Result<Request, ReadError> {
 
 fn write_reply(stream: &mut TcpStream, reply: &Reply, keep_alive: bool) -> std::io::Result<()> {
     let mut out = Vec::with_capacity(reply.body.len() + 256);
-    write!(out, "HTTP/1.1 {} {}\r\n", reply.status, reason(reply.status))?;
+    write!(
+        out,
+        "HTTP/1.1 {} {}\r\n",
+        reply.status,
+        reason(reply.status)
+    )?;
     for (k, v) in &reply.headers {
         write!(out, "{k}: {v}\r\n")?;
     }
@@ -341,7 +355,9 @@ fn write_reply(stream: &mut TcpStream, reply: &Reply, keep_alive: bool) -> std::
 fn serve(stream: TcpStream, shared: Arc<Shared>) {
     let _ = stream.set_nodelay(true);
     let _ = stream.set_read_timeout(Some(Duration::from_secs(600)));
-    let Ok(mut writer) = stream.try_clone() else { return };
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
+    };
     let mut reader = BufReader::with_capacity(64 * 1024, stream);
     shared.lock().stats.connections += 1;
     loop {
@@ -435,7 +451,10 @@ fn parse_target(path: &str, query: &str) -> Target {
 /// Splits a request target or a Bundle entry url into (path relative to the FHIR base, query).
 fn split_url<'a>(shared: &Shared, url: &'a str) -> (&'a str, &'a str) {
     let mut u = url;
-    if let Some(rest) = u.strip_prefix("http://").or_else(|| u.strip_prefix("https://")) {
+    if let Some(rest) = u
+        .strip_prefix("http://")
+        .or_else(|| u.strip_prefix("https://"))
+    {
         u = rest.find('/').map(|i| &rest[i..]).unwrap_or("/");
     }
     let (path, query) = u.split_once('?').unwrap_or((u, ""));
@@ -503,30 +522,46 @@ fn op_identity(store: &Store, op: &Op) -> (&'static str, String, String) {
 }
 
 /// Checks a write before anything is applied (a transaction applies all or nothing).
-fn validate(op: &Op) -> Result<(), Outcome> {
+fn validate(op: &Op) -> Result<(), Box<Outcome>> {
     match op {
         Op::Put { target, resource } => {
             let rtype = match target {
                 Target::Conditional { rtype, .. } | Target::ById { rtype, .. } => rtype,
                 Target::Base | Target::Other => {
-                    return Err(Outcome::fail(400, "invalid", "PUT needs <Type>?identifier= or <Type>/<id>"))
+                    return Err(Box::new(Outcome::fail(
+                        400,
+                        "invalid",
+                        "PUT needs <Type>?identifier= or <Type>/<id>",
+                    )))
                 }
             };
             if let Target::Conditional { ident, .. } = target {
                 if ident.is_empty() {
-                    return Err(Outcome::fail(400, "invalid", "empty identifier"));
+                    return Err(Box::new(Outcome::fail(400, "invalid", "empty identifier")));
                 }
             }
             let Some(obj) = resource.as_object() else {
-                return Err(Outcome::fail(400, "invalid", "the body is not a JSON object"));
+                return Err(Box::new(Outcome::fail(
+                    400,
+                    "invalid",
+                    "the body is not a JSON object",
+                )));
             };
             if obj.get("resourceType").and_then(|t| t.as_str()) != Some(rtype.as_str()) {
-                return Err(Outcome::fail(400, "invalid", "resourceType does not match the URL"));
+                return Err(Box::new(Outcome::fail(
+                    400,
+                    "invalid",
+                    "resourceType does not match the URL",
+                )));
             }
             if let Target::ById { id, .. } = target {
                 if let Some(bid) = obj.get("id").and_then(|i| i.as_str()) {
                     if bid != id {
-                        return Err(Outcome::fail(400, "invalid", "Resource ID in body does not match URL"));
+                        return Err(Box::new(Outcome::fail(
+                            400,
+                            "invalid",
+                            "Resource ID in body does not match URL",
+                        )));
                     }
                 }
             }
@@ -534,20 +569,30 @@ fn validate(op: &Op) -> Result<(), Outcome> {
         }
         Op::Delete { target } => match target {
             Target::Conditional { .. } | Target::ById { .. } => Ok(()),
-            _ => Err(Outcome::fail(400, "invalid", "DELETE needs <Type>?identifier= or <Type>/<id>")),
+            _ => Err(Box::new(Outcome::fail(
+                400,
+                "invalid",
+                "DELETE needs <Type>?identifier= or <Type>/<id>",
+            ))),
         },
     }
 }
 
 fn apply(store: &mut Store, stats: &mut Stats, op: Op, now: i64) -> Outcome {
     match op {
-        Op::Put { target, mut resource } => {
+        Op::Put {
+            target,
+            mut resource,
+        } => {
             let (rtype, key, by_id) = match &target {
-                Target::Conditional { rtype, ident } => (rtype.clone(), format!("{rtype}\0{ident}"), None),
+                Target::Conditional { rtype, ident } => {
+                    (rtype.clone(), format!("{rtype}\0{ident}"), None)
+                }
                 Target::ById { rtype, id } => {
                     let k = store.by_id.get(&format!("{rtype}/{id}")).cloned();
                     let k = k.unwrap_or_else(|| {
-                        let ident = ident_of_resource(&resource).unwrap_or_else(|| format!("id:{rtype}/{id}"));
+                        let ident = ident_of_resource(&resource)
+                            .unwrap_or_else(|| format!("id:{rtype}/{id}"));
                         format!("{rtype}\0{ident}")
                     });
                     (rtype.clone(), k, Some(id.clone()))
@@ -615,7 +660,10 @@ fn apply(store: &mut Store, stats: &mut Stats, op: Op, now: i64) -> Outcome {
                 Target::ById { rtype, id } => store.by_id.get(&format!("{rtype}/{id}")).cloned(),
                 _ => unreachable!("validated"),
             };
-            let live = key.as_ref().and_then(|k| store.by_ident.get_mut(k)).filter(|r| !r.deleted);
+            let live = key
+                .as_ref()
+                .and_then(|k| store.by_ident.get_mut(k))
+                .filter(|r| !r.deleted);
             match (live, &target) {
                 (Some(r), _) => {
                     r.deleted = true;
@@ -703,7 +751,10 @@ fn delay(shared: &Shared) {
 
 fn handle(shared: &Shared, req: Request) -> Reply {
     let now = now_us();
-    let (raw_path, raw_query) = req.target.split_once('?').unwrap_or((req.target.as_str(), ""));
+    let (raw_path, raw_query) = req
+        .target
+        .split_once('?')
+        .unwrap_or((req.target.as_str(), ""));
     // Control endpoints, at the server root whatever the FHIR base path.
     match (req.method.as_str(), raw_path) {
         ("GET", "/_stats") => return Reply::json(200, &stats_json(shared, raw_query)),
@@ -729,7 +780,10 @@ fn handle(shared: &Shared, req: Request) -> Reply {
             if let Some(d) = query_param(raw_query, "delay_ms").and_then(|d| d.parse().ok()) {
                 shared.delay_ms.store(d, Ordering::Relaxed);
             }
-            return Reply::json(200, &json!({"delay_ms": shared.delay_ms.load(Ordering::Relaxed)}));
+            return Reply::json(
+                200,
+                &json!({"delay_ms": shared.delay_ms.load(Ordering::Relaxed)}),
+            );
         }
         ("GET", "/_health") => return Reply::json(200, &json!({"status": "ok"})),
         _ => {}
@@ -774,7 +828,10 @@ fn handle(shared: &Shared, req: Request) -> Reply {
 
 fn single(shared: &Shared, op: Op, now: i64) -> Result<Reply, Reply> {
     if let Err(o) = validate(&op) {
-        return Err(Reply::json(o.status, o.error.as_ref().unwrap_or(&Value::Null)));
+        return Err(Reply::json(
+            o.status,
+            o.error.as_ref().unwrap_or(&Value::Null),
+        ));
     }
     let held = {
         let mut st = shared.lock();
@@ -797,10 +854,18 @@ fn single(shared: &Shared, op: Op, now: i64) -> Result<Reply, Reply> {
         None => Reply::empty(out.status),
     };
     if let Some(id) = &out.id {
-        reply.headers.push(("ETag", format!("W/\"{}\"", out.version)));
+        reply
+            .headers
+            .push(("ETag", format!("W/\"{}\"", out.version)));
         reply.headers.push((
             "Location",
-            format!("{}/{}/{}/_history/{}", shared.base_url(), out.rtype, id, out.version),
+            format!(
+                "{}/{}/{}/_history/{}",
+                shared.base_url(),
+                out.rtype,
+                id,
+                out.version
+            ),
         ));
     }
     Ok(reply)
@@ -810,39 +875,76 @@ fn bundle(shared: &Shared, body: &[u8], now: i64) -> Result<Reply, Reply> {
     let b: Value = serde_json::from_slice(body)
         .map_err(|e| Reply::outcome(400, "invalid", &format!("Invalid JSON: {e}")))?;
     if b.get("resourceType").and_then(|t| t.as_str()) != Some("Bundle") {
-        return Err(Reply::outcome(400, "invalid", "POST to the base needs a Bundle"));
+        return Err(Reply::outcome(
+            400,
+            "invalid",
+            "POST to the base needs a Bundle",
+        ));
     }
     let transaction = match b.get("type").and_then(|t| t.as_str()) {
         Some("batch") => false,
         Some("transaction") => true,
-        _ => return Err(Reply::outcome(400, "invalid", "Bundle.type must be batch or transaction")),
+        _ => {
+            return Err(Reply::outcome(
+                400,
+                "invalid",
+                "Bundle.type must be batch or transaction",
+            ))
+        }
     };
-    let Value::Object(mut b) = b else { unreachable!() };
+    let Value::Object(mut b) = b else {
+        unreachable!()
+    };
     let entries = match b.remove("entry") {
         Some(Value::Array(a)) => a,
         None => Vec::new(),
-        Some(_) => return Err(Reply::outcome(400, "invalid", "Bundle.entry must be an array")),
+        Some(_) => {
+            return Err(Reply::outcome(
+                400,
+                "invalid",
+                "Bundle.entry must be an array",
+            ))
+        }
     };
     // Parse every entry first: a transaction is all or nothing.
-    let mut ops: Vec<Result<Op, Outcome>> = Vec::with_capacity(entries.len());
+    let mut ops: Vec<Result<Op, Box<Outcome>>> = Vec::with_capacity(entries.len());
     for mut e in entries {
-        let method = e.pointer("/request/method").and_then(|m| m.as_str()).unwrap_or("").to_string();
-        let url = e.pointer("/request/url").and_then(|m| m.as_str()).unwrap_or("").to_string();
+        let method = e
+            .pointer("/request/method")
+            .and_then(|m| m.as_str())
+            .unwrap_or("")
+            .to_string();
+        let url = e
+            .pointer("/request/url")
+            .and_then(|m| m.as_str())
+            .unwrap_or("")
+            .to_string();
         let (path, query) = split_url(shared, &url);
         let target = parse_target(path, query);
         let op = match method.as_str() {
             "PUT" => match e.get_mut("resource").map(Value::take) {
                 Some(resource) => Ok(Op::Put { target, resource }),
-                None => Err(Outcome::fail(400, "invalid", "PUT entry without a resource")),
+                None => Err(Box::new(Outcome::fail(
+                    400,
+                    "invalid",
+                    "PUT entry without a resource",
+                ))),
             },
             "DELETE" => Ok(Op::Delete { target }),
-            _ => Err(Outcome::fail(400, "not-supported", "entry method must be PUT or DELETE")),
+            _ => Err(Box::new(Outcome::fail(
+                400,
+                "not-supported",
+                "entry method must be PUT or DELETE",
+            ))),
         };
         ops.push(op.and_then(|op| validate(&op).map(|_| op)));
     }
     if transaction {
         if let Some(bad) = ops.iter().find_map(|o| o.as_ref().err()) {
-            return Err(Reply::json(bad.status, bad.error.as_ref().unwrap_or(&Value::Null)));
+            return Err(Reply::json(
+                bad.status,
+                bad.error.as_ref().unwrap_or(&Value::Null),
+            ));
         }
     }
     let held = {
@@ -864,7 +966,7 @@ fn bundle(shared: &Shared, body: &[u8], now: i64) -> Result<Reply, Reply> {
             .into_iter()
             .map(|o| match o {
                 Ok(op) => apply(&mut st.store, &mut st.stats, op, t),
-                Err(e) => e,
+                Err(e) => *e,
             })
             .collect();
         depart(&mut st.stats, held);
@@ -873,7 +975,10 @@ fn bundle(shared: &Shared, body: &[u8], now: i64) -> Result<Reply, Reply> {
     if transaction {
         if let Some(bad) = outcomes.iter().find(|o| o.error.is_some()) {
             // Only a DELETE by unknown id can fail here; a real server would roll back.
-            return Err(Reply::json(bad.status, bad.error.as_ref().unwrap_or(&Value::Null)));
+            return Err(Reply::json(
+                bad.status,
+                bad.error.as_ref().unwrap_or(&Value::Null),
+            ));
         }
     }
     let base = shared.base_url();
@@ -881,7 +986,10 @@ fn bundle(shared: &Shared, body: &[u8], now: i64) -> Result<Reply, Reply> {
         .into_iter()
         .map(|o| {
             let mut response = Map::new();
-            response.insert("status".into(), Value::String(format!("{} {}", o.status, reason(o.status))));
+            response.insert(
+                "status".into(),
+                Value::String(format!("{} {}", o.status, reason(o.status))),
+            );
             let mut entry = Map::new();
             if let Some(id) = &o.id {
                 response.insert(
@@ -889,7 +997,10 @@ fn bundle(shared: &Shared, body: &[u8], now: i64) -> Result<Reply, Reply> {
                     Value::String(format!("{}/{}/_history/{}", o.rtype, id, o.version)),
                 );
                 response.insert("etag".into(), Value::String(format!("W/\"{}\"", o.version)));
-                entry.insert("fullUrl".into(), Value::String(format!("{base}/{}/{id}", o.rtype)));
+                entry.insert(
+                    "fullUrl".into(),
+                    Value::String(format!("{base}/{}/{id}", o.rtype)),
+                );
             }
             if let Some(e) = o.error {
                 response.insert("outcome".into(), e);
@@ -901,7 +1012,11 @@ fn bundle(shared: &Shared, body: &[u8], now: i64) -> Result<Reply, Reply> {
             Value::Object(entry)
         })
         .collect();
-    let kind = if transaction { "transaction-response" } else { "batch-response" };
+    let kind = if transaction {
+        "transaction-response"
+    } else {
+        "batch-response"
+    };
     Ok(Reply::json(
         200,
         &json!({"resourceType": "Bundle", "type": kind, "entry": entries}),
@@ -912,7 +1027,9 @@ fn bundle(shared: &Shared, body: &[u8], now: i64) -> Result<Reply, Reply> {
 
 fn stats_json(shared: &Shared, query: &str) -> Value {
     let with_arrivals = query_param(query, "arrivals").as_deref() != Some("0");
-    let since: usize = query_param(query, "since").and_then(|s| s.parse().ok()).unwrap_or(0);
+    let since: usize = query_param(query, "since")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     let st = shared.lock();
     let s = &st.stats;
     let arrivals: Vec<Value> = if with_arrivals {
@@ -988,7 +1105,11 @@ fn main() {
             "--port" => port = val().parse().unwrap_or_else(|_| usage()),
             "--delay-ms" => delay_ms = val().parse().unwrap_or_else(|_| usage()),
             "--record" => record = Some(val()),
-            "--base-path" => base_path = format!("/{}", val().trim_matches('/')).trim_end_matches('/').to_string(),
+            "--base-path" => {
+                base_path = format!("/{}", val().trim_matches('/'))
+                    .trim_end_matches('/')
+                    .to_string()
+            }
             "--quiet" => quiet = true,
             "-h" | "--help" => usage(),
             _ => usage(),
@@ -1021,7 +1142,9 @@ fn main() {
             if TERMINATE.load(Ordering::SeqCst) {
                 if let Some(f) = &shared.record {
                     match dump(&shared, f) {
-                        Ok(n) if !shared.quiet => eprintln!("fhir-bench-endpoint: {n} arrivals written to {f}"),
+                        Ok(n) if !shared.quiet => {
+                            eprintln!("fhir-bench-endpoint: {n} arrivals written to {f}")
+                        }
                         Ok(_) => {}
                         Err(e) => eprintln!("fhir-bench-endpoint: cannot write {f}: {e}"),
                     }
