@@ -76,7 +76,7 @@ struct Worker {
     slot: &'static shmem::WorkerSlot,
     shared: &'static shmem::Shared,
     settings: ClientSettings,
-    client: Option<Client>,
+    client: Option<std::sync::Arc<Client>>,
     pause: Option<Pause>,
     rng: u64,
     /// Tracked tables, read at most every TRACKS_TTL (or sooner when a claim names a table
@@ -186,9 +186,15 @@ impl Worker {
             self.settings.auth.clone(),
             self.settings.ca_file.as_deref(),
         ) {
-            Ok(c) => self.client = Some(c),
+            Ok(c) => self.client = Some(std::sync::Arc::new(c)),
             Err(e) => pgrx::warning!("fhir_sync: {e}"),
         }
+    }
+
+    /// SIGTERM (shutdown, pg_terminate_backend) or DROP DATABASE: stop starting requests.
+    fn must_leave(&self) -> bool {
+        let shutdown = unsafe { pg_sys::ShutdownRequestPending != 0 };
+        shutdown || self.slot.leave.load(Ordering::Acquire)
     }
 
     fn in_flight(&mut self, max: usize) -> usize {
@@ -372,7 +378,7 @@ impl Worker {
             if tier.is_empty() {
                 continue;
             }
-            if self.pause.is_some() {
+            if self.pause.is_some() || self.must_leave() {
                 // Sent nothing: hand the changes back without spending attempts.
                 let release: Vec<i64> = tier.iter().flat_map(|c| c.outbox_ids.clone()).collect();
                 let s = Settlement {
@@ -409,11 +415,15 @@ impl Worker {
             }
             let mut g = crate::gucs::grouping();
             g.in_flight = self.in_flight(g.in_flight);
-            let client = self.client.as_ref().expect("checked in cycle");
+            let client = self.client.clone().expect("checked in cycle");
+            let slot = self.slot;
             let responses = if requests.is_empty() {
                 Vec::new()
             } else {
-                send::send_all(client, &requests, g)
+                send::send_all(&client, requests, g, &|| {
+                    let shutdown = unsafe { pg_sys::ShutdownRequestPending != 0 };
+                    shutdown || slot.leave.load(Ordering::Acquire)
+                })
             };
             let settlement = self.judge(&tier, &actions, &request_of, &responses, deps);
             crate::subxact::transaction(|| settle::settle(schema, &settlement))?

@@ -10,7 +10,7 @@ use super::policy::{classify, Class, Transport, Verdict, CONFLICT_RESENDS};
 use crate::http::{Client, Method, Response};
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 pub struct Outgoing {
     pub method: Method,
@@ -35,54 +35,100 @@ pub struct Grouping {
     pub deadline: std::time::Instant,
 }
 
+/// What the sending threads share with the worker's main thread.
+struct Shared {
+    requests: Vec<Outgoing>,
+    units: Vec<std::ops::Range<usize>>,
+    results: Vec<Mutex<Option<Response>>>,
+    next: AtomicUsize,
+    done: AtomicUsize,
+    stop: AtomicBool,
+    grouping: Grouping,
+}
+
 /// Sends every request; `None` for those not sent because the server asked the worker to stop
-/// (unreachable, credentials rejected, throttled) or the deadline passed before their turn.
-pub fn send_all(client: &Client, requests: &[Outgoing], g: Grouping) -> Vec<Option<Response>> {
+/// (unreachable, credentials rejected, throttled), the deadline passed, or `interrupted` said
+/// the worker must go (SIGTERM, DROP DATABASE) before their turn.
+///
+/// The HTTP runs on threads; the main thread only watches. A request that hangs until its
+/// timeout therefore never holds up a shutdown or a DROP DATABASE: the worker hands back what
+/// was not answered and leaves, and the abandoned thread ends with the process.
+pub fn send_all(
+    client: &Arc<Client>,
+    requests: Vec<Outgoing>,
+    g: Grouping,
+    interrupted: &dyn Fn() -> bool,
+) -> Vec<Option<Response>> {
     let size = if g.bundle_size > 1 { g.bundle_size } else { 1 };
     let units: Vec<std::ops::Range<usize>> = (0..requests.len())
         .step_by(size)
         .map(|s| s..(s + size).min(requests.len()))
         .collect();
-    let results: Vec<Mutex<Option<Response>>> = requests.iter().map(|_| Mutex::new(None)).collect();
-    let next = AtomicUsize::new(0);
-    let stop = AtomicBool::new(false);
-    let work = || loop {
-        if stop.load(Ordering::Acquire) || std::time::Instant::now() >= g.deadline {
+    let threads = g.in_flight.min(units.len()).max(1);
+    let n = requests.len();
+    let shared = Arc::new(Shared {
+        results: (0..n).map(|_| Mutex::new(None)).collect(),
+        requests,
+        units,
+        next: AtomicUsize::new(0),
+        done: AtomicUsize::new(0),
+        stop: AtomicBool::new(false),
+        grouping: g,
+    });
+    let main = std::thread::current();
+    block_signals_around(|| {
+        for _ in 0..threads {
+            let (shared, client, main) = (shared.clone(), client.clone(), main.clone());
+            std::thread::spawn(move || {
+                work(&shared, &client);
+                shared.done.fetch_add(1, Ordering::AcqRel);
+                main.unpark();
+            });
+        }
+    });
+    while shared.done.load(Ordering::Acquire) < threads {
+        if interrupted() {
+            shared.stop.store(true, Ordering::Release);
+            break;
+        }
+        std::thread::park_timeout(std::time::Duration::from_millis(20));
+    }
+    shared
+        .results
+        .iter()
+        .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()).take())
+        .collect()
+}
+
+fn work(shared: &Shared, client: &Client) {
+    loop {
+        if shared.stop.load(Ordering::Acquire)
+            || std::time::Instant::now() >= shared.grouping.deadline
+        {
             return;
         }
-        let u = next.fetch_add(1, Ordering::AcqRel);
-        let Some(range) = units.get(u) else { return };
-        let chunk = &requests[range.clone()];
+        let u = shared.next.fetch_add(1, Ordering::AcqRel);
+        let Some(range) = shared.units.get(u) else {
+            return;
+        };
+        let chunk = &shared.requests[range.clone()];
         let responses = if chunk.len() == 1 {
             vec![send_one(client, &chunk[0])]
         } else {
-            send_bundle(client, chunk, g.bundle_type)
+            send_bundle(client, chunk, shared.grouping.bundle_type)
         };
-        for (i, resp) in range.clone().zip(responses) {
-            if halts_sending(&resp, requests[i].method == Method::Delete) {
-                stop.store(true, Ordering::Release);
-            }
-            *results[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(resp);
+        if shared.stop.load(Ordering::Acquire) {
+            // The worker has moved on and released these changes: their answer must not be
+            // mistaken for a settlement.
+            return;
         }
-    };
-    let threads = g.in_flight.min(units.len()).max(1);
-    if threads == 1 {
-        work();
-    } else {
-        std::thread::scope(|s| {
-            for _ in 1..threads {
-                s.spawn(|| {
-                    block_signals();
-                    work()
-                });
+        for (i, resp) in range.clone().zip(responses) {
+            if halts_sending(&resp, shared.requests[i].method == Method::Delete) {
+                shared.stop.store(true, Ordering::Release);
             }
-            work();
-        });
+            *shared.results[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(resp);
+        }
     }
-    results
-        .into_iter()
-        .map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()))
-        .collect()
 }
 
 fn call(client: &Client, method: Method, path: &str, body: Option<&Value>) -> Response {
@@ -204,11 +250,16 @@ pub fn halts_sending(resp: &Response, is_delete: bool) -> bool {
     }
 }
 
-fn block_signals() {
+/// Runs `f` (which spawns threads) with every signal blocked, so the threads start with all
+/// signals blocked and PostgreSQL's handlers keep running on the main thread only.
+fn block_signals_around(f: impl FnOnce()) {
     unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut set);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
+        f();
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
     }
 }
 
