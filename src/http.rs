@@ -260,12 +260,16 @@ fn is_connect_failure(e: &ureq::Error) -> bool {
         | ureq::Error::Tls(_)
         | ureq::Error::Rustls(_) => true,
         ureq::Error::Timeout(t) => matches!(t, ureq::Timeout::Connect | ureq::Timeout::Resolve),
-        ureq::Error::Io(io) => matches!(
-            io.kind(),
-            std::io::ErrorKind::ConnectionRefused
-                | std::io::ErrorKind::AddrNotAvailable
-                | std::io::ErrorKind::NotConnected
-        ),
+        ureq::Error::Io(io) => {
+            matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionRefused
+                    | std::io::ErrorKind::AddrNotAvailable
+                    | std::io::ErrorKind::NotConnected
+            ) || (io.kind() == std::io::ErrorKind::InvalidData
+                // rustls reports a failed verification through the I/O error it returns.
+                && io.to_string().contains("certificate"))
+        }
         _ => false,
     }
 }

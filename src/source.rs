@@ -46,6 +46,7 @@ impl Mapper {
 
 #[derive(Clone, Debug)]
 pub struct Track {
+    pub relid: pg_sys::Oid,
     /// schema.table, unquoted: the name in messages and in derived identifier systems.
     pub name: String,
     /// Quoted for SQL.
@@ -135,6 +136,7 @@ pub fn load_tracks(schema: &str) -> Result<HashMap<pg_sys::Oid, Track>, FhirSync
             out.insert(
                 relid,
                 Track {
+                    relid,
                     name: format!("{nsp}.{rel}"),
                     sql_name: format!("{}.{}", quote_identifier(&nsp), quote_identifier(&rel)),
                     resource_type: row.get(4)?.unwrap_or_default(),
@@ -165,6 +167,37 @@ fn ref_target(schema: &str, column: &str, mapper: &str) -> String {
     )
 }
 
+/// Runs `f` as the owner of `relid` in a security-restricted operation, when the current user is
+/// a superuser (the worker, a superuser's preview). Reading a row with to_jsonb runs the casts of
+/// its column types, and a tracked table's mapping function is the owner's code: with the
+/// worker's rights, whoever owns a tracked table or its function would act as a superuser.
+/// An ordinary role keeps its own rights. (On error, transaction abort restores the user.)
+pub fn as_owner<R>(relid: pg_sys::Oid, f: impl FnOnce() -> R) -> Result<R, FhirSyncError> {
+    if !unsafe { pg_sys::superuser() } {
+        return Ok(f());
+    }
+    let owner = one::<pg_sys::Oid>(
+        "SELECT relowner FROM pg_catalog.pg_class WHERE oid = $1",
+        &[relid.into()],
+    )?
+    .unwrap_or(pg_sys::InvalidOid);
+    if owner == pg_sys::InvalidOid {
+        return Ok(f());
+    }
+    let (mut user, mut sec) = (pg_sys::InvalidOid, 0i32);
+    unsafe {
+        pg_sys::GetUserIdAndSecContext(&mut user, &mut sec);
+        pg_sys::SetUserIdAndSecContext(
+            owner,
+            sec | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32
+                | pg_sys::SECURITY_RESTRICTED_OPERATION as i32,
+        );
+    }
+    let r = f();
+    unsafe { pg_sys::SetUserIdAndSecContext(user, sec) };
+    Ok(r)
+}
+
 /// Rows of `track` by primary key, as they are now; a key with no row is absent from the map.
 pub fn fetch_rows(track: &Track, keys: &[String]) -> Result<HashMap<String, Row>, FhirSyncError> {
     let sql = format!(
@@ -173,7 +206,7 @@ pub fn fetch_rows(track: &Track, keys: &[String]) -> Result<HashMap<String, Row>
         table = track.sql_name,
         ty = track.key_type,
     );
-    fetch_keyed(&sql, keys)
+    as_owner(track.relid, || fetch_keyed(&sql, keys))?
 }
 
 /// Rows of a child table (patient_other_identifiers) grouped by their parent's key.
@@ -191,17 +224,19 @@ pub fn fetch_children(
         key = quote_identifier(&child.key_column),
     );
     let keys = keys_arg(parent_keys);
-    Spi::connect(|client| {
-        let mut out: HashMap<String, Vec<Row>> = HashMap::new();
-        for row in client.select(sql.as_str(), None, &[keys.into()])? {
-            if let (Some(k), Some(pgrx::JsonB(serde_json::Value::Object(r)))) =
-                (row.get::<String>(1)?, row.get::<pgrx::JsonB>(2)?)
-            {
-                out.entry(k).or_default().push(r);
+    as_owner(child.relid, || {
+        Spi::connect(|client| {
+            let mut out: HashMap<String, Vec<Row>> = HashMap::new();
+            for row in client.select(sql.as_str(), None, &[keys.into()])? {
+                if let (Some(k), Some(pgrx::JsonB(serde_json::Value::Object(r)))) =
+                    (row.get::<String>(1)?, row.get::<pgrx::JsonB>(2)?)
+                {
+                    out.entry(k).or_default().push(r);
+                }
             }
-        }
-        Ok(out)
-    })
+            Ok(out)
+        })
+    })?
 }
 
 fn keys_arg(keys: &[String]) -> Vec<Option<String>> {
@@ -282,15 +317,17 @@ pub fn run_map_function(
     );
     let mut out = HashMap::new();
     for key in keys {
-        let r = crate::subxact::subtransaction(|| {
-            Spi::connect(|client| {
-                let t = client.select(sql.as_str(), Some(1), &[Some(key.clone()).into()])?;
-                if t.is_empty() {
-                    return Ok::<_, pgrx::spi::SpiError>(None);
-                }
-                Ok(t.first().get::<pgrx::JsonB>(2)?.map(|j| j.0))
+        let r = as_owner(track.relid, || {
+            crate::subxact::subtransaction(|| {
+                Spi::connect(|client| {
+                    let t = client.select(sql.as_str(), Some(1), &[Some(key.clone()).into()])?;
+                    if t.is_empty() {
+                        return Ok::<_, pgrx::spi::SpiError>(None);
+                    }
+                    Ok(t.first().get::<pgrx::JsonB>(2)?.map(|j| j.0))
+                })
             })
-        });
+        })?;
         match r {
             Ok(Ok(Some(v))) => {
                 out.insert(key.clone(), Ok(v));

@@ -2,7 +2,8 @@
 -- Run as a superuser in the database where CREATE EXTENSION fhir_sync was run (psql -d <db> -f grants.sql).
 -- Then give the role a password (ALTER ROLE fhir_sync_exporter PASSWORD '...') or a pg_hba.conf rule.
 --
---   pg_monitor          postgres_exporter's own metrics (pg_up, pg_stat_*, pg_settings, database sizes)
+--   pg_read_all_stats   postgres_exporter's own metrics (pg_up, pg_stat_*, database sizes). Not
+--                       pg_monitor: it includes pg_read_all_settings, which reads fhir_sync's secrets.
 --   SELECT on the views the fhir_sync queries read. The views run with their owner's rights, so
 --                       the role never reads fhir_outbox / fhir_dlq (patient data) itself.
 --   EXECUTE on fhir_sync_stats(), fhir_sync_latency_histogram(), fhir_sync_call_errors() and
@@ -22,6 +23,6 @@ BEGIN
 END
 $$;
 
-GRANT pg_monitor TO fhir_sync_exporter;
+GRANT pg_read_all_stats TO fhir_sync_exporter;
 GRANT SELECT ON fhir_sync_status, fhir_sync_workers, fhir_sync_tables, fhir_pending_transactions, fhir_sync_metrics
     TO fhir_sync_exporter;
