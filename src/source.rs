@@ -209,6 +209,40 @@ pub fn fetch_rows(track: &Track, keys: &[String]) -> Result<HashMap<String, Row>
     as_owner(track.relid, || fetch_keyed(&sql, keys))?
 }
 
+/// Keys of rows that could not be read, with the reason.
+pub type Unreadable = HashMap<String, String>;
+
+/// Like `fetch_rows`, but a row whose reading raises an error (a failing cast of one of its
+/// columns, say) is reported on its own instead of failing the whole batch: the batch is read in
+/// a subtransaction, and on error again row by row.
+pub fn fetch_rows_isolated(
+    track: &Track,
+    keys: &[String],
+) -> Result<(HashMap<String, Row>, Unreadable), FhirSyncError> {
+    if let Ok(Ok(rows)) = crate::subxact::subtransaction(|| fetch_rows(track, keys)) {
+        return Ok((rows, HashMap::new()));
+    }
+    let (mut rows, mut errors) = (HashMap::new(), HashMap::new());
+    for key in keys {
+        match crate::subxact::subtransaction(|| fetch_rows(track, std::slice::from_ref(key))) {
+            Ok(Ok(mut one)) => rows.extend(one.drain()),
+            Ok(Err(e)) => {
+                errors.insert(
+                    key.clone(),
+                    format!("{} row {key} cannot be read: {e}", track.name),
+                );
+            }
+            Err(e) => {
+                errors.insert(
+                    key.clone(),
+                    format!("{} row {key} cannot be read: {e}", track.name),
+                );
+            }
+        }
+    }
+    Ok((rows, errors))
+}
+
 /// Rows of a child table (patient_other_identifiers) grouped by their parent's key.
 pub fn fetch_children(
     child: &Track,

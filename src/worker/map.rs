@@ -69,17 +69,16 @@ pub fn plan(
             .map(|i| claimed[*i].resource_key.clone())
             .collect();
         let states = source::sync_states(schema, table, &keys)?;
-        let rows: HashMap<String, Row>;
+        let mut rows: HashMap<String, Row> = HashMap::new();
+        let mut unreadable: HashMap<String, String> = HashMap::new();
         let mut custom: HashMap<String, Result<Value, String>> = HashMap::new();
         if let (Mapper::Function, Some(f)) = (track.mapper, track.map_function) {
             custom = source::run_map_function(track, f, &keys)?;
-            rows = if track.identifier_column.is_some() {
-                source::fetch_rows(track, &keys)?
-            } else {
-                HashMap::new()
-            };
+            if track.identifier_column.is_some() {
+                (rows, unreadable) = source::fetch_rows_isolated(track, &keys)?;
+            }
         } else {
-            rows = source::fetch_rows(track, &keys)?;
+            (rows, unreadable) = source::fetch_rows_isolated(track, &keys)?;
         }
         let children = if track.mapper == Mapper::Patient {
             let mut all: HashMap<String, Vec<Row>> = HashMap::new();
@@ -105,7 +104,9 @@ pub fn plan(
             } else {
                 rows.contains_key(&c.resource_key)
             };
-            let action = if !exists {
+            let action = if let Some(e) = unreadable.get(&c.resource_key) {
+                Action::Fail(Class::Unmappable, e.clone())
+            } else if !exists {
                 plan_delete(track, c, &state, &base)
             } else {
                 let ctx = Ctx {
