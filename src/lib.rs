@@ -44,6 +44,13 @@ pub extern "C-unwind" fn _PG_init() {
             "Add fhir_sync to shared_preload_libraries in postgresql.conf and restart PostgreSQL.",
         );
     }
+    // pgrx appends a captured Rust backtrace to the DETAIL of every error that crosses its guard
+    // when RUST_BACKTRACE is set — and the ProcessUtility hook makes every utility statement's
+    // error cross it. Users read DETAIL; backtraces belong in a debugger. (Runs in the
+    // postmaster before any thread exists; an explicit RUST_LIB_BACKTRACE is respected.)
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    }
     gucs::init();
     shmem::init();
     launcher::register();
