@@ -463,6 +463,9 @@ def test_a_hot_standby_runs_no_worker_and_sends_nothing(make_cluster, faults):
 
 
 def test_the_utility_hook_leaves_other_statements_errors_alone(make_cluster):
+    """fhir_sync's ProcessUtility hook sees every utility statement of every session: an error passing
+    through it must reach the client as PostgreSQL made it (SQLSTATE, DETAIL) - not with a Rust backtrace
+    appended to its DETAIL, as happened when the postmaster ran with RUST_BACKTRACE set."""
     import psycopg
 
     c = make_cluster(conf={"fhir_sync.database": "postgres"})

@@ -41,6 +41,18 @@ def denied(conn, sql: str, params=None, code: str = "42501") -> str:
     return str(e.value)
 
 
+def reload_and_wait(app, settings: dict) -> None:
+    """ALTER SYSTEM SET each setting, reload, and wait until a new session sees the values: new sessions
+    inherit the postmaster's settings, and the postmaster signals every process (the worker too) as soon
+    as it has read the file, so the worker takes them at its next wake-up."""
+    for name, value in settings.items():
+        app.sql(f"ALTER SYSTEM SET {name} = '{value}'")
+    app.sql("SELECT pg_reload_conf()")
+    for name, value in settings.items():
+        wait_until(lambda: app.cluster.query(f"SHOW {name}")[0][0].lower() == str(value).lower(), timeout=10,
+                   message=f"{name} reloaded")      # (enums show as their Rust names: Bearer)
+
+
 def set_secrets(app) -> dict:
     values = {
         "fhir_sync.auth_token": f"tok-{uuid.uuid4().hex}",
@@ -131,6 +143,9 @@ def test_setting_a_secret_the_documented_way_keeps_it_out_of_the_log(make_cluste
 
 
 def test_the_exporter_role_cannot_read_the_secrets(make_cluster, faults):
+    """The role docker/postgres_exporter/grants.sql sets up reads the metrics views, not the FHIR
+    credentials (pg_monitor would: it includes pg_read_all_settings, which may read SUPERUSER_ONLY
+    settings)."""
     app = make_app(make_cluster, faults.base_url)
     secrets = set_secrets(app)
     app.cluster.psql((REPO_ROOT / "docker" / "postgres_exporter" / "grants.sql").read_text(), db=DB)
@@ -247,6 +262,10 @@ def _json_cast(app, owner):
 
 @pytest.mark.parametrize("vector", [_map_function, _json_cast], ids=["map_function", "json_cast"])
 def test_code_owned_by_an_ordinary_role_runs_without_the_workers_rights(make_cluster, faults, vector):
+    """The worker is a superuser; code an ordinary role owns - a tracked table's mapping function, or a
+    cast to json of a column type, which to_jsonb(row) runs - must run with that role's rights. The owner
+    replaces its function (or adds such a column) after the DBA tracked the table, to make itself
+    superuser through the worker: it must stay an ordinary role."""
     app = make_app(make_cluster, faults.base_url)
     owner = _owner_setup(app)
     assert app.one("SELECT rolsuper FROM pg_roles WHERE rolname = 'appowner'") is False
@@ -264,20 +283,14 @@ def test_bearer_and_basic_credentials_reach_the_server_in_the_authorization_head
     assert "authorization" not in first.headers
 
     token = f"tok-{uuid.uuid4().hex}"
-    app.sql("ALTER SYSTEM SET fhir_sync.auth = 'bearer'")
-    app.sql(f"ALTER SYSTEM SET fhir_sync.auth_token = '{token}'")
-    app.sql("SELECT pg_reload_conf()")
-    time.sleep(0.5)     # the worker takes the reload at its next wake-up; the insert below is that
+    reload_and_wait(app, {"fhir_sync.auth": "bearer", "fhir_sync.auth_token": token})
     app.add_patient("auth-bearer")
     req = faults.wait_for_requests(1, predicate=lambda r: "auth-bearer" in r.path)[0]
     assert req.headers["authorization"] == f"Bearer {token}"
 
     user, password = "fhir-sync-user", f"pw-{uuid.uuid4().hex}:with:colons"
-    app.sql("ALTER SYSTEM SET fhir_sync.auth = 'basic'")
-    app.sql(f"ALTER SYSTEM SET fhir_sync.auth_username = '{user}'")
-    app.sql(f"ALTER SYSTEM SET fhir_sync.auth_password = '{password}'")
-    app.sql("SELECT pg_reload_conf()")
-    time.sleep(0.5)
+    reload_and_wait(app, {"fhir_sync.auth": "basic", "fhir_sync.auth_username": user,
+                          "fhir_sync.auth_password": password})
     app.add_patient("auth-basic")
     req = faults.wait_for_requests(1, predicate=lambda r: "auth-basic" in r.path)[0]
     assert req.headers["authorization"] == "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
@@ -307,13 +320,9 @@ def test_oauth2_token_is_fetched_once_reused_and_fetched_again_after_a_401(make_
                            body={"access_token": name, "token_type": "Bearer", "expires_in": 3600})
         app = make_app(make_cluster, faults.base_url, conf={"fhir_sync.batch_size": 5, "fhir_sync.max_in_flight": 2})
         secret = f"cs-{uuid.uuid4().hex}"
-        app.sql("ALTER SYSTEM SET fhir_sync.auth = 'oauth2'")
-        app.sql(f"ALTER SYSTEM SET fhir_sync.oauth_token_url = '{tokens.base_url}/oauth2/token'")
-        app.sql("ALTER SYSTEM SET fhir_sync.oauth_client_id = 'fhir-sync'")
-        app.sql(f"ALTER SYSTEM SET fhir_sync.oauth_client_secret = '{secret}'")
-        app.sql("ALTER SYSTEM SET fhir_sync.oauth_scope = 'system/*.write'")
-        app.sql("SELECT pg_reload_conf()")
-        time.sleep(0.5)
+        reload_and_wait(app, {"fhir_sync.auth": "oauth2", "fhir_sync.oauth_token_url": f"{tokens.base_url}/oauth2/token",
+                              "fhir_sync.oauth_client_id": "fhir-sync", "fhir_sync.oauth_client_secret": secret,
+                              "fhir_sync.oauth_scope": "system/*.write"})
         for i in range(20):
             app.add_patient(f"oauth-{i}")
         app.wait_drained()
@@ -441,6 +450,8 @@ def test_tls_is_verified_by_default_and_ca_file_trusts_a_private_ca(make_cluster
 
 @needs_openssl
 def test_an_untrusted_certificate_pauses_delivery_without_spending_attempts(make_cluster):
+    """An untrusted certificate is a configuration problem, like a wrong host: delivery pauses as 'server
+    unreachable' and the change spends no attempt (else it would be dead-lettered as exhausted)."""
     app = make_app(make_cluster, "http://127.0.0.1:9")
     certs = app.cluster.dir / "tls"
     make_certs(certs)
