@@ -292,7 +292,7 @@ fn fetch_token(
     if let Some(s) = scope {
         form.push(("scope", s));
     }
-    let basic = base64(format!("{}:{}", form_encode(id), form_encode(secret)).as_bytes());
+    let basic = base64(format!("{}:{}", url_encode(id), url_encode(secret)).as_bytes());
     let resp = agent
         .post(url)
         .header("Authorization", &format!("Basic {basic}"))
@@ -338,10 +338,6 @@ pub fn url_encode(s: &str) -> String {
         }
     }
     out
-}
-
-fn form_encode(s: &str) -> String {
-    url_encode(s)
 }
 
 pub fn base64(input: &[u8]) -> String {
