@@ -2,7 +2,9 @@
 //!
 //! Worker settings are `Sighup`: `SELECT pg_reload_conf()` applies them, no restart needed.
 //! Secrets are `SUPERUSER_ONLY | NO_SHOW_ALL`, so `SHOW`, `pg_settings` and `SHOW ALL`
-//! hide them from ordinary roles.
+//! hide them from ordinary roles. Each secret also has a `*_file` setting naming a file that
+//! holds it: PostgreSQL logs a setting's new value when a reload changes it, so a secret set
+//! with ALTER SYSTEM reaches the log; a file's content never does.
 
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
 use std::ffi::CString;
@@ -83,6 +85,13 @@ pub static OAUTH_TOKEN_URL: GucSetting<Option<CString>> = GucSetting::<Option<CS
 pub static OAUTH_CLIENT_ID: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 /// OAuth2 client secret. Secret.
 pub static OAUTH_CLIENT_SECRET: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(None);
+/// Files holding the secrets above (first line; owned by the server's OS user, mode 0600 or
+/// 0400). Read when a worker starts and at every reload; a set file wins over the setting.
+pub static AUTH_TOKEN_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static AUTH_PASSWORD_FILE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(None);
+pub static OAUTH_CLIENT_SECRET_FILE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(None);
 /// OAuth2 scope, optional.
 pub static OAUTH_SCOPE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
@@ -271,6 +280,24 @@ pub fn init() {
             secret,
         ),
         (
+            c"fhir_sync.auth_token_file",
+            c"File holding the bearer token (preferred to auth_token, which a reload logs).",
+            &AUTH_TOKEN_FILE,
+            GucFlags::SUPERUSER_ONLY,
+        ),
+        (
+            c"fhir_sync.auth_password_file",
+            c"File holding the basic auth password (preferred to auth_password).",
+            &AUTH_PASSWORD_FILE,
+            GucFlags::SUPERUSER_ONLY,
+        ),
+        (
+            c"fhir_sync.oauth_client_secret_file",
+            c"File holding the OAuth2 client secret (preferred to oauth_client_secret).",
+            &OAUTH_CLIENT_SECRET_FILE,
+            GucFlags::SUPERUSER_ONLY,
+        ),
+        (
             c"fhir_sync.oauth_scope",
             c"OAuth2 scope.",
             &OAUTH_SCOPE,
@@ -342,14 +369,18 @@ pub fn capture_payload() -> bool {
 pub fn auth() -> AuthMode {
     AUTH.get()
 }
-pub fn auth_token() -> Option<String> {
-    string(&AUTH_TOKEN)
+pub fn auth_token() -> Result<Option<String>, String> {
+    secret(&AUTH_TOKEN, &AUTH_TOKEN_FILE, "fhir_sync.auth_token_file")
 }
 pub fn auth_username() -> Option<String> {
     string(&AUTH_USERNAME)
 }
-pub fn auth_password() -> Option<String> {
-    string(&AUTH_PASSWORD)
+pub fn auth_password() -> Result<Option<String>, String> {
+    secret(
+        &AUTH_PASSWORD,
+        &AUTH_PASSWORD_FILE,
+        "fhir_sync.auth_password_file",
+    )
 }
 pub fn oauth_token_url() -> Option<String> {
     string(&OAUTH_TOKEN_URL)
@@ -357,8 +388,46 @@ pub fn oauth_token_url() -> Option<String> {
 pub fn oauth_client_id() -> Option<String> {
     string(&OAUTH_CLIENT_ID)
 }
-pub fn oauth_client_secret() -> Option<String> {
-    string(&OAUTH_CLIENT_SECRET)
+pub fn oauth_client_secret() -> Result<Option<String>, String> {
+    secret(
+        &OAUTH_CLIENT_SECRET,
+        &OAUTH_CLIENT_SECRET_FILE,
+        "fhir_sync.oauth_client_secret_file",
+    )
+}
+
+/// A secret from its file when one is set, else from its setting. The error names the file,
+/// never its content.
+fn secret(
+    plain: &GucSetting<Option<CString>>,
+    file: &GucSetting<Option<CString>>,
+    file_setting: &str,
+) -> Result<Option<String>, String> {
+    match string(file) {
+        Some(path) => read_secret_file(std::path::Path::new(&path))
+            .map(Some)
+            .map_err(|e| format!("{file_setting} \"{path}\": {e}")),
+        None => Ok(string(plain)),
+    }
+}
+
+/// The first line of a secret file, which must be readable by its owner only (as PostgreSQL
+/// demands of ssl_key_file): a secret that other OS users can read is not one.
+pub fn read_secret_file(path: &std::path::Path) -> Result<String, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err("has group or world access; it must be mode 0600 or 0400 (chmod 600)".into());
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    let first = text.lines().next().unwrap_or("").trim();
+    if first.is_empty() {
+        return Err("is empty".into());
+    }
+    Ok(first.to_string())
 }
 pub fn oauth_scope() -> Option<String> {
     string(&OAUTH_SCOPE)
@@ -378,5 +447,30 @@ pub fn grouping() -> crate::worker::send::Grouping {
         // Half the lease: a request started before this ends (http_timeout) well within it.
         deadline: std::time::Instant::now()
             + std::time::Duration::from_millis(lease_time_ms() as u64 / 2),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::read_secret_file;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_secret_file_must_be_private_and_gives_its_first_line() {
+        let dir = std::env::temp_dir().join(format!("fhir_sync_secret_{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("token");
+        std::fs::write(&f, "s3cret-token\n# comment\n").unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = read_secret_file(&f).unwrap_err();
+        assert!(e.contains("group or world access"), "{e}");
+        assert!(!e.contains("s3cret"), "the error never shows the secret");
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(read_secret_file(&f).unwrap(), "s3cret-token");
+        std::fs::write(&f, "\n").unwrap();
+        assert_eq!(read_secret_file(&f).unwrap_err(), "is empty");
+        assert!(read_secret_file(&dir.join("missing")).is_err());
+        assert_eq!(read_secret_file(&dir).unwrap_err(), "not a regular file");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

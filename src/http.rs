@@ -109,7 +109,14 @@ impl Client {
     }
 
     /// One request. `path` is relative to the base URL ("Patient?identifier=…", "metadata").
-    pub fn request(&self, method: Method, path: &str, body: Option<&[u8]>) -> Response {
+    /// `if_match` makes an update conditional on the version the server holds (`W/"3"`).
+    pub fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&[u8]>,
+        if_match: Option<&str>,
+    ) -> Response {
         let started = Instant::now();
         let url = if path.is_empty() {
             self.base.clone()
@@ -128,6 +135,10 @@ impl Client {
                     self.agent.post(&url)
                 };
                 let b = b.header("Content-Type", "application/fhir+json");
+                let b = match if_match {
+                    Some(v) => b.header("If-Match", v),
+                    None => b,
+                };
                 let b = match &auth {
                     Some(h) => b.header("Authorization", h),
                     None => b,

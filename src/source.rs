@@ -296,6 +296,8 @@ fn fetch_keyed(sql: &str, keys: &[String]) -> Result<HashMap<String, Row>, FhirS
 #[derive(Clone, Debug, Default)]
 pub struct Synced {
     pub fhir_id: Option<String>,
+    /// The version the server gave the last write, when it said.
+    pub version: Option<String>,
     pub identifier: Option<(String, String)>,
     pub deleted: bool,
 }
@@ -306,7 +308,7 @@ pub fn sync_states(
     keys: &[String],
 ) -> Result<HashMap<String, Synced>, FhirSyncError> {
     let sql = format!(
-        "SELECT resource_key, fhir_id, identifier_system, identifier_value, deleted FROM {schema}.fhir_sync_state
+        "SELECT resource_key, fhir_id, identifier_system, identifier_value, deleted, fhir_version FROM {schema}.fhir_sync_state
           WHERE resource_table = $1::pg_catalog.regclass AND resource_key = ANY ($2)"
     );
     let keys = keys_arg(keys);
@@ -324,6 +326,7 @@ pub fn sync_states(
                     fhir_id: row.get(2)?,
                     identifier,
                     deleted: row.get(5)?.unwrap_or(false),
+                    version: row.get(6)?,
                 },
             );
         }

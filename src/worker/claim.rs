@@ -133,6 +133,7 @@ pub fn claim_with(
         }
         // Several changes of one resource count once: read twice the batch, keep `batch` resources.
         let mut order: Vec<(pg_sys::Oid, String)> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         for row in client.select(
             candidates_sql(schema).as_str(),
             None,
@@ -142,7 +143,7 @@ pub fn claim_with(
                 row.get::<pg_sys::Oid>(2)?.unwrap_or(pg_sys::InvalidOid),
                 row.get::<String>(3)?.unwrap_or_default(),
             );
-            if !order.contains(&key) {
+            if seen.insert(key.clone()) {
                 order.push(key);
             }
         }

@@ -23,11 +23,13 @@ pub enum Mode {
 
 #[derive(Clone, Debug)]
 pub enum Action {
-    /// PUT to `path` (conditional on the identifier, or by id once the identifier changed).
+    /// PUT to `path`: conditional on the identifier until the server has given the resource an
+    /// id, by id after that, with `If-Match` on the version last written when it is known.
     Put {
         path: String,
         body: Value,
         identifier: (String, String),
+        if_match: Option<String>,
     },
     Delete {
         path: String,
@@ -224,17 +226,19 @@ fn plan_put(
     base: &str,
 ) -> Action {
     let identifier = identifier_for(track, row, &c.resource_key, base);
-    // Once the identifier of a synced resource changes, a conditional PUT on the new one would
-    // create a second resource: update the one we know by id instead.
-    if let (Some(id), Some(old), false) = (&state.fhir_id, &state.identifier, state.deleted) {
-        if *old != identifier {
-            body["id"] = Value::String(id.clone());
-            return Action::Put {
-                path: format!("{}/{}", track.resource_type, id),
-                body,
-                identifier,
-            };
-        }
+    // Once the server has given the resource an id, address it by that id: a conditional PUT
+    // re-resolves the identifier on every write, and would create a second resource if the
+    // identifier changed or if the server parses it differently (a '|' in the system). The
+    // version precondition makes a write the worker gave up on (timeout) fail if it reaches
+    // the server after a newer one: without it a late request could leave a stale state there.
+    if let (Some(id), false) = (&state.fhir_id, state.deleted) {
+        body["id"] = Value::String(id.clone());
+        return Action::Put {
+            path: format!("{}/{}", track.resource_type, id),
+            body,
+            identifier,
+            if_match: state.version.as_deref().map(weak_etag),
+        };
     }
     Action::Put {
         path: format!(
@@ -244,7 +248,13 @@ fn plan_put(
         ),
         body,
         identifier,
+        if_match: None,
     }
+}
+
+/// `W/"<version>"`: FHIR servers compare versions as weak entity tags.
+pub fn weak_etag(version: &str) -> String {
+    format!("W/\"{}\"", version.trim_matches('"'))
 }
 
 fn plan_delete(track: &Track, c: &Claimed, state: &Synced, base: &str) -> Action {

@@ -18,7 +18,7 @@ use claim::Claimed;
 use map::{Action, Mode};
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
-use policy::{classify, Class, Transport, Verdict};
+use policy::{Class, Transport, Verdict};
 use settle::Settlement;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -32,26 +32,37 @@ struct ClientSettings {
     in_flight: usize,
     auth: Auth,
     ca_file: Option<String>,
+    /// Why the settings cannot be used (an unreadable secret file): nothing is sent until a
+    /// reload fixes it.
+    problem: Option<String>,
 }
 
 impl ClientSettings {
     fn read() -> Self {
         use crate::gucs::{self as g, AuthMode};
+        let mut problem = None;
+        let mut secret = |r: Result<Option<String>, String>| match r {
+            Ok(v) => v.unwrap_or_default(),
+            Err(e) => {
+                problem = Some(e);
+                String::new()
+            }
+        };
         let auth = match g::auth() {
             AuthMode::None => Auth::None,
-            AuthMode::Bearer => Auth::Bearer(g::auth_token().unwrap_or_default()),
+            AuthMode::Bearer => Auth::Bearer(secret(g::auth_token())),
             AuthMode::Basic => Auth::Basic(crate::http::base64(
                 format!(
                     "{}:{}",
                     g::auth_username().unwrap_or_default(),
-                    g::auth_password().unwrap_or_default()
+                    secret(g::auth_password())
                 )
                 .as_bytes(),
             )),
             AuthMode::Oauth2 => Auth::OAuth2 {
                 token_url: g::oauth_token_url().unwrap_or_default(),
                 client_id: g::oauth_client_id().unwrap_or_default(),
-                client_secret: g::oauth_client_secret().unwrap_or_default(),
+                client_secret: secret(g::oauth_client_secret()),
                 scope: g::oauth_scope(),
             },
         };
@@ -61,6 +72,7 @@ impl ClientSettings {
             in_flight: g::max_in_flight(),
             auth,
             ca_file: g::ca_file(),
+            problem,
         }
     }
 }
@@ -179,6 +191,10 @@ impl Worker {
         let Some(base) = self.settings.base.clone() else {
             return;
         };
+        if let Some(problem) = &self.settings.problem {
+            pgrx::log!("fhir_sync worker: sending nothing: {problem}");
+            return;
+        }
         match Client::new(
             base,
             self.settings.timeout,
@@ -398,15 +414,22 @@ impl Worker {
             let mut request_of = vec![None; tier.len()];
             for (i, a) in actions.iter().enumerate() {
                 let req = match a {
-                    Action::Put { path, body, .. } => send::Outgoing {
+                    Action::Put {
+                        path,
+                        body,
+                        if_match,
+                        ..
+                    } => send::Outgoing {
                         method: Method::Put,
                         path: path.clone(),
                         body: Some(body.clone()),
+                        if_match: if_match.clone(),
                     },
                     Action::Delete { path } => send::Outgoing {
                         method: Method::Delete,
                         path: path.clone(),
                         body: None,
+                        if_match: None,
                     },
                     _ => continue,
                 };
@@ -492,7 +515,14 @@ impl Worker {
                         Transport::Status(st) => Some(st as i32),
                         _ => None,
                     };
-                    let verdict = classify(&r.transport, is_delete);
+                    let versioned = matches!(
+                        action,
+                        Action::Put {
+                            if_match: Some(_),
+                            ..
+                        }
+                    );
+                    let verdict = policy::classify_request(&r.transport, is_delete, versioned);
                     if verdict != Verdict::Delivered {
                         let class = match verdict {
                             Verdict::Retry(c) | Verdict::Pause(c) | Verdict::DeadLetter(c) => c,

@@ -96,6 +96,17 @@ pub fn classify(t: &Transport, is_delete: bool) -> Verdict {
     }
 }
 
+/// Classifies the outcome of a request. An update conditional on a version (If-Match) that
+/// still fails its precondition after the re-reads in send.rs lost a race with another writer:
+/// it is a conflict to retry, not a rejection of the resource (a 412 on a conditional update
+/// by identifier means several resources match: that is a rejection).
+pub fn classify_request(t: &Transport, is_delete: bool, versioned: bool) -> Verdict {
+    match t {
+        Transport::Status(412) if versioned => Verdict::Retry(Class::Conflict),
+        _ => classify(t, is_delete),
+    }
+}
+
 /// How long before attempt `attempts + 1`: exponential from 1 s, capped at 5 minutes, with
 /// ±25 % jitter so that changes failing together do not come back together; never sooner than
 /// the server's Retry-After.
@@ -175,6 +186,27 @@ mod tests {
         assert_eq!(
             classify(&Transport::Broken, false),
             Verdict::Retry(Class::Transient)
+        );
+    }
+
+    #[test]
+    fn a_lost_version_precondition_is_a_conflict_but_an_ambiguous_identifier_is_a_rejection() {
+        let s412 = Transport::Status(412);
+        assert_eq!(
+            classify_request(&s412, false, true),
+            Verdict::Retry(Class::Conflict)
+        );
+        assert_eq!(
+            classify_request(&s412, false, false),
+            Verdict::DeadLetter(Class::Rejected)
+        );
+        assert_eq!(
+            classify_request(&Transport::Status(422), false, true),
+            Verdict::DeadLetter(Class::Rejected)
+        );
+        assert_eq!(
+            classify_request(&Transport::Status(200), false, true),
+            Verdict::Delivered
         );
     }
 

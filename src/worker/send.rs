@@ -16,6 +16,8 @@ pub struct Outgoing {
     pub method: Method,
     pub path: String,
     pub body: Option<Value>,
+    /// The version the update is conditional on (`W/"3"`), sent as If-Match.
+    pub if_match: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -131,9 +133,15 @@ fn work(shared: &Shared, client: &Client) {
     }
 }
 
-fn call(client: &Client, method: Method, path: &str, body: Option<&Value>) -> Response {
+fn call(
+    client: &Client,
+    method: Method,
+    path: &str,
+    body: Option<&Value>,
+    if_match: Option<&str>,
+) -> Response {
     let bytes = body.and_then(|b| serde_json::to_vec(b).ok());
-    let resp = client.request(method, path, bytes.as_deref());
+    let resp = client.request(method, path, bytes.as_deref(), if_match);
     record(&resp);
     resp
 }
@@ -150,15 +158,60 @@ fn record(resp: &Response) {
 }
 
 fn send_one(client: &Client, req: &Outgoing) -> Response {
-    let mut resp = call(client, req.method, &req.path, req.body.as_ref());
-    // A 409 on a conditional update means a concurrent write won the race; the resource we
-    // send is still the latest, so send it again at once.
+    let mut if_match = req.if_match.clone();
+    let mut resp = call(
+        client,
+        req.method,
+        &req.path,
+        req.body.as_ref(),
+        if_match.as_deref(),
+    );
     let mut resends = 0;
-    while resp.transport == Transport::Status(409) && resends < CONFLICT_RESENDS {
+    while resends < CONFLICT_RESENDS {
+        match resp.transport {
+            // A concurrent write won the race; the resource we send is still the latest.
+            Transport::Status(409) => {}
+            // The server holds another version than the one we last wrote: another writer's,
+            // or a request of ours we had given up on that arrived late. What we send is the
+            // row as it stands now, so it is the state to keep: send it again on the version
+            // the server holds now (unconditionally if the server no longer has it).
+            Transport::Status(412) if if_match.is_some() => {
+                match current_version(client, &req.path) {
+                    Ok(v) => if_match = v,
+                    Err(failed) => return failed,
+                }
+            }
+            _ => break,
+        }
         resends += 1;
-        resp = call(client, req.method, &req.path, req.body.as_ref());
+        resp = call(
+            client,
+            req.method,
+            &req.path,
+            req.body.as_ref(),
+            if_match.as_deref(),
+        );
     }
     resp
+}
+
+/// The version the server holds of `Type/id` as an If-Match value; None when it has none (gone).
+fn current_version(client: &Client, path: &str) -> Result<Option<String>, Response> {
+    let resp = call(client, Method::Get, path, None, None);
+    match resp.transport {
+        Transport::Status(404 | 410) => Ok(None),
+        Transport::Status(200) => {
+            let body: Option<Value> = serde_json::from_slice(&resp.body).ok();
+            let version = body
+                .as_ref()
+                .and_then(|b| b.pointer("/meta/versionId"))
+                .and_then(|v| v.as_str())
+                .map(super::map::weak_etag)
+                .or(resp.etag.clone());
+            Ok(version)
+        }
+        _ => Err(resp),
+    }
 }
 
 /// POSTs one Bundle and splits its answer into one response per entry. A transaction that
@@ -169,6 +222,9 @@ fn send_bundle(client: &Client, chunk: &[Outgoing], kind: BundleType) -> Vec<Res
         .iter()
         .map(|r| {
             let mut e = json!({"request": {"method": r.method.name(), "url": r.path}});
+            if let Some(v) = &r.if_match {
+                e["request"]["ifMatch"] = Value::String(v.clone());
+            }
             if let Some(b) = &r.body {
                 e["resource"] = b.clone();
             }
@@ -180,10 +236,20 @@ fn send_bundle(client: &Client, chunk: &[Outgoing], kind: BundleType) -> Vec<Res
         BundleType::Transaction => "transaction",
     };
     let bundle = json!({"resourceType": "Bundle", "type": kind_name, "entry": entries});
-    let resp = call(client, Method::Post, "", Some(&bundle));
+    let resp = call(client, Method::Post, "", Some(&bundle), None);
     match resp.transport {
         Transport::Status(200..=299) => match split_bundle_response(&resp, chunk.len()) {
-            Some(parts) => parts,
+            // An entry that lost a race (409) or a version precondition (412) is sent again on
+            // its own, where send_one resolves it.
+            Some(parts) => parts
+                .into_iter()
+                .zip(chunk)
+                .map(|(part, r)| match part.transport {
+                    Transport::Status(409) => send_one(client, r),
+                    Transport::Status(412) if r.if_match.is_some() => send_one(client, r),
+                    _ => part,
+                })
+                .collect(),
             None => {
                 let mut broken = resp.clone();
                 broken.transport = Transport::Broken;

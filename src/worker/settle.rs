@@ -104,7 +104,9 @@ pub fn settle(schema: &str, s: &Settlement) -> Result<(), FhirSyncError> {
                      ON CONFLICT (resource_table, resource_key) DO UPDATE SET
                             resource_type = excluded.resource_type,
                             fhir_id = coalesce(excluded.fhir_id, s.fhir_id),
-                            fhir_version = coalesce(excluded.fhir_version, s.fhir_version),
+                            -- never keep an older version: it would make the next update's
+                            -- If-Match fail and cost a re-read.
+                            fhir_version = excluded.fhir_version,
                             identifier_system = coalesce(excluded.identifier_system, s.identifier_system),
                             identifier_value = coalesce(excluded.identifier_value, s.identifier_value),
                             deleted = excluded.deleted, last_synced_at = excluded.last_synced_at,

@@ -15,6 +15,7 @@ request hangs, a hot standby, and bad input - hostile server answers and hostile
 """
 from __future__ import annotations
 
+import copy
 import time
 
 import pytest
@@ -202,16 +203,12 @@ def test_resets_hangs_503s_and_slow_responses_lose_nothing(make_cluster, faults)
     no_crash(app.cluster)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a write the worker gave up on (http_timeout) is still applied by a slow server AFTER the newer state "
-    "the worker sent next, so the server keeps a stale state for good: the worker treats a timed-out "
-    "request as over (policy.rs: Broken -> Retry) and re-sends the resource, with no If-Match/version "
-    "precondition that would make the late write fail (map.rs plan_put, send.rs)"))
 def test_a_late_timed_out_write_does_not_overwrite_a_newer_state(make_cluster, faults):
     """Per-resource order across a timeout. v2 is sent; the server sits on it for 5 s; the worker gives up
     after 1 s (http_timeout). v3 was committed while v2 was in flight, so the retry (due 0.75-1.25 s
-    later) carries v3 and the server applies it; then the server finishes the v2 request. The server must
-    end with v3, the last committed state."""
+    later) carries v3 and the server applies it; then the server gets round to the v2 request. The server
+    must end with v3, the last committed state: updates carry If-Match on the version last written, so
+    the late v2 fails its precondition."""
     app = make_app(make_cluster, faults.base_url,
                    conf={"fhir_sync.http_timeout": "1s", "fhir_sync.poll_interval": "200ms"})
     pid = app.add_patient("late-1", given="v1")
@@ -219,21 +216,48 @@ def test_a_late_timed_out_write_does_not_overwrite_a_newer_state(make_cluster, f
     app.wait_drained()
     rid = faults.store.find("Patient", f"{MRN}|late-1")[0]
     history = faults.store.items[("Patient", rid)]["history"]
-    faults.delay(5.0, times=1, match={"method": "PUT", "contains": "late-1"})
+    faults.delay(5.0, times=1, match={"method": "PUT", "contains": rid})
     n = len(faults.requests)
     app.sql("UPDATE patient SET name_given = 'v2' WHERE id = %s", (pid,))
     faults.wait_for_requests(n + 1)           # v2 is at the server, which sits on it
     app.sql("UPDATE patient SET name_given = 'v3' WHERE id = %s", (pid,))
     app.wait_drained(timeout=30)              # the retry, with v3, was answered
-    sent = faults.requests[n:]
+    sent = [r for r in faults.requests[n:] if r.method == "PUT"]
     t0 = sent[0].time
-    print("\n" + "\n".join(f"  +{r.time - t0:.2f}s {r.method} given={r.json()['name'][0]['given']}" for r in sent))
-    assert [r.json()["name"][0]["given"] for r in sent] == [["v2"], ["v3"]]
+    print("\n" + "\n".join(f"  +{r.time - t0:.2f}s {r.method} {r.headers.get('if-match')} "
+                            f"given={r.json()['name'][0]['given']}" for r in sent))
+    assert [r.json()["name"][0]["given"] for r in sent[:2]] == [["v2"], ["v3"]]
     assert sent[1].time - t0 < 4, "the retry must have been sent while v2 was still at the server"
-    wait_until(lambda: len(history) == 3, timeout=15, message="the server finished the slow v2 request")
+    assert sent[0].headers.get("if-match") == 'W/"1"', "an update names the version it replaces"
+    wait_until(lambda: faults.answer_to(sent[0]) is not None, timeout=15,
+               message="the server finished the slow v2 request")
     print("\n".join(f"  applied version {h['version']}: given={h['resource']['name'][0]['given']}" for h in history))
+    assert faults.answer_to(sent[0]) == 412, "the late v2 must fail its precondition"
     assert faults.store.items[("Patient", rid)]["resource"]["name"][0]["given"] == ["v3"], \
         "the server holds a stale state: the late v2 write overwrote v3"
+    assert app.one("SELECT count(*) FROM fhir_dlq") == 0
+
+
+def test_an_update_overwrites_a_version_written_by_someone_else(make_cluster, faults):
+    """The database is the source of truth: when another client changed the resource on the server, the
+    next update's If-Match fails; the worker re-reads the version and sends the row's state on it."""
+    app = make_app(make_cluster, faults.base_url)
+    pid = app.add_patient("other-writer", given="v1")
+    app.wait_drained()
+    rid = faults.store.find("Patient", f"{MRN}|other-writer")[0]
+    foreign = copy.deepcopy(faults.store.items[("Patient", rid)]["resource"])
+    foreign["name"][0]["given"] = ["edited elsewhere"]
+    faults.store.put("Patient", rid, foreign, faults.base_url)          # version 2, not ours
+    n = len(faults.requests)
+    app.sql("UPDATE patient SET name_given = 'v2' WHERE id = %s", (pid,))
+    app.wait_drained()
+    sent = faults.requests[n:]
+    print("\n" + "\n".join(f"  {r.method} {r.url_path} if-match={r.headers.get('if-match')}" for r in sent))
+    assert [(r.method, r.headers.get("if-match")) for r in sent] == \
+        [("PUT", 'W/"1"'), ("GET", None), ("PUT", 'W/"2"')]
+    assert faults.store.items[("Patient", rid)]["resource"]["name"][0]["given"] == ["v2"]
+    assert app.one("SELECT fhir_version FROM fhir_sync_state WHERE resource_key = %s", (str(pid),)) == "3"
+    assert app.one("SELECT count(*) FROM fhir_dlq") == 0
 
 
 # ---------------------------------------------------------------------------------------------- backlog storm
@@ -330,7 +354,7 @@ def test_rolled_back_and_prepared_transactions(make_cluster, faults):
                timeout=10, message="the prepared update delivered")
     app.wait_drained()
     sent = [r for r in faults.requests[n0:] if r.method in ("PUT", "DELETE")]
-    mrns = sorted(r.query["identifier"].split("|", 1)[1] for r in sent)
+    mrns = sorted(r.json()["identifier"][0]["value"] for r in sent)   # updates go by id: read the body
     assert mrns == ["tx-base", "tx-kept", "tx-prepared-ok"], mrns
     for r in sent:
         assert b"never" not in r.body and b"by-gid-rb" not in r.body
@@ -678,12 +702,6 @@ def test_hostile_identifiers_are_idempotent_on_helios(make_cluster, helios):
         assert int(found[0]["meta"]["versionId"]) >= 3, found[0]["meta"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "an identifier system containing '|' (legal in a FHIR uri, which only forbids whitespace) makes every "
-    "conditional PUT miss: the server splits system|value at the first '|', so each update of the row "
-    "creates ANOTHER Patient (3 resources after insert + 2 updates), silently. The worker keeps PUTting "
-    "conditionally although fhir_sync_state has the id (map.rs plan_put uses the id only when the "
-    "identifier changed), and the mapper accepts the system (mapping/row.rs uri)"))
 def test_an_identifier_system_with_a_pipe_is_not_duplicated_on_helios(make_cluster, helios):
     from harness.util import unique
 

@@ -127,19 +127,69 @@ def worker_log(cluster) -> str:
                      if "fhir_sync worker" in line or "fhir_sync launcher" in line)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "setting a secret the way the README says (ALTER SYSTEM + SELECT pg_reload_conf()) writes it to the "
-    "PostgreSQL log in clear text: on reload the postmaster logs 'parameter \"fhir_sync.auth_token\" "
-    "changed to \"<token>\"' for every changed setting, GUC_SUPERUSER_ONLY ones included; secrets kept as "
-    "plain GUCs (gucs.rs) cannot avoid it (e.g. read them from a file named by a setting instead)"))
+def secret_file(app, name: str, value: str, mode: int = 0o600) -> Path:
+    """A file holding one secret, owned by the server's OS user (cluster.dir belongs to it)."""
+    path = app.cluster.dir / name
+    path.write_text(value + "\n")
+    shutil.chown(path, PG_USER, PG_USER)
+    path.chmod(mode)
+    return path
+
+
 def test_setting_a_secret_the_documented_way_keeps_it_out_of_the_log(make_cluster, faults):
+    """The README's way: the secret in a file only the server's OS user reads, named by the *_file
+    setting, then a reload. The worker uses it; the log, which shows every changed setting's new value
+    at reload, shows the file's path only. Rotating it is rewriting the file and reloading."""
     app = make_app(make_cluster, faults.base_url)
-    secrets = set_secrets(app)
-    app.add_patient("log-secret")
-    faults.wait_for_requests(1)
+    token = f"tok-{uuid.uuid4().hex}"
+    path = secret_file(app, "fhir_token", token)
+    reload_and_wait(app, {"fhir_sync.auth": "bearer", "fhir_sync.auth_token_file": str(path)})
+    app.add_patient("file-secret")
+    req = faults.wait_for_requests(1, predicate=lambda r: "file-secret" in r.path)[0]
+    assert req.headers["authorization"] == f"Bearer {token}"
+
+    rotated = f"tok-{uuid.uuid4().hex}"
+    path.write_text(rotated + "\n")
+    app.sql("SELECT pg_reload_conf()")
+    time.sleep(1)                       # the postmaster passes the reload on to the worker
+    app.add_patient("file-rotated")
+    req = faults.wait_for_requests(1, predicate=lambda r: "file-rotated" in r.path)[0]
+    assert req.headers["authorization"] == f"Bearer {rotated}"
     log = app.cluster.log_text()
-    for name, value in secrets.items():
-        assert value not in log, f"{name} is in the PostgreSQL log"
+    assert str(path) in log, "the reload logs the setting: the path"
+    for value in (token, rotated):
+        assert value not in log, "a secret is in the PostgreSQL log"
+
+
+def test_a_secret_file_others_can_read_is_refused_until_fixed(make_cluster, faults):
+    """As PostgreSQL refuses an ssl_key_file with group or world access: the worker sends nothing (with
+    a log line naming the file, not its content), loses nothing, and delivers once the mode is fixed."""
+    app = make_app(make_cluster, faults.base_url)
+    token = f"tok-{uuid.uuid4().hex}"
+    path = secret_file(app, "open_token", token, mode=0o644)
+    reload_and_wait(app, {"fhir_sync.auth": "bearer", "fhir_sync.auth_token_file": str(path)})
+    app.add_patient("open-file")
+    eventually(lambda: "has group or world access" in app.cluster.log_text(), message="refusal logged")
+    time.sleep(1)
+    assert not [r for r in faults.requests if "open-file" in r.path], "nothing is sent with a readable secret"
+    assert app.one("SELECT count(*) FROM fhir_outbox WHERE NOT processed") == 1
+    path.chmod(0o600)
+    app.sql("SELECT pg_reload_conf()")
+    app.wait_drained(timeout=20)
+    req = [r for r in faults.requests if "open-file" in r.path][0]
+    assert req.headers["authorization"] == f"Bearer {token}"
+    assert token not in app.cluster.log_text()
+    assert app.one("SELECT count(*) FROM fhir_dlq") == 0
+
+
+def test_an_ordinary_role_cannot_read_or_set_the_secret_file_settings(make_cluster, faults):
+    app = make_app(make_cluster, faults.base_url)
+    make_clerk(app)
+    clerk = connect_as(app.cluster, "clerk")
+    for name in ("fhir_sync.auth_token_file", "fhir_sync.auth_password_file", "fhir_sync.oauth_client_secret_file"):
+        denied(clerk, f"SHOW {name}")
+        denied(clerk, f"SET {name} = '/tmp/mine'", code="55P02")
+        denied(clerk, f"ALTER SYSTEM SET {name} = '/tmp/mine'")
 
 
 def test_the_exporter_role_cannot_read_the_secrets(make_cluster, faults):

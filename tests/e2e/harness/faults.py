@@ -299,6 +299,7 @@ class FaultServer:
         self.store = FhirStore(location_style)
         self._lock = threading.RLock()
         self._requests: list[Request] = []
+        self._answers: dict[int, int] = {}     # Request.seq -> status it was answered with (default handling)
         self._rules: list[Rule] = []
         self._conns: set = set()
         self._release = threading.Event()
@@ -441,6 +442,11 @@ class FaultServer:
         with self._lock:
             return list(self._requests)
 
+    def answer_to(self, req: Request) -> int | None:
+        """The status the store answered req with (None while it is still being held or when a rule answered)."""
+        with self._lock:
+            return self._answers.get(req.seq)
+
     def clear_requests(self) -> None:
         with self._lock:
             self._requests.clear()
@@ -470,6 +476,8 @@ class FaultServer:
             rule = None
         if rule is None:
             resp = self.handle_fhir(req)
+            with self._lock:
+                self._answers[req.seq] = resp.status
             h.send(resp.status, resp.body, resp.headers, resp.content_type)
             return
         if rule.delay:
