@@ -255,7 +255,7 @@ fn preview(table: pg_sys::Oid, key: &str) -> Result<Option<Value>, FhirSyncError
         &mut deps,
     )?;
     match actions.into_iter().next() {
-        Some(Action::Put { body, .. }) => Ok(Some(body)),
+        Some(Action::Put { body, .. }) => Ok(Some(*body)),
         Some(Action::Delete { .. }) | Some(Action::AlreadyGone) => {
             Err(FhirSyncError::RowNotFound {
                 table: root_track.name.clone(),

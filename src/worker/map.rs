@@ -27,7 +27,7 @@ pub enum Action {
     /// id, by id after that, with `If-Match` on the version last written when it is known.
     Put {
         path: String,
-        body: Value,
+        body: Box<Value>,
         identifier: (String, String),
         if_match: Option<String>,
     },
@@ -235,7 +235,7 @@ fn plan_put(
         body["id"] = Value::String(id.clone());
         return Action::Put {
             path: format!("{}/{}", track.resource_type, id),
-            body,
+            body: Box::new(body),
             identifier,
             if_match: state.version.as_deref().map(weak_etag),
         };
@@ -246,7 +246,7 @@ fn plan_put(
             track.resource_type,
             identifier_query(&identifier.0, &identifier.1)
         ),
-        body,
+        body: Box::new(body),
         identifier,
         if_match: None,
     }

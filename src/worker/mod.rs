@@ -422,7 +422,7 @@ impl Worker {
                     } => send::Outgoing {
                         method: Method::Put,
                         path: path.clone(),
-                        body: Some(body.clone()),
+                        body: Some((**body).clone()),
                         if_match: if_match.clone(),
                     },
                     Action::Delete { path } => send::Outgoing {

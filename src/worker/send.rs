@@ -178,7 +178,7 @@ fn send_one(client: &Client, req: &Outgoing) -> Response {
             Transport::Status(412) if if_match.is_some() => {
                 match current_version(client, &req.path) {
                     Ok(v) => if_match = v,
-                    Err(failed) => return failed,
+                    Err(failed) => return *failed,
                 }
             }
             _ => break,
@@ -196,7 +196,7 @@ fn send_one(client: &Client, req: &Outgoing) -> Response {
 }
 
 /// The version the server holds of `Type/id` as an If-Match value; None when it has none (gone).
-fn current_version(client: &Client, path: &str) -> Result<Option<String>, Response> {
+fn current_version(client: &Client, path: &str) -> Result<Option<String>, Box<Response>> {
     let resp = call(client, Method::Get, path, None, None);
     match resp.transport {
         Transport::Status(404 | 410) => Ok(None),
@@ -210,7 +210,7 @@ fn current_version(client: &Client, path: &str) -> Result<Option<String>, Respon
                 .or(resp.etag.clone());
             Ok(version)
         }
-        _ => Err(resp),
+        _ => Err(Box::new(resp)),
     }
 }
 
