@@ -1,5 +1,6 @@
 //! The source side of a resource: which tables are tracked and how, and reading their rows
-//! as they stand now (`to_jsonb`, so any column type reaches the mappers in one form).
+//! as they stand now (`to_json`, so any column type reaches the mappers in one form; to_json
+//! writes text directly, where to_jsonb builds a binary tree that is then printed).
 //!
 //! Every statement here names schemas explicitly; it is run by the worker (a superuser) and by
 //! `fhir_preview`, so nothing may resolve through a caller's search_path.
@@ -201,7 +202,7 @@ pub fn as_owner<R>(relid: pg_sys::Oid, f: impl FnOnce() -> R) -> Result<R, FhirS
 /// Rows of `track` by primary key, as they are now; a key with no row is absent from the map.
 pub fn fetch_rows(track: &Track, keys: &[String]) -> Result<HashMap<String, Row>, FhirSyncError> {
     let sql = format!(
-        "SELECT s.{key}::text, pg_catalog.to_jsonb(s) FROM {table} s WHERE s.{key} = ANY ($1::text[]::{ty}[])",
+        "SELECT s.{key}::text, pg_catalog.to_json(s) FROM {table} s WHERE s.{key} = ANY ($1::text[]::{ty}[])",
         key = quote_identifier(&track.key_column),
         table = track.sql_name,
         ty = track.key_type,
@@ -252,7 +253,7 @@ pub fn fetch_children(
         return Ok(HashMap::new());
     };
     let sql = format!(
-        "SELECT s.{col}::text, pg_catalog.to_jsonb(s) FROM {table} s WHERE s.{col} = ANY ($1::text[]::{ty}[]) ORDER BY s.{key}",
+        "SELECT s.{col}::text, pg_catalog.to_json(s) FROM {table} s WHERE s.{col} = ANY ($1::text[]::{ty}[]) ORDER BY s.{key}",
         col = quote_identifier(col),
         table = child.sql_name,
         key = quote_identifier(&child.key_column),
@@ -262,8 +263,8 @@ pub fn fetch_children(
         Spi::connect(|client| {
             let mut out: HashMap<String, Vec<Row>> = HashMap::new();
             for row in client.select(sql.as_str(), None, &[keys.into()])? {
-                if let (Some(k), Some(pgrx::JsonB(serde_json::Value::Object(r)))) =
-                    (row.get::<String>(1)?, row.get::<pgrx::JsonB>(2)?)
+                if let (Some(k), Some(pgrx::Json(serde_json::Value::Object(r)))) =
+                    (row.get::<String>(1)?, row.get::<pgrx::Json>(2)?)
                 {
                     out.entry(k).or_default().push(r);
                 }
@@ -282,8 +283,8 @@ fn fetch_keyed(sql: &str, keys: &[String]) -> Result<HashMap<String, Row>, FhirS
     Spi::connect(|client| {
         let mut out = HashMap::new();
         for row in client.select(sql, None, &[keys.into()])? {
-            if let (Some(k), Some(pgrx::JsonB(serde_json::Value::Object(r)))) =
-                (row.get::<String>(1)?, row.get::<pgrx::JsonB>(2)?)
+            if let (Some(k), Some(pgrx::Json(serde_json::Value::Object(r)))) =
+                (row.get::<String>(1)?, row.get::<pgrx::Json>(2)?)
             {
                 out.insert(k, r);
             }
@@ -302,14 +303,21 @@ pub struct Synced {
     pub deleted: bool,
 }
 
+/// One primary-key probe per key (LATERAL … LIMIT 1 keeps the keys outside): the table grows
+/// with every synced row and its statistics lag behind, and without them `resource_key = ANY`
+/// was planned as a bitmap scan of the whole table's entries for the first key column.
 pub fn sync_states(
     schema: &str,
     table: pg_sys::Oid,
     keys: &[String],
 ) -> Result<HashMap<String, Synced>, FhirSyncError> {
     let sql = format!(
-        "SELECT resource_key, fhir_id, identifier_system, identifier_value, deleted, fhir_version FROM {schema}.fhir_sync_state
-          WHERE resource_table = $1::pg_catalog.regclass AND resource_key = ANY ($2)"
+        "SELECT s.resource_key, s.fhir_id, s.identifier_system, s.identifier_value, s.deleted, s.fhir_version
+           FROM unnest($2::text[]) AS k(key)
+          CROSS JOIN LATERAL (
+                SELECT * FROM {schema}.fhir_sync_state s
+                 WHERE s.resource_table = $1::pg_catalog.regclass AND s.resource_key = k.key
+                 LIMIT 1) AS s"
     );
     let keys = keys_arg(keys);
     Spi::connect(|client| {

@@ -410,9 +410,10 @@ impl Worker {
                 map::plan(schema, &tracks, &tier, Mode::Deliver, &mut deps)
             })?
             .map_err(|e| e.to_string())?;
+            let mut actions = actions;
             let mut requests = Vec::new();
             let mut request_of = vec![None; tier.len()];
-            for (i, a) in actions.iter().enumerate() {
+            for (i, a) in actions.iter_mut().enumerate() {
                 let req = match a {
                     Action::Put {
                         path,
@@ -422,7 +423,8 @@ impl Worker {
                     } => send::Outgoing {
                         method: Method::Put,
                         path: path.clone(),
-                        body: Some((**body).clone()),
+                        // Moved, not copied: judge() needs only the kind and identifier.
+                        body: Some(std::mem::take(&mut **body)),
                         if_match: if_match.clone(),
                     },
                     Action::Delete { path } => send::Outgoing {

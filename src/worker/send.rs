@@ -141,7 +141,17 @@ fn call(
     if_match: Option<&str>,
 ) -> Response {
     let bytes = body.and_then(|b| serde_json::to_vec(b).ok());
-    let resp = client.request(method, path, bytes.as_deref(), if_match);
+    call_raw(client, method, path, bytes.as_deref(), if_match)
+}
+
+fn call_raw(
+    client: &Client,
+    method: Method,
+    path: &str,
+    body: Option<&[u8]>,
+    if_match: Option<&str>,
+) -> Response {
+    let resp = client.request(method, path, body, if_match);
     record(&resp);
     resp
 }
@@ -218,25 +228,8 @@ fn current_version(client: &Client, path: &str) -> Result<Option<String>, Box<Re
 /// fails as a whole does not say which entry was at fault: its entries are then sent one by
 /// one, so that only the bad one is dead-lettered.
 fn send_bundle(client: &Client, chunk: &[Outgoing], kind: BundleType) -> Vec<Response> {
-    let entries: Vec<Value> = chunk
-        .iter()
-        .map(|r| {
-            let mut e = json!({"request": {"method": r.method.name(), "url": r.path}});
-            if let Some(v) = &r.if_match {
-                e["request"]["ifMatch"] = Value::String(v.clone());
-            }
-            if let Some(b) = &r.body {
-                e["resource"] = b.clone();
-            }
-            e
-        })
-        .collect();
-    let kind_name = match kind {
-        BundleType::Batch => "batch",
-        BundleType::Transaction => "transaction",
-    };
-    let bundle = json!({"resourceType": "Bundle", "type": kind_name, "entry": entries});
-    let resp = call(client, Method::Post, "", Some(&bundle), None);
+    let bundle = bundle_bytes(chunk, kind);
+    let resp = call_raw(client, Method::Post, "", Some(&bundle), None);
     match resp.transport {
         Transport::Status(200..=299) => match split_bundle_response(&resp, chunk.len()) {
             // An entry that lost a race (409) or a version precondition (412) is sent again on
@@ -267,6 +260,37 @@ fn send_bundle(client: &Client, chunk: &[Outgoing], kind: BundleType) -> Vec<Res
     }
 }
 
+/// The Bundle as JSON bytes, written entry by entry: the resources are serialised in place, not
+/// copied into a Bundle value first (a batch is hundreds of resources).
+fn bundle_bytes(chunk: &[Outgoing], kind: BundleType) -> Vec<u8> {
+    let kind_name = match kind {
+        BundleType::Batch => "batch",
+        BundleType::Transaction => "transaction",
+    };
+    let mut out = Vec::with_capacity(chunk.len() * 1024);
+    out.extend_from_slice(br#"{"resourceType":"Bundle","type":""#);
+    out.extend_from_slice(kind_name.as_bytes());
+    out.extend_from_slice(br#"","entry":["#);
+    for (i, r) in chunk.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        let mut request = json!({"method": r.method.name(), "url": r.path});
+        if let Some(v) = &r.if_match {
+            request["ifMatch"] = Value::String(v.clone());
+        }
+        out.extend_from_slice(br#"{"request":"#);
+        serde_json::to_writer(&mut out, &request).expect("a Value always serialises");
+        if let Some(b) = &r.body {
+            out.extend_from_slice(br#","resource":"#);
+            serde_json::to_writer(&mut out, b).expect("a Value always serialises");
+        }
+        out.push(b'}');
+    }
+    out.extend_from_slice(b"]}");
+    out
+}
+
 /// One response per entry of a batch-response / transaction-response Bundle.
 pub fn split_bundle_response(resp: &Response, n: usize) -> Option<Vec<Response>> {
     let v: Value = serde_json::from_slice(&resp.body).ok()?;
@@ -286,16 +310,30 @@ pub fn split_bundle_response(resp: &Response, n: usize) -> Option<Vec<Response>>
                 .parse()
                 .ok()?;
             let text = |k: &str| r.get(k).and_then(|x| x.as_str()).map(str::to_string);
-            let body = e
-                .get("resource")
-                .or_else(|| r.get("outcome"))
-                .map(|b| serde_json::to_vec(b).unwrap_or_default())
-                .unwrap_or_default();
+            let resource = e.get("resource");
+            let field = |p: &str| resource.and_then(|b| b.pointer(p)).and_then(|x| x.as_str());
+            // A delivered entry needs only its id and version: carry them as a Location
+            // (Type/id/_history/v) instead of re-serialising the stored resource, which the
+            // worker would parse once more. Failures keep their body (the OperationOutcome).
+            let compact = match (
+                field("/resourceType"),
+                field("/id"),
+                field("/meta/versionId"),
+            ) {
+                (Some(t), Some(id), Some(v)) if (200..300).contains(&status) => {
+                    Some(format!("{t}/{id}/_history/{v}"))
+                }
+                _ => None,
+            };
+            let body = match (&compact, resource.or_else(|| r.get("outcome"))) {
+                (None, Some(b)) => serde_json::to_vec(b).unwrap_or_default(),
+                _ => Vec::new(),
+            };
             Some(Response {
                 transport: Transport::Status(status),
                 body,
                 etag: text("etag"),
-                location: text("location"),
+                location: compact.or_else(|| text("location")),
                 retry_after: None,
                 elapsed: resp.elapsed,
                 error: None,
@@ -368,6 +406,58 @@ mod tests {
             serde_json::from_slice::<Value>(&parts[1].body).unwrap()["resourceType"],
             "OperationOutcome"
         );
+    }
+
+    #[test]
+    fn a_bundle_is_written_with_every_entry_in_order() {
+        let chunk = vec![
+            Outgoing {
+                method: Method::Put,
+                path: "Patient?identifier=urn:s%7C1".into(),
+                body: Some(
+                    json!({"resourceType": "Patient", "name": [{"family": "Ünïcode \"q\""}]}),
+                ),
+                if_match: None,
+            },
+            Outgoing {
+                method: Method::Put,
+                path: "Patient/abc".into(),
+                body: Some(json!({"resourceType": "Patient", "id": "abc"})),
+                if_match: Some("W/\"4\"".into()),
+            },
+            Outgoing {
+                method: Method::Delete,
+                path: "Patient/gone".into(),
+                body: None,
+                if_match: None,
+            },
+        ];
+        let v: Value =
+            serde_json::from_slice(&bundle_bytes(&chunk, BundleType::Transaction)).unwrap();
+        assert_eq!(
+            v,
+            json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+                {"request": {"method": "PUT", "url": "Patient?identifier=urn:s%7C1"},
+                 "resource": {"resourceType": "Patient", "name": [{"family": "Ünïcode \"q\""}]}},
+                {"request": {"method": "PUT", "url": "Patient/abc", "ifMatch": "W/\"4\""},
+                 "resource": {"resourceType": "Patient", "id": "abc"}},
+                {"request": {"method": "DELETE", "url": "Patient/gone"}},
+            ]})
+        );
+    }
+
+    #[test]
+    fn a_delivered_entry_keeps_its_id_and_version_but_not_its_body() {
+        let r = resp(
+            json!({"resourceType": "Bundle", "type": "batch-response", "entry": [
+                {"response": {"status": "200 OK", "etag": "W/\"7\""},
+                 "resource": {"resourceType": "Patient", "id": "p1", "meta": {"versionId": "7"},
+                              "name": [{"family": "Doe"}]}},
+            ]}),
+        );
+        let parts = split_bundle_response(&r, 1).unwrap();
+        assert_eq!(parts[0].location.as_deref(), Some("Patient/p1/_history/7"));
+        assert!(parts[0].body.is_empty());
     }
 
     #[test]
