@@ -210,16 +210,9 @@ fn current_version(client: &Client, path: &str) -> Result<Option<String>, Box<Re
     let resp = call(client, Method::Get, path, None, None);
     match resp.transport {
         Transport::Status(404 | 410) => Ok(None),
-        Transport::Status(200) => {
-            let body: Option<Value> = serde_json::from_slice(&resp.body).ok();
-            let version = body
-                .as_ref()
-                .and_then(|b| b.pointer("/meta/versionId"))
-                .and_then(|v| v.as_str())
-                .map(super::map::weak_etag)
-                .or(resp.etag.clone());
-            Ok(version)
-        }
+        Transport::Status(200) => Ok(super::resource_id(&resp)
+            .1
+            .map(|v| super::map::weak_etag(&v))),
         _ => Err(Box::new(resp)),
     }
 }
