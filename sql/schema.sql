@@ -50,7 +50,12 @@ CREATE TABLE fhir_outbox (
     error_class       text,
     http_status       integer,
     first_failed_at   timestamptz
-) WITH (fillfactor = 90);
+-- Half of each page is kept free so that the worker's lease (locked_by, lock_expires_at: no
+-- index covers them) is a HOT update written beside the row: no new index entries, and the
+-- claim's index walk does not wade through dead ones. Measured: the lease of 400 rows 6.8 →
+-- 2.8 ms, the whole worker ~25 % less CPU per row (benches/README.md). The outbox is a queue,
+-- so the doubled size is that of the backlog.
+) WITH (fillfactor = 50);
 
 -- Claiming walks this index from the front: fresh changes (no retry time) first, then retries
 -- that came due. Its size is the pending backlog only, so a claim costs the same with a

@@ -454,7 +454,13 @@ fn fhir_sync_explain_claim(
     };
     let mut plans = Vec::new();
     let run = crate::subxact::rolled_back(|| {
-        crate::worker::claim::claim_with(&schema, batch as i64, 1000, Some(&mut plans))
+        crate::worker::claim::claim_with(
+            &schema,
+            batch as i64,
+            1000,
+            &Default::default(),
+            Some(&mut plans),
+        )
     });
     match run {
         Ok(Ok(_)) => TableIterator::new(plans.into_iter().map(|p| (p,)).collect::<Vec<_>>()),

@@ -25,6 +25,11 @@ mod worker;
 
 pgrx::pg_module_magic!(name, version);
 
+/// Rust's allocations (JSON values, request bodies, responses) only; PostgreSQL's memory
+/// contexts are untouched.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
 extension_sql_file!("../sql/track.sql", name = "track", requires = ["schema"]);
 extension_sql_file!("../sql/admin.sql", name = "admin", requires = ["schema"]);

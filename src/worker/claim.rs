@@ -62,28 +62,18 @@ fn candidates_sql(schema: &str) -> String {
     )
 }
 
-/// Of the given resources, those another live worker holds or that wait for a retry.
-/// $1 tables, $2 keys, $3 live worker pids, $4 this worker's pid. LATERAL keeps the keys on the
-/// outside of the join: one index probe per key, whatever the planner believes of the outbox.
-fn busy_sql(schema: &str) -> String {
-    format!(
-        "SELECT u.t, u.k FROM unnest($1::pg_catalog.oid[], $2::text[]) AS u(t, k)
-          CROSS JOIN LATERAL (
-                SELECT 1 FROM {schema}.fhir_outbox b
-                 WHERE b.resource_table = u.t::pg_catalog.regclass AND b.resource_key = u.k
-                   AND NOT b.processed
-                   AND ((b.lock_expires_at >= pg_catalog.now() AND b.locked_by = ANY ($3) AND b.locked_by <> $4)
-                        OR b.next_retry_at > pg_catalog.now())
-                 LIMIT 1) AS held"
-    )
-}
-
-/// Every pending change of the given resources. $1 tables, $2 keys.
+/// Every pending change of the given resources, and whether it makes its resource busy: leased
+/// by another live worker, or waiting for a retry. $1 tables, $2 keys, $3 live worker pids,
+/// $4 this worker's pid. LATERAL keeps the keys on the outside of the join: one index probe per
+/// key, whatever the planner believes of the outbox.
 fn pending_of_sql(schema: &str) -> String {
     format!(
-        "SELECT p.id FROM unnest($1::pg_catalog.oid[], $2::text[]) AS u(t, k)
+        "SELECT u.t, u.k, p.id, p.held FROM unnest($1::pg_catalog.oid[], $2::text[]) AS u(t, k)
           CROSS JOIN LATERAL (
-                SELECT b.id FROM {schema}.fhir_outbox b
+                SELECT b.id,
+                       coalesce((b.lock_expires_at >= pg_catalog.now() AND b.locked_by = ANY ($3) AND b.locked_by <> $4)
+                                OR b.next_retry_at > pg_catalog.now(), false) AS held
+                  FROM {schema}.fhir_outbox b
                  WHERE b.resource_table = u.t::pg_catalog.regclass AND b.resource_key = u.k
                    AND NOT b.processed) AS p"
     )
@@ -103,12 +93,19 @@ fn lease_sql(schema: &str) -> String {
     )
 }
 
-/// Leases up to `batch` resources. With `explain`, each statement runs under EXPLAIN (ANALYZE,
-/// BUFFERS) and its plan is appended there (for fhir_sync_explain_claim; the caller rolls back).
+/// Resources this worker has in flight: a claim made while they are out must pass them over.
+/// (The busy check cannot see them: this worker's own leases count as free, so that a cycle
+/// that failed after its claim can take its resources up again at once.)
+pub type InFlight = std::collections::HashSet<(pg_sys::Oid, String)>;
+
+/// Leases up to `batch` resources, none of them in `exclude`. With `explain`, each statement
+/// runs under EXPLAIN (ANALYZE, BUFFERS) and its plan is appended there (for
+/// fhir_sync_explain_claim; the caller rolls back).
 pub fn claim_with(
     schema: &str,
     batch: i64,
     lease_ms: i64,
+    exclude: &InFlight,
     mut explain: Option<&mut Vec<String>>,
 ) -> Result<Vec<Claimed>, FhirSyncError> {
     let pid = unsafe { pg_sys::MyProcPid };
@@ -143,7 +140,7 @@ pub fn claim_with(
                 row.get::<pg_sys::Oid>(2)?.unwrap_or(pg_sys::InvalidOid),
                 row.get::<String>(3)?.unwrap_or_default(),
             );
-            if seen.insert(key.clone()) {
+            if !exclude.contains(&key) && seen.insert(key.clone()) {
                 order.push(key);
             }
         }
@@ -152,37 +149,37 @@ pub fn claim_with(
         }
         let tables: Vec<pg_sys::Oid> = order.iter().map(|r| r.0).collect();
         let keys: Vec<String> = order.iter().map(|r| r.1.clone()).collect();
+        let pending_args = [tables.into(), keys.into(), live.into(), pid.into()];
+        if let Some(plans) = explain.as_mut() {
+            let sql = format!("EXPLAIN (ANALYZE, BUFFERS) {}", pending_of_sql(schema));
+            plans.push("-- pending changes of the candidates".into());
+            for row in client.select(sql.as_str(), None, &pending_args)? {
+                plans.push(row.get::<String>(1)?.unwrap_or_default());
+            }
+        }
         let mut busy = std::collections::HashSet::new();
-        for row in client.select(
-            busy_sql(schema).as_str(),
-            None,
-            &[
-                tables.clone().into(),
-                keys.clone().into(),
-                live.clone().into(),
-                pid.into(),
-            ],
-        )? {
-            busy.insert((
+        let mut pending: std::collections::HashMap<(pg_sys::Oid, String), Vec<i64>> =
+            std::collections::HashMap::new();
+        for row in client.select(pending_of_sql(schema).as_str(), None, &pending_args)? {
+            let key = (
                 row.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid),
                 row.get::<String>(2)?.unwrap_or_default(),
-            ));
+            );
+            if row.get::<bool>(4)?.unwrap_or(true) {
+                busy.insert(key);
+            } else if let Some(id) = row.get::<i64>(3)? {
+                pending.entry(key).or_default().push(id);
+            }
         }
-        order.retain(|r| !busy.contains(r));
+        order.retain(|r| !busy.contains(r) && pending.contains_key(r));
         order.truncate(batch.max(1) as usize);
         if order.is_empty() {
             return Ok(Vec::new());
         }
-        let tables: Vec<pg_sys::Oid> = order.iter().map(|r| r.0).collect();
-        let keys: Vec<String> = order.iter().map(|r| r.1.clone()).collect();
-        let mut ids: Vec<i64> = Vec::new();
-        for row in client.select(
-            pending_of_sql(schema).as_str(),
-            None,
-            &[tables.into(), keys.into()],
-        )? {
-            ids.extend(row.get::<i64>(1)?);
-        }
+        let ids: Vec<i64> = order
+            .iter()
+            .flat_map(|r| pending.remove(r).unwrap_or_default())
+            .collect();
         let args = [ids.into(), pid.into(), lease_ms.into()];
         if let Some(plans) = explain.as_mut() {
             let sql = format!("EXPLAIN (ANALYZE, BUFFERS) {}", lease_sql(schema));
@@ -230,6 +227,11 @@ pub fn claim_with(
     })
 }
 
-pub fn claim(schema: &str, batch: i64, lease_ms: i64) -> Result<Vec<Claimed>, FhirSyncError> {
-    claim_with(schema, batch, lease_ms, None)
+pub fn claim(
+    schema: &str,
+    batch: i64,
+    lease_ms: i64,
+    exclude: &InFlight,
+) -> Result<Vec<Claimed>, FhirSyncError> {
+    claim_with(schema, batch, lease_ms, exclude, None)
 }

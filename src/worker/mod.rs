@@ -103,6 +103,32 @@ struct Worker {
 
 const TRACKS_TTL: Duration = Duration::from_secs(2);
 
+/// Batches delivered back to back in one cycle before the worker looks at its latch, signals
+/// and settings again.
+const ROUNDS_PER_CYCLE: usize = 16;
+
+/// A claimed batch waiting for its round; its first tier may be mapped already.
+struct Next {
+    claimed: Vec<Claimed>,
+    mapped: Option<Mapped>,
+}
+
+impl Next {
+    fn len(&self) -> usize {
+        self.claimed.len() + self.mapped.as_ref().map_or(0, |m| m.tier.len())
+    }
+}
+
+/// One tier, mapped: the actions, and the requests made of them.
+struct Mapped {
+    tier: Vec<Claimed>,
+    actions: Vec<Action>,
+    requests: Vec<send::Outgoing>,
+    /// For each claimed resource, its request (None: settled without one).
+    request_of: Vec<Option<usize>>,
+    deps: Vec<(pg_sys::Oid, String)>,
+}
+
 type Tracks = std::rc::Rc<HashMap<pg_sys::Oid, source::Track>>;
 
 #[pg_guard]
@@ -268,11 +294,13 @@ impl Worker {
                 self.shared.paused_reason.store(0, Ordering::Relaxed);
             }
         }
+        let batch = crate::gucs::batch_size();
         let claimed = match crate::subxact::transaction(|| {
             claim::claim(
                 &schema,
-                crate::gucs::batch_size(),
+                batch,
                 crate::gucs::lease_time_ms(),
+                &Default::default(),
             )
         }) {
             Ok(Ok(c)) => c,
@@ -289,20 +317,26 @@ impl Worker {
             return Some(poll);
         }
         self.slot.set_state(WorkerState::Working);
-        self.slot
-            .batch
-            .store(claimed.len() as u64, Ordering::Relaxed);
-        let full = claimed.len() as i64 >= crate::gucs::batch_size();
-        if let Err(e) = self.deliver(&schema, claimed) {
-            return self.failed_cycle(&e);
+        let mut next = Next {
+            claimed,
+            mapped: None,
+        };
+        // While a full batch is in flight the next one is claimed and mapped (a backlog is
+        // waiting); a bounded number of rounds, so that settings and signals are looked at.
+        for round in 1.. {
+            let size = next.len();
+            let full = size as i64 >= batch;
+            self.slot.batch.store(size as u64, Ordering::Relaxed);
+            let ahead = full && round < ROUNDS_PER_CYCLE;
+            match self.deliver(&schema, next, ahead) {
+                Ok(Some(n)) if n.len() > 0 => next = n,
+                // A full batch means more is waiting: go on at once. Otherwise sleep; a commit
+                // that captured something while this batch was out has already set the latch.
+                Ok(_) => return if full { None } else { Some(poll) },
+                Err(e) => return self.failed_cycle(&e),
+            }
         }
-        // A full batch means more is waiting: go on at once. Otherwise sleep; a commit that
-        // captured something while this batch was out has already set the latch.
-        if full {
-            None
-        } else {
-            Some(poll)
-        }
+        unreachable!("the rounds end in a return")
     }
 
     /// A cycle that hit a PostgreSQL error (the extension being dropped, a table gone): log it
@@ -380,81 +414,175 @@ impl Worker {
         Ok(t)
     }
 
-    fn deliver(&mut self, schema: &str, claimed: Vec<Claimed>) -> Result<(), String> {
-        let tracks = self.tracks(schema, &claimed)?;
+    /// Delivers one claimed batch, tier by tier (a Patient before what refers to it). With
+    /// `ahead`, the next batch is claimed while the last tier is in flight, and its first tier
+    /// mapped if it refers to nothing; it is returned for the next round. It never holds a
+    /// resource that is in flight: the claim passes those over.
+    fn deliver(&mut self, schema: &str, batch: Next, ahead: bool) -> Result<Option<Next>, String> {
+        let tracks = self.tracks(schema, &batch.claimed)?;
         let mut tiers: [Vec<Claimed>; 3] = Default::default();
-        for c in claimed {
+        for c in batch.claimed {
             let t = tracks
                 .get(&c.resource_table)
                 .map(|t| t.mapper.tier())
                 .unwrap_or(0);
             tiers[t].push(c);
         }
-        for tier in tiers {
-            if tier.is_empty() {
-                continue;
-            }
+        let mut mapped = batch.mapped;
+        let last = tiers.iter().rposition(|t| !t.is_empty());
+        if mapped.is_some() {
+            debug_assert!(
+                tiers[0].is_empty(),
+                "a mapped first tier is not claimed again"
+            );
+        }
+        let mut next: Option<Result<Next, String>> = None;
+        for (t, tier) in tiers.into_iter().enumerate() {
+            let work = match (t, mapped.take()) {
+                (0, Some(m)) => m,
+                _ if tier.is_empty() => continue,
+                _ => {
+                    if self.pause.is_some() || self.must_leave() {
+                        self.release(schema, &tier)?;
+                        continue;
+                    }
+                    self.map(schema, &tracks, tier)?
+                }
+            };
             if self.pause.is_some() || self.must_leave() {
-                // Sent nothing: hand the changes back without spending attempts.
-                let release: Vec<i64> = tier.iter().flat_map(|c| c.outbox_ids.clone()).collect();
-                let s = Settlement {
-                    release,
-                    ..Default::default()
-                };
-                crate::subxact::transaction(|| settle::settle(schema, &s))?
-                    .map_err(|e| e.to_string())?;
+                self.release(schema, &work.tier)?;
                 continue;
-            }
-            let mut deps = Vec::new();
-            let actions = crate::subxact::transaction(|| {
-                map::plan(schema, &tracks, &tier, Mode::Deliver, &mut deps)
-            })?
-            .map_err(|e| e.to_string())?;
-            let mut actions = actions;
-            let mut requests = Vec::new();
-            let mut request_of = vec![None; tier.len()];
-            for (i, a) in actions.iter_mut().enumerate() {
-                let req = match a {
-                    Action::Put {
-                        path,
-                        body,
-                        if_match,
-                        ..
-                    } => send::Outgoing {
-                        method: Method::Put,
-                        path: path.clone(),
-                        // Moved, not copied: judge() needs only the kind and identifier.
-                        body: Some(std::mem::take(&mut **body)),
-                        if_match: if_match.clone(),
-                    },
-                    Action::Delete { path } => send::Outgoing {
-                        method: Method::Delete,
-                        path: path.clone(),
-                        body: None,
-                        if_match: None,
-                    },
-                    _ => continue,
-                };
-                request_of[i] = Some(requests.len());
-                requests.push(req);
             }
             let mut g = crate::gucs::grouping();
             g.in_flight = self.in_flight(g.in_flight);
             let client = self.client.clone().expect("checked in cycle");
+            let in_flight: claim::InFlight = work
+                .tier
+                .iter()
+                .map(|c| (c.resource_table, c.resource_key.clone()))
+                .collect();
+            let Mapped {
+                tier,
+                actions,
+                requests,
+                request_of,
+                deps,
+            } = work;
+            let flight = send::start(&client, requests, g);
+            if ahead && Some(t) == last.or(Some(0)) {
+                next = Some(self.claim_ahead(schema, &tracks, &in_flight));
+            }
             let slot = self.slot;
-            let responses = if requests.is_empty() {
-                Vec::new()
-            } else {
-                send::send_all(&client, requests, g, &|| {
-                    let shutdown = unsafe { pg_sys::ShutdownRequestPending != 0 };
-                    shutdown || slot.leave.load(Ordering::Acquire)
-                })
-            };
+            let responses = flight.finish(&|| {
+                let shutdown = unsafe { pg_sys::ShutdownRequestPending != 0 };
+                shutdown || slot.leave.load(Ordering::Acquire)
+            });
             let settlement = self.judge(&tier, &actions, &request_of, &responses, deps);
-            crate::subxact::transaction(|| settle::settle(schema, &settlement))?
-                .map_err(|e| e.to_string())?;
+            let settled = crate::subxact::transaction(|| settle::settle(schema, &settlement))
+                .and_then(|r| r.map_err(|e| e.to_string()));
+            if let Err(e) = settled {
+                // The batch claimed ahead goes back at once rather than when its lease ends.
+                if let Some(Ok(n)) = next {
+                    let _ = self.release(schema, &n.claimed);
+                    let _ = n.mapped.map(|m| self.release(schema, &m.tier));
+                }
+                return Err(e);
+            }
         }
-        Ok(())
+        next.transpose()
+    }
+
+    /// Claims the next batch while the current one is in flight, and maps its first tier (it
+    /// refers to nothing that could be in flight).
+    fn claim_ahead(
+        &mut self,
+        schema: &str,
+        tracks: &Tracks,
+        in_flight: &claim::InFlight,
+    ) -> Result<Next, String> {
+        let claimed = crate::subxact::transaction(|| {
+            claim::claim(
+                schema,
+                crate::gucs::batch_size(),
+                crate::gucs::lease_time_ms(),
+                in_flight,
+            )
+        })?
+        .map_err(|e| e.to_string())?;
+        if claimed
+            .iter()
+            .any(|c| !tracks.contains_key(&c.resource_table))
+        {
+            // A table tracked since: mapped in its round, with the tracks read again.
+            return Ok(Next {
+                claimed,
+                mapped: None,
+            });
+        }
+        let (first, rest): (Vec<Claimed>, Vec<Claimed>) = claimed
+            .into_iter()
+            .partition(|c| tracks[&c.resource_table].mapper.tier() == 0);
+        let mapped = if first.is_empty() {
+            None
+        } else {
+            Some(self.map(schema, tracks, first)?)
+        };
+        Ok(Next {
+            claimed: rest,
+            mapped,
+        })
+    }
+
+    /// Maps one tier and builds its requests.
+    fn map(&mut self, schema: &str, tracks: &Tracks, tier: Vec<Claimed>) -> Result<Mapped, String> {
+        let mut deps = Vec::new();
+        let mut actions = crate::subxact::transaction(|| {
+            map::plan(schema, tracks, &tier, Mode::Deliver, &mut deps)
+        })?
+        .map_err(|e| e.to_string())?;
+        let mut requests = Vec::new();
+        let mut request_of = vec![None; tier.len()];
+        for (i, a) in actions.iter_mut().enumerate() {
+            let req = match a {
+                Action::Put {
+                    path,
+                    body,
+                    if_match,
+                    ..
+                } => send::Outgoing {
+                    method: Method::Put,
+                    path: path.clone(),
+                    // Moved, not copied: judge() needs only the kind and identifier.
+                    body: Some(std::mem::take(&mut **body)),
+                    if_match: if_match.clone(),
+                },
+                Action::Delete { path } => send::Outgoing {
+                    method: Method::Delete,
+                    path: path.clone(),
+                    body: None,
+                    if_match: None,
+                },
+                _ => continue,
+            };
+            request_of[i] = Some(requests.len());
+            requests.push(req);
+        }
+        Ok(Mapped {
+            tier,
+            actions,
+            requests,
+            request_of,
+            deps,
+        })
+    }
+
+    /// Hands changes back without spending attempts: nothing was sent.
+    fn release(&mut self, schema: &str, tier: &[Claimed]) -> Result<(), String> {
+        let s = Settlement {
+            release: tier.iter().flat_map(|c| c.outbox_ids.clone()).collect(),
+            ..Default::default()
+        };
+        crate::subxact::transaction(|| settle::settle(schema, &s))?.map_err(|e| e.to_string())
     }
 
     /// Turns actions and responses into a settlement, updates the counters, and pauses the

@@ -48,25 +48,22 @@ struct Shared {
     grouping: Grouping,
 }
 
-/// Sends every request; `None` for those not sent because the server asked the worker to stop
-/// (unreachable, credentials rejected, throttled), the deadline passed, or `interrupted` said
-/// the worker must go (SIGTERM, DROP DATABASE) before their turn.
-///
-/// The HTTP runs on threads; the main thread only watches. A request that hangs until its
-/// timeout therefore never holds up a shutdown or a DROP DATABASE: the worker hands back what
-/// was not answered and leaves, and the abandoned thread ends with the process.
-pub fn send_all(
-    client: &Arc<Client>,
-    requests: Vec<Outgoing>,
-    g: Grouping,
-    interrupted: &dyn Fn() -> bool,
-) -> Vec<Option<Response>> {
+/// Requests on their way: the sending threads work through them while the worker's main thread
+/// does something else (claims and maps the next batch), then collects the answers with
+/// [`InFlight::finish`].
+pub struct InFlight {
+    shared: Arc<Shared>,
+    threads: usize,
+}
+
+/// Starts sending every request on up to `g.in_flight` threads and returns at once.
+pub fn start(client: &Arc<Client>, requests: Vec<Outgoing>, g: Grouping) -> InFlight {
     let size = if g.bundle_size > 1 { g.bundle_size } else { 1 };
     let units: Vec<std::ops::Range<usize>> = (0..requests.len())
         .step_by(size)
         .map(|s| s..(s + size).min(requests.len()))
         .collect();
-    let threads = g.in_flight.min(units.len()).max(1);
+    let threads = g.in_flight.min(units.len());
     let n = requests.len();
     let shared = Arc::new(Shared {
         results: (0..n).map(|_| Mutex::new(None)).collect(),
@@ -88,18 +85,32 @@ pub fn send_all(
             });
         }
     });
-    while shared.done.load(Ordering::Acquire) < threads {
-        if interrupted() {
-            shared.stop.store(true, Ordering::Release);
-            break;
+    InFlight { shared, threads }
+}
+
+impl InFlight {
+    /// Waits for the answers; `None` for requests not sent because the server asked the
+    /// worker to stop (unreachable, credentials rejected, throttled), the deadline passed, or
+    /// `interrupted` said the worker must go (SIGTERM, DROP DATABASE) before their turn.
+    ///
+    /// The HTTP runs on threads; the main thread only watches. A request that hangs until its
+    /// timeout therefore never holds up a shutdown or a DROP DATABASE: the worker hands back
+    /// what was not answered and leaves, and the abandoned thread ends with the process.
+    pub fn finish(self, interrupted: &dyn Fn() -> bool) -> Vec<Option<Response>> {
+        let shared = self.shared;
+        while shared.done.load(Ordering::Acquire) < self.threads {
+            if interrupted() {
+                shared.stop.store(true, Ordering::Release);
+                break;
+            }
+            std::thread::park_timeout(std::time::Duration::from_millis(20));
         }
-        std::thread::park_timeout(std::time::Duration::from_millis(20));
+        shared
+            .results
+            .iter()
+            .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()).take())
+            .collect()
     }
-    shared
-        .results
-        .iter()
-        .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()).take())
-        .collect()
 }
 
 fn work(shared: &Shared, client: &Client) {
@@ -284,49 +295,78 @@ fn bundle_bytes(chunk: &[Outgoing], kind: BundleType) -> Vec<u8> {
     out
 }
 
+/// The parts of a batch-response / transaction-response the worker reads. Resources and
+/// outcomes stay raw (their bytes are found, not parsed into values): a delivered entry needs
+/// three of its resource's fields, a failed one its bytes for the dead-letter table.
+#[derive(serde::Deserialize)]
+struct ReplyBundle<'a> {
+    #[serde(borrow)]
+    entry: Vec<ReplyEntry<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct ReplyEntry<'a> {
+    response: ReplyResponse<'a>,
+    #[serde(borrow, default)]
+    resource: Option<&'a serde_json::value::RawValue>,
+}
+
+#[derive(serde::Deserialize)]
+struct ReplyResponse<'a> {
+    status: String,
+    location: Option<String>,
+    etag: Option<String>,
+    #[serde(borrow, default)]
+    outcome: Option<&'a serde_json::value::RawValue>,
+}
+
+/// What identifies a stored resource; every other field is skipped unread.
+#[derive(serde::Deserialize)]
+struct Stored {
+    #[serde(rename = "resourceType")]
+    resource_type: Option<String>,
+    id: Option<String>,
+    meta: Option<StoredMeta>,
+}
+
+#[derive(serde::Deserialize)]
+struct StoredMeta {
+    #[serde(rename = "versionId")]
+    version_id: Option<String>,
+}
+
 /// One response per entry of a batch-response / transaction-response Bundle.
 pub fn split_bundle_response(resp: &Response, n: usize) -> Option<Vec<Response>> {
-    let v: Value = serde_json::from_slice(&resp.body).ok()?;
-    let entries = v.get("entry")?.as_array()?;
-    if entries.len() != n {
+    let reply: ReplyBundle = serde_json::from_slice(&resp.body).ok()?;
+    if reply.entry.len() != n {
         return None;
     }
-    entries
-        .iter()
+    reply
+        .entry
+        .into_iter()
         .map(|e| {
-            let r = e.get("response")?;
-            let status: u16 = r
-                .get("status")?
-                .as_str()?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()?;
-            let text = |k: &str| r.get(k).and_then(|x| x.as_str()).map(str::to_string);
-            let resource = e.get("resource");
-            let field = |p: &str| resource.and_then(|b| b.pointer(p)).and_then(|x| x.as_str());
+            let r = e.response;
+            let status: u16 = r.status.split_whitespace().next()?.parse().ok()?;
             // A delivered entry needs only its id and version: carry them as a Location
-            // (Type/id/_history/v) instead of re-serialising the stored resource, which the
-            // worker would parse once more. Failures keep their body (the OperationOutcome).
-            let compact = match (
-                field("/resourceType"),
-                field("/id"),
-                field("/meta/versionId"),
-            ) {
-                (Some(t), Some(id), Some(v)) if (200..300).contains(&status) => {
-                    Some(format!("{t}/{id}/_history/{v}"))
-                }
-                _ => None,
-            };
-            let body = match (&compact, resource.or_else(|| r.get("outcome"))) {
-                (None, Some(b)) => serde_json::to_vec(b).unwrap_or_default(),
+            // (Type/id/_history/v) instead of the stored resource, which the worker would
+            // parse once more. Failures keep their body (the OperationOutcome).
+            let compact = e
+                .resource
+                .filter(|_| (200..300).contains(&status))
+                .and_then(|raw| serde_json::from_str::<Stored>(raw.get()).ok())
+                .and_then(|s| match (s.resource_type, s.id, s.meta?.version_id) {
+                    (Some(t), Some(id), Some(v)) => Some(format!("{t}/{id}/_history/{v}")),
+                    _ => None,
+                });
+            let body = match (&compact, e.resource.or(r.outcome)) {
+                (None, Some(raw)) => raw.get().as_bytes().to_vec(),
                 _ => Vec::new(),
             };
             Some(Response {
                 transport: Transport::Status(status),
                 body,
-                etag: text("etag"),
-                location: compact.or_else(|| text("location")),
+                etag: r.etag,
+                location: compact.or(r.location),
                 retry_after: None,
                 elapsed: resp.elapsed,
                 error: None,
