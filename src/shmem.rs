@@ -124,7 +124,15 @@ pub fn now_ms() -> i64 {
 pub fn wake_database(db: pg_sys::Oid) {
     let Some(shared) = shared() else { return };
     for slot in &shared.workers {
-        if slot.pid.load(Ordering::Acquire) != 0
+        // A worker with no server to send to, or paused, sends nothing whatever it is told;
+        // waking it would cost every committing writer a signal and the worker a loop for
+        // nothing. It looks at the queue again when its settings change (SIGHUP sets its
+        // latch) or its pause ends.
+        let deaf = [WorkerState::NotConfigured, WorkerState::Paused]
+            .map(|s| s as u32)
+            .contains(&slot.state.load(Ordering::Relaxed));
+        if !deaf
+            && slot.pid.load(Ordering::Acquire) != 0
             && slot.db_oid.load(Ordering::Acquire) == db.to_u32()
         {
             let latch = slot.latch.load(Ordering::Acquire);

@@ -127,6 +127,8 @@ struct Mapped {
     /// For each claimed resource, its request (None: settled without one).
     request_of: Vec<Option<usize>>,
     deps: Vec<(pg_sys::Oid, String)>,
+    /// Set once the requests are on their way (`requests` is then empty).
+    flight: Option<send::InFlight>,
 }
 
 type Tracks = std::rc::Rc<HashMap<pg_sys::Oid, source::Track>>;
@@ -438,6 +440,7 @@ impl Worker {
         }
         let mut next: Option<Result<Next, String>> = None;
         for (t, tier) in tiers.into_iter().enumerate() {
+            let is_last = Some(t) == last.or(Some(0));
             let work = match (t, mapped.take()) {
                 (0, Some(m)) => m,
                 _ if tier.is_empty() => continue,
@@ -449,13 +452,11 @@ impl Worker {
                     self.map(schema, &tracks, tier)?
                 }
             };
-            if self.pause.is_some() || self.must_leave() {
+            // Requests already on their way are seen through whatever happened meanwhile.
+            if work.flight.is_none() && (self.pause.is_some() || self.must_leave()) {
                 self.release(schema, &work.tier)?;
                 continue;
             }
-            let mut g = crate::gucs::grouping();
-            g.in_flight = self.in_flight(g.in_flight);
-            let client = self.client.clone().expect("checked in cycle");
             let in_flight: claim::InFlight = work
                 .tier
                 .iter()
@@ -467,24 +468,40 @@ impl Worker {
                 requests,
                 request_of,
                 deps,
+                flight,
             } = work;
-            let flight = send::start(&client, requests, g);
-            if ahead && Some(t) == last.or(Some(0)) {
+            let flight = match flight {
+                Some(f) => f,
+                None => self.launch(requests),
+            };
+            if ahead && is_last {
                 next = Some(self.claim_ahead(schema, &tracks, &in_flight));
             }
-            let slot = self.slot;
-            let responses = flight.finish(&|| {
-                let shutdown = unsafe { pg_sys::ShutdownRequestPending != 0 };
-                shutdown || slot.leave.load(Ordering::Acquire)
-            });
+            let responses = self.collect(flight);
             let settlement = self.judge(&tier, &actions, &request_of, &responses, deps);
+            if is_last && self.pause.is_none() && !self.must_leave() {
+                // The next batch's first tier refers to nothing in this one: it goes out now,
+                // and its HTTP overlaps this settle.
+                if let Some(Ok(Next {
+                    mapped: Some(m), ..
+                })) = &mut next
+                {
+                    m.flight = Some(self.launch(std::mem::take(&mut m.requests)));
+                }
+            }
             let settled = crate::subxact::transaction(|| settle::settle(schema, &settlement))
                 .and_then(|r| r.map_err(|e| e.to_string()));
             if let Err(e) = settled {
-                // The batch claimed ahead goes back at once rather than when its lease ends.
+                // The batch claimed ahead goes back at once rather than when its lease ends
+                // (after the answers to what of it was sent: a re-send is harmless).
                 if let Some(Ok(n)) = next {
                     let _ = self.release(schema, &n.claimed);
-                    let _ = n.mapped.map(|m| self.release(schema, &m.tier));
+                    if let Some(m) = n.mapped {
+                        if let Some(f) = m.flight {
+                            self.collect(f);
+                        }
+                        let _ = self.release(schema, &m.tier);
+                    }
                 }
                 return Err(e);
             }
@@ -533,6 +550,23 @@ impl Worker {
         })
     }
 
+    /// Starts sending, at the concurrency the server currently allows.
+    fn launch(&mut self, requests: Vec<send::Outgoing>) -> send::InFlight {
+        let mut g = crate::gucs::grouping();
+        g.in_flight = self.in_flight(g.in_flight);
+        let client = self.client.clone().expect("checked in cycle");
+        send::start(&client, requests, g)
+    }
+
+    /// The answers, or None for what was not sent because the worker must go.
+    fn collect(&self, flight: send::InFlight) -> Vec<Option<Response>> {
+        let slot = self.slot;
+        flight.finish(&|| {
+            let shutdown = unsafe { pg_sys::ShutdownRequestPending != 0 };
+            shutdown || slot.leave.load(Ordering::Acquire)
+        })
+    }
+
     /// Maps one tier and builds its requests.
     fn map(&mut self, schema: &str, tracks: &Tracks, tier: Vec<Claimed>) -> Result<Mapped, String> {
         let mut deps = Vec::new();
@@ -573,6 +607,7 @@ impl Worker {
             requests,
             request_of,
             deps,
+            flight: None,
         })
     }
 
