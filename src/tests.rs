@@ -257,3 +257,20 @@ fn the_trigger_ignores_a_planted_search_path() {
     assert_eq!(count("SELECT count(*) FROM evil.fhir_outbox"), 0);
     assert_eq!(count("SELECT count(*) FROM public.fhir_outbox WHERE table_name = 'public.pulse' AND txid > 0 AND created_at > '2001-01-01'"), 2);
 }
+
+#[pg_test]
+fn a_claim_made_while_resources_are_in_flight_passes_them_over() {
+    setup();
+    let patient = Spi::get_one::<pg_sys::Oid>("SELECT 'patient'::regclass::oid").unwrap().unwrap();
+    // Patient 1 is out on the wire (its first batch); a newer change of it is pending.
+    let in_flight: crate::worker::claim::InFlight = [(patient, "1".to_string())].into();
+    let claimed = crate::worker::claim::claim("public", 100, 60_000, &in_flight).unwrap();
+    assert!(!claimed.is_empty());
+    assert!(
+        claimed.iter().all(|c| !(c.resource_table == patient && c.resource_key == "1")),
+        "a resource in flight was claimed again"
+    );
+    assert_eq!(count("SELECT count(*) FROM fhir_outbox WHERE resource_key = '1' AND resource_table = 'patient'::regclass AND locked_by IS NOT NULL"), 0);
+    // Every other pending change was leased with its resource.
+    assert_eq!(count("SELECT count(*) FROM fhir_outbox WHERE NOT (resource_key = '1' AND resource_table = 'patient'::regclass) AND locked_by IS NULL"), 0);
+}
