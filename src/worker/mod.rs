@@ -841,17 +841,12 @@ fn operation_outcome(r: &Response) -> Option<serde_json::Value> {
 /// The id and version the server gave the resource: from the body, else Location
 /// (…/Type/<id>/_history/<v>), else the ETag (W/"<v>").
 fn resource_id(r: &Response) -> (Option<String>, Option<String>) {
-    let body: Option<serde_json::Value> = serde_json::from_slice(&r.body).ok();
-    let mut id = body
-        .as_ref()
-        .and_then(|b| b.get("id"))
-        .and_then(|v| v.as_str())
-        .map(str::to_string);
-    let mut version = body
-        .as_ref()
-        .and_then(|b| b.pointer("/meta/versionId"))
-        .and_then(|v| v.as_str())
-        .map(str::to_string);
+    // Typed: the stored resource's other fields are skipped, not built into values.
+    let body: Option<send::Stored> = serde_json::from_slice(&r.body).ok();
+    let (mut id, mut version) = match body {
+        Some(b) => (b.id, b.meta.and_then(|m| m.version_id)),
+        None => (None, None),
+    };
     if let Some(loc) = &r.location {
         let parts: Vec<&str> = loc.trim_end_matches('/').split('/').collect();
         if let Some(h) = parts.iter().position(|p| *p == "_history") {

@@ -322,17 +322,17 @@ struct ReplyResponse<'a> {
 
 /// What identifies a stored resource; every other field is skipped unread.
 #[derive(serde::Deserialize)]
-struct Stored {
+pub struct Stored {
     #[serde(rename = "resourceType")]
-    resource_type: Option<String>,
-    id: Option<String>,
-    meta: Option<StoredMeta>,
+    pub resource_type: Option<String>,
+    pub id: Option<String>,
+    pub meta: Option<StoredMeta>,
 }
 
 #[derive(serde::Deserialize)]
-struct StoredMeta {
+pub struct StoredMeta {
     #[serde(rename = "versionId")]
-    version_id: Option<String>,
+    pub version_id: Option<String>,
 }
 
 /// One response per entry of a batch-response / transaction-response Bundle.
