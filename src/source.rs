@@ -47,7 +47,9 @@ impl Mapper {
 
 #[derive(Clone, Debug)]
 pub struct Track {
-    pub relid: pg_sys::Oid,
+    /// The table's owner: rows are read and mapping functions run with its rights (`as_owner`).
+    /// Read with the tracks, so an ownership change reaches the worker within TRACKS_TTL.
+    pub owner: pg_sys::Oid,
     /// schema.table, unquoted: the name in messages and in derived identifier systems.
     pub name: String,
     /// Quoted for SQL.
@@ -100,7 +102,7 @@ pub fn extension_schema() -> Result<Option<String>, FhirSyncError> {
 /// Every tracked table, keyed by relation.
 pub fn load_tracks(schema: &str) -> Result<HashMap<pg_sys::Oid, Track>, FhirSyncError> {
     let sql = format!(
-        "WITH t AS (SELECT t.*, c.relname::text AS relname, n.nspname::text AS nspname
+        "WITH t AS (SELECT t.*, c.relname::text AS relname, n.nspname::text AS nspname, c.relowner
                       FROM {schema}.fhir_tracked t
                       JOIN pg_catalog.pg_class c ON c.oid = t.table_name
                       JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace)
@@ -111,7 +113,7 @@ pub fn load_tracks(schema: &str) -> Result<HashMap<pg_sys::Oid, Track>, FhirSync
                 (SELECT pg_catalog.format_type(a.atttypid, a.atttypmod) FROM pg_catalog.pg_attribute a
                   WHERE a.attrelid = t.table_name AND a.attname = t.parent_column),
                 t.map_function::pg_catalog.oid, t.identifier_column::text, t.identifier_system,
-                {patient_ref}, {encounter_ref}
+                {patient_ref}, {encounter_ref}, t.relowner
            FROM t",
         patient_ref = ref_target(schema, "patient_id", "patient"),
         encounter_ref = ref_target(schema, "form_id", "encounter"),
@@ -137,7 +139,7 @@ pub fn load_tracks(schema: &str) -> Result<HashMap<pg_sys::Oid, Track>, FhirSync
             out.insert(
                 relid,
                 Track {
-                    relid,
+                    owner: row.get(16)?.unwrap_or(pg_sys::InvalidOid),
                     name: format!("{nsp}.{rel}"),
                     sql_name: format!("{}.{}", quote_identifier(&nsp), quote_identifier(&rel)),
                     resource_type: row.get(4)?.unwrap_or_default(),
@@ -168,22 +170,14 @@ fn ref_target(schema: &str, column: &str, mapper: &str) -> String {
     )
 }
 
-/// Runs `f` as the owner of `relid` in a security-restricted operation, when the current user is
-/// a superuser (the worker, a superuser's preview). Reading a row with to_jsonb runs the casts of
-/// its column types, and a tracked table's mapping function is the owner's code: with the
-/// worker's rights, whoever owns a tracked table or its function would act as a superuser.
+/// Runs `f` as `owner` (a tracked table's) in a security-restricted operation, when the current
+/// user is a superuser (the worker, a superuser's preview). Reading a row with to_json runs the
+/// casts of its column types, and a tracked table's mapping function is the owner's code: with
+/// the worker's rights, whoever owns a tracked table or its function would act as a superuser.
 /// An ordinary role keeps its own rights. (On error, transaction abort restores the user.)
-pub fn as_owner<R>(relid: pg_sys::Oid, f: impl FnOnce() -> R) -> Result<R, FhirSyncError> {
-    if !unsafe { pg_sys::superuser() } {
-        return Ok(f());
-    }
-    let owner = one::<pg_sys::Oid>(
-        "SELECT relowner FROM pg_catalog.pg_class WHERE oid = $1",
-        &[relid.into()],
-    )?
-    .unwrap_or(pg_sys::InvalidOid);
-    if owner == pg_sys::InvalidOid {
-        return Ok(f());
+pub fn as_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
+    if owner == pg_sys::InvalidOid || !unsafe { pg_sys::superuser() } {
+        return f();
     }
     let (mut user, mut sec) = (pg_sys::InvalidOid, 0i32);
     unsafe {
@@ -196,7 +190,7 @@ pub fn as_owner<R>(relid: pg_sys::Oid, f: impl FnOnce() -> R) -> Result<R, FhirS
     }
     let r = f();
     unsafe { pg_sys::SetUserIdAndSecContext(user, sec) };
-    Ok(r)
+    r
 }
 
 /// Rows of `track` by primary key, as they are now; a key with no row is absent from the map.
@@ -207,7 +201,7 @@ pub fn fetch_rows(track: &Track, keys: &[String]) -> Result<HashMap<String, Row>
         table = track.sql_name,
         ty = track.key_type,
     );
-    as_owner(track.relid, || fetch_keyed(&sql, keys))?
+    as_owner(track.owner, || fetch_keyed(&sql, keys))
 }
 
 /// Keys of rows that could not be read, with the reason.
@@ -225,14 +219,10 @@ pub fn fetch_rows_isolated(
     }
     let (mut rows, mut errors) = (HashMap::new(), HashMap::new());
     for key in keys {
-        match crate::subxact::subtransaction(|| fetch_rows(track, std::slice::from_ref(key))) {
-            Ok(Ok(mut one)) => rows.extend(one.drain()),
-            Ok(Err(e)) => {
-                errors.insert(
-                    key.clone(),
-                    format!("{} row {key} cannot be read: {e}", track.name),
-                );
-            }
+        match crate::subxact::subtransaction(|| fetch_rows(track, std::slice::from_ref(key)))
+            .and_then(|r| r.map_err(|e| e.to_string()))
+        {
+            Ok(one) => rows.extend(one),
             Err(e) => {
                 errors.insert(
                     key.clone(),
@@ -259,7 +249,7 @@ pub fn fetch_children(
         key = quote_identifier(&child.key_column),
     );
     let keys = keys_arg(parent_keys);
-    as_owner(child.relid, || {
+    as_owner(child.owner, || {
         Spi::connect(|client| {
             let mut out: HashMap<String, Vec<Row>> = HashMap::new();
             for row in client.select(sql.as_str(), None, &[keys.into()])? {
@@ -271,7 +261,7 @@ pub fn fetch_children(
             }
             Ok(out)
         })
-    })?
+    })
 }
 
 fn keys_arg(keys: &[String]) -> Vec<Option<String>> {
@@ -362,7 +352,7 @@ pub fn run_map_function(
     );
     let mut out = HashMap::new();
     for key in keys {
-        let r = as_owner(track.relid, || {
+        let r = as_owner(track.owner, || {
             crate::subxact::subtransaction(|| {
                 Spi::connect(|client| {
                     let t = client.select(sql.as_str(), Some(1), &[Some(key.clone()).into()])?;
@@ -372,15 +362,13 @@ pub fn run_map_function(
                     Ok(t.first().get::<pgrx::JsonB>(2)?.map(|j| j.0))
                 })
             })
-        })?;
+        })
+        .and_then(|r| r.map_err(|e| e.to_string()));
         match r {
-            Ok(Ok(Some(v))) => {
+            Ok(Some(v)) => {
                 out.insert(key.clone(), Ok(v));
             }
-            Ok(Ok(None)) => {}
-            Ok(Err(e)) => {
-                out.insert(key.clone(), Err(format!("mapping function failed: {e}")));
-            }
+            Ok(None) => {}
             Err(e) => {
                 out.insert(key.clone(), Err(format!("mapping function failed: {e}")));
             }

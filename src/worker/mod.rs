@@ -325,7 +325,9 @@ impl Worker {
         };
         // While a full batch is in flight the next one is claimed and mapped (a backlog is
         // waiting); a bounded number of rounds, so that settings and signals are looked at.
-        for round in 1.. {
+        let mut round = 0;
+        loop {
+            round += 1;
             let size = next.len();
             let full = size as i64 >= batch;
             self.slot.batch.store(size as u64, Ordering::Relaxed);
@@ -338,7 +340,6 @@ impl Worker {
                 Err(e) => return self.failed_cycle(&e),
             }
         }
-        unreachable!("the rounds end in a return")
     }
 
     /// A cycle that hit a PostgreSQL error (the extension being dropped, a table gone): log it
@@ -560,11 +561,7 @@ impl Worker {
 
     /// The answers, or None for what was not sent because the worker must go.
     fn collect(&self, flight: send::InFlight) -> Vec<Option<Response>> {
-        let slot = self.slot;
-        flight.finish(&|| {
-            let shutdown = unsafe { pg_sys::ShutdownRequestPending != 0 };
-            shutdown || slot.leave.load(Ordering::Acquire)
-        })
+        flight.finish(&|| self.must_leave())
     }
 
     /// Maps one tier and builds its requests.

@@ -180,15 +180,18 @@ fn record(resp: &Response) {
 
 fn send_one(client: &Client, req: &Outgoing) -> Response {
     let mut if_match = req.if_match.clone();
-    let mut resp = call(
-        client,
-        req.method,
-        &req.path,
-        req.body.as_ref(),
-        if_match.as_deref(),
-    );
     let mut resends = 0;
-    while resends < CONFLICT_RESENDS {
+    loop {
+        let resp = call(
+            client,
+            req.method,
+            &req.path,
+            req.body.as_ref(),
+            if_match.as_deref(),
+        );
+        if resends == CONFLICT_RESENDS {
+            return resp;
+        }
         match resp.transport {
             // A concurrent write won the race; the resource we send is still the latest.
             Transport::Status(409) => {}
@@ -202,18 +205,10 @@ fn send_one(client: &Client, req: &Outgoing) -> Response {
                     Err(failed) => return *failed,
                 }
             }
-            _ => break,
+            _ => return resp,
         }
         resends += 1;
-        resp = call(
-            client,
-            req.method,
-            &req.path,
-            req.body.as_ref(),
-            if_match.as_deref(),
-        );
     }
-    resp
 }
 
 /// The version the server holds of `Type/id` as an If-Match value; None when it has none (gone).

@@ -10,7 +10,6 @@ import os
 import shutil
 import ssl
 import subprocess
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -20,7 +19,7 @@ import pytest
 
 from fhirsync import DB, MRN, eventually, make_app
 from harness.cluster import PG_USER
-from harness.faults import FaultServer, _Handler, _Server
+from harness.faults import FaultServer, _Handler
 from harness.util import REPO_ROOT, wait_until
 from jepsen import worker_pids
 
@@ -414,14 +413,8 @@ class TlsFaultServer(FaultServer):
     def base_url(self) -> str:
         return f"https://{self.host}:{self.port}"
 
-    def start(self) -> "TlsFaultServer":
-        self._release.clear()
-        self._server = _Server((self.host, self.port), _TlsHandler, self)
-        self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
-        self._thread.start()
-        return self
+    def handler(self) -> type:
+        return _TlsHandler
 
 
 class _TlsHandler(_Handler):

@@ -313,9 +313,13 @@ class FaultServer:
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    def handler(self) -> type:
+        """The request handler class (TLS servers wrap the socket first)."""
+        return _Handler
+
     def start(self) -> "FaultServer":
         self._release.clear()
-        self._server = _Server((self.host, self.port), _Handler, self)
+        self._server = _Server((self.host, self.port), self.handler(), self)
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
                                         name=f"FaultServer:{self.port}", daemon=True)
