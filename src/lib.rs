@@ -17,6 +17,7 @@ mod http;
 mod launcher;
 mod mapping;
 mod metrics;
+mod plans;
 mod shmem;
 mod source;
 mod subxact;

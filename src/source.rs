@@ -252,7 +252,7 @@ pub fn fetch_children(
     as_owner(child.owner, || {
         Spi::connect(|client| {
             let mut out: HashMap<String, Vec<Row>> = HashMap::new();
-            for row in client.select(sql.as_str(), None, &[keys.into()])? {
+            for row in crate::plans::select(client, &sql, None, &[keys.into()])? {
                 if let (Some(k), Some(pgrx::Json(serde_json::Value::Object(r)))) =
                     (row.get::<String>(1)?, row.get::<pgrx::Json>(2)?)
                 {
@@ -272,7 +272,7 @@ fn fetch_keyed(sql: &str, keys: &[String]) -> Result<HashMap<String, Row>, FhirS
     let keys = keys_arg(keys);
     Spi::connect(|client| {
         let mut out = HashMap::new();
-        for row in client.select(sql, None, &[keys.into()])? {
+        for row in crate::plans::select(client, sql, None, &[keys.into()])? {
             if let (Some(k), Some(pgrx::Json(serde_json::Value::Object(r)))) =
                 (row.get::<String>(1)?, row.get::<pgrx::Json>(2)?)
             {
@@ -312,7 +312,7 @@ pub fn sync_states(
     let keys = keys_arg(keys);
     Spi::connect(|client| {
         let mut out = HashMap::new();
-        for row in client.select(sql.as_str(), None, &[table.into(), keys.into()])? {
+        for row in crate::plans::select(client, &sql, None, &[table.into(), keys.into()])? {
             let key: String = row.get(1)?.unwrap_or_default();
             let identifier = match (row.get::<String>(3)?, row.get::<String>(4)?) {
                 (Some(s), Some(v)) => Some((s, v)),

@@ -33,6 +33,19 @@ fn count(sql: &str) -> i64 {
     Spi::get_one::<i64>(sql).unwrap().unwrap_or(0)
 }
 
+/// Row reads run through plans kept for the backend's lifetime (plans.rs); a tracked table that
+/// changes shape afterwards must be read in its new shape, never through the old plan.
+#[pg_test]
+fn a_tracked_table_that_changes_shape_is_read_in_its_new_shape() {
+    setup();
+    assert_eq!(json("SELECT fhir_preview('patient', 1)")["gender"], "female");
+    Spi::run("ALTER TABLE patient RENAME COLUMN gender TO gender_before").unwrap();
+    Spi::run("ALTER TABLE patient ADD COLUMN gender text DEFAULT 'male'").unwrap();
+    assert_eq!(json("SELECT fhir_preview('patient', 1)")["gender"], "male");
+    Spi::run("ALTER TABLE patient DROP COLUMN gender").unwrap();
+    assert!(json("SELECT fhir_preview('patient', 1)").get("gender").is_none());
+}
+
 #[pg_test]
 fn capture_writes_one_outbox_row_per_change() {
     setup();

@@ -133,8 +133,9 @@ pub fn claim_with(
         // Several changes of one resource count once: read twice the batch, keep `batch` resources.
         let mut order: Vec<(pg_sys::Oid, String)> = Vec::new();
         let mut seen = std::collections::HashSet::new();
-        for row in client.select(
-            candidates_sql(schema).as_str(),
+        for row in crate::plans::select(
+            client,
+            &candidates_sql(schema),
             None,
             &[(batch * 2).into(), live.clone().into()],
         )? {
@@ -172,7 +173,7 @@ pub fn claim_with(
                 }
             }
             let mut busy = std::collections::HashSet::new();
-            for row in client.select(pending_of_sql(schema).as_str(), None, &args)? {
+            for row in crate::plans::select(client, &pending_of_sql(schema), None, &args)? {
                 let key = (
                     row.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid),
                     row.get::<String>(2)?.unwrap_or_default(),
@@ -208,7 +209,7 @@ pub fn claim_with(
         }
         let mut by_resource: std::collections::HashMap<(pg_sys::Oid, String), Claimed> =
             std::collections::HashMap::new();
-        for row in client.update(lease_sql(schema).as_str(), None, &args)? {
+        for row in crate::plans::update(client, &lease_sql(schema), &args)? {
             let id: i64 = row.get(1)?.unwrap_or(0);
             let table: pg_sys::Oid = row.get(2)?.unwrap_or(pg_sys::InvalidOid);
             let key: String = row.get(3)?.unwrap_or_default();

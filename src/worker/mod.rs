@@ -8,6 +8,7 @@
 pub mod claim;
 pub mod map;
 pub mod policy;
+mod pool;
 pub mod send;
 pub mod settle;
 

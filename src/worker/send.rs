@@ -56,7 +56,8 @@ pub struct InFlight {
     threads: usize,
 }
 
-/// Starts sending every request on up to `g.in_flight` threads and returns at once.
+/// Starts sending every request on up to `g.in_flight` of the worker's sending threads and
+/// returns at once.
 pub fn start(client: &Arc<Client>, requests: Vec<Outgoing>, g: Grouping) -> InFlight {
     let size = if g.bundle_size > 1 { g.bundle_size } else { 1 };
     let units: Vec<std::ops::Range<usize>> = (0..requests.len())
@@ -75,16 +76,14 @@ pub fn start(client: &Arc<Client>, requests: Vec<Outgoing>, g: Grouping) -> InFl
         grouping: g,
     });
     let main = std::thread::current();
-    block_signals_around(|| {
-        for _ in 0..threads {
-            let (shared, client, main) = (shared.clone(), client.clone(), main.clone());
-            std::thread::spawn(move || {
-                work(&shared, &client);
-                shared.done.fetch_add(1, Ordering::AcqRel);
-                main.unpark();
-            });
-        }
-    });
+    for _ in 0..threads {
+        let (shared, client, main) = (shared.clone(), client.clone(), main.clone());
+        super::pool::run(move || {
+            work(&shared, &client);
+            shared.done.fetch_add(1, Ordering::AcqRel);
+            main.unpark();
+        });
+    }
     InFlight { shared, threads }
 }
 
@@ -95,7 +94,7 @@ impl InFlight {
     ///
     /// The HTTP runs on threads; the main thread only watches. A request that hangs until its
     /// timeout therefore never holds up a shutdown or a DROP DATABASE: the worker hands back
-    /// what was not answered and leaves, and the abandoned thread ends with the process.
+    /// what was not answered and leaves; the thread goes back to the pool when its request ends.
     pub fn finish(self, interrupted: &dyn Fn() -> bool) -> Vec<Option<Response>> {
         let shared = self.shared;
         while shared.done.load(Ordering::Acquire) < self.threads {
@@ -379,19 +378,6 @@ pub fn halts_sending(resp: &Response, is_delete: bool) -> bool {
             resp.retry_after.is_some() || resp.transport == Transport::Status(429)
         }
         _ => false,
-    }
-}
-
-/// Runs `f` (which spawns threads) with every signal blocked, so the threads start with all
-/// signals blocked and PostgreSQL's handlers keep running on the main thread only.
-fn block_signals_around(f: impl FnOnce()) {
-    unsafe {
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        let mut old: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
-        f();
-        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
     }
 }
 

@@ -62,16 +62,15 @@ pub fn settle(schema: &str, s: &Settlement) -> Result<(), FhirSyncError> {
                     vers.push(d.version.clone());
                 }
             }
-            client.update(
-                format!(
+            crate::plans::update(
+                client,
+                &format!(
                     "UPDATE {schema}.fhir_outbox o SET processed = true, processed_at = pg_catalog.now(),
                             locked_by = NULL, lock_expires_at = NULL, next_retry_at = NULL,
                             fhir_resource_id = d.fid, fhir_version = d.ver, last_error = NULL, error_class = NULL
                        FROM unnest($1::bigint[], $2::text[], $3::text[]) AS d(id, fid, ver)
                       WHERE o.id = d.id"
-                )
-                .as_str(),
-                None,
+                ),
                 &[ids.into(), fids.into(), vers.into()],
             )?;
             let d = &s.delivered;
@@ -93,8 +92,9 @@ pub fn settle(schema: &str, s: &Settlement) -> Result<(), FhirSyncError> {
                 .iter()
                 .map(|x| x.outbox_ids.iter().copied().max().unwrap_or(0))
                 .collect();
-            client.update(
-                format!(
+            crate::plans::update(
+                client,
+                &format!(
                     "INSERT INTO {schema}.fhir_sync_state AS s (resource_table, resource_key, resource_type, fhir_id,
                             fhir_version, identifier_system, identifier_value, deleted, last_synced_at, last_outbox_id)
                      SELECT u.rt::pg_catalog.regclass, u.rk, u.ty, u.fid, u.ver, u.isys, u.ival, u.del, pg_catalog.now(), u.last
@@ -111,9 +111,7 @@ pub fn settle(schema: &str, s: &Settlement) -> Result<(), FhirSyncError> {
                             identifier_value = coalesce(excluded.identifier_value, s.identifier_value),
                             deleted = excluded.deleted, last_synced_at = excluded.last_synced_at,
                             last_outbox_id = excluded.last_outbox_id"
-                )
-                .as_str(),
-                None,
+                ),
                 &[rts.into(), rks.into(), tys.into(), fids.into(), vers.into(), isys.into(), ival.into(), dels.into(), last.into()],
             )?;
         }
@@ -129,8 +127,9 @@ pub fn settle(schema: &str, s: &Settlement) -> Result<(), FhirSyncError> {
                     statuses.push(r.http_status);
                 }
             }
-            client.update(
-                format!(
+            crate::plans::update(
+                client,
+                &format!(
                     "UPDATE {schema}.fhir_outbox o SET attempts = o.attempts + 1,
                             next_retry_at = pg_catalog.now() + u.delay * interval '1 millisecond',
                             locked_by = NULL, lock_expires_at = NULL, last_error = u.err, error_class = u.cls,
@@ -138,9 +137,7 @@ pub fn settle(schema: &str, s: &Settlement) -> Result<(), FhirSyncError> {
                        FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::int[])
                             AS u(id, delay, err, cls, st)
                       WHERE o.id = u.id"
-                )
-                .as_str(),
-                None,
+                ),
                 &[ids.into(), delays.into(), errs.into(), classes.into(), statuses.into()],
             )?;
         }
@@ -153,15 +150,14 @@ pub fn settle(schema: &str, s: &Settlement) -> Result<(), FhirSyncError> {
                     reasons.push(w.reason.clone());
                 }
             }
-            client.update(
-                format!(
+            crate::plans::update(
+                client,
+                &format!(
                     "UPDATE {schema}.fhir_outbox o SET next_retry_at = pg_catalog.now() + u.delay * interval '1 millisecond',
                             locked_by = NULL, lock_expires_at = NULL, last_error = u.reason, error_class = 'waiting'
                        FROM unnest($1::bigint[], $2::bigint[], $3::text[]) AS u(id, delay, reason)
                       WHERE o.id = u.id"
-                )
-                .as_str(),
-                None,
+                ),
                 &[ids.into(), delays.into(), reasons.into()],
             )?;
         }
@@ -205,8 +201,9 @@ pub fn settle(schema: &str, s: &Settlement) -> Result<(), FhirSyncError> {
         if !s.dependencies.is_empty() {
             let rts: Vec<pg_sys::Oid> = s.dependencies.iter().map(|d| d.0).collect();
             let keys: Vec<String> = s.dependencies.iter().map(|d| d.1.clone()).collect();
-            client.update(
-                format!(
+            crate::plans::update(
+                client,
+                &format!(
                     "INSERT INTO {schema}.fhir_outbox (table_name, record_id, operation, resource_type, resource_table, resource_key)
                      SELECT DISTINCT n.nspname || '.' || c.relname, u.k, 'U', t.resource_type, t.table_name, u.k
                        FROM unnest($1::oid[], $2::text[]) AS u(rt, k)
@@ -215,9 +212,7 @@ pub fn settle(schema: &str, s: &Settlement) -> Result<(), FhirSyncError> {
                        JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
                       WHERE NOT EXISTS (SELECT 1 FROM {schema}.fhir_outbox o
                                          WHERE o.resource_table = t.table_name AND o.resource_key = u.k AND NOT o.processed)"
-                )
-                .as_str(),
-                None,
+                ),
                 &[rts.into(), keys.into()],
             )?;
         }
