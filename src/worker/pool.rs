@@ -1,10 +1,10 @@
 //! The sending threads, kept for the worker's lifetime.
 //!
-//! A thread started per send cost more than the request it made: at pgbench rates (a cycle
-//! every ~10 ms, a handful of requests each) the worker spent a third of its CPU in thread
-//! creation, the allocator's per-thread set-up and the context switches around them. Threads
-//! here wait for work instead. They never call into PostgreSQL and start with every signal
-//! blocked, so PostgreSQL's handlers keep running on the main thread only.
+//! Every send used to start its own threads: 1,092 thread starts in 8 s of pgbench, each with a
+//! fresh stack and allocator heap, for requests that take a fraction of a millisecond against a
+//! nearby server. Threads here wait for work instead (the worker's CPU per delivered row did not
+//! move beyond the machine's noise: benches/README.md). They never call into PostgreSQL and start
+//! with every signal blocked, so PostgreSQL's handlers keep running on the main thread only.
 //!
 //! A thread stuck in a request (a server that never answers, until the client's timeout) is
 //! simply not idle: work submitted meanwhile starts another thread, so a hung request never
@@ -122,11 +122,8 @@ mod tests {
             }
         }
         // 80 jobs, never more than 4 at once: a thread per job would have made 80.
-        assert!(
-            threads.lock().unwrap().len() <= 8,
-            "{:?}",
-            threads.lock().unwrap().len()
-        );
+        let used = threads.lock().unwrap().len();
+        assert!(used <= 16, "{used} threads ran 80 jobs");
     }
 
     #[test]
