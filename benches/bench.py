@@ -886,7 +886,8 @@ class Bench:
             f"commits")
         runs = []
         for rnd in range(rounds):
-            modes = self.PGBENCH_MODES[rnd % len(self.PGBENCH_MODES):] + self.PGBENCH_MODES[:rnd % len(self.PGBENCH_MODES)]
+            shift = rnd % len(self.PGBENCH_MODES)
+            modes = self.PGBENCH_MODES[shift:] + self.PGBENCH_MODES[:shift]
             for mode, t, _ in modes:
                 # no ':' in the literal: pgbench -M prepared would take ":bench" for one of its variables
                 system = f"bench-pgb-{self.run_id}-{rnd}-{mode}"
@@ -903,8 +904,7 @@ class Bench:
                 cpu0 = proc_cpu_s(wpid) if wpid else None
                 cmd = [str(PG_BIN / "pgbench"), "-n", "-h", "127.0.0.1", "-p", str(self.cluster.port), "-U",
                        "postgres", "-M", self.args.pgbench_protocol, "-c", str(clients), "-j", str(min(clients, 2)),
-                       "-T", str(secs), "-f",
-                       str(script), DB]
+                       "-T", str(secs), "-f", str(script), DB]
                 r = subprocess.run(cmd, capture_output=True, text=True, timeout=secs + 120)
                 if r.returncode != 0:
                     raise Broken(f"pgbench failed: {r.stderr[-2000:]}")
@@ -938,11 +938,11 @@ class Bench:
         res.update(tps_untracked=base, tps_tracked_draining=med["draining"], tps_tracked_paused=med["paused"],
                    ratio_draining=med["draining"] / base, ratio_paused=med["paused"] / base,
                    ratio_floor=med["floor"] / base)
+        untracked_of_round = {x["round"]: x["tps"] for x in runs if x["mode"] == "untracked"}
         rows = []
         for m, _, what in self.PGBENCH_MODES:
             xs = [x for x in runs if x["mode"] == m]
-            ratios = [x["tps"] / statistics.median(y["tps"] for y in runs if y["mode"] == "untracked"
-                                                   and y["round"] == x["round"]) for x in xs]
+            ratios = [x["tps"] / untracked_of_round[x["round"]] for x in xs]
             lat = [x["latency_ms"] for x in xs if x.get("latency_ms")]
             cpu = [x["worker_cpu_us_per_row"] for x in xs if x.get("worker_cpu_us_per_row") is not None]
             rows.append([m, med[m], f"{med[m] / base * 100:.1f} %",

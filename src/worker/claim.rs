@@ -98,7 +98,7 @@ fn lease_sql(schema: &str) -> String {
 /// Resources this worker has in flight: a claim made while they are out must pass them over.
 /// (The busy check cannot see them: this worker's own leases count as free, so that a cycle
 /// that failed after its claim can take its resources up again at once.)
-pub type InFlight = std::collections::HashSet<(pg_sys::Oid, String)>;
+pub type ResourcesInFlight = std::collections::HashSet<(pg_sys::Oid, String)>;
 
 /// Leases up to `batch` resources, none of them in `exclude`. With `explain`, each statement
 /// runs under EXPLAIN (ANALYZE, BUFFERS) and its plan is appended there (for
@@ -107,7 +107,7 @@ pub fn claim_with(
     schema: &str,
     batch: i64,
     lease_ms: i64,
-    exclude: &InFlight,
+    exclude: &ResourcesInFlight,
     mut explain: Option<&mut Vec<String>>,
 ) -> Result<Vec<Claimed>, FhirSyncError> {
     let pid = unsafe { pg_sys::MyProcPid };
@@ -250,7 +250,7 @@ pub fn claim(
     schema: &str,
     batch: i64,
     lease_ms: i64,
-    exclude: &InFlight,
+    exclude: &ResourcesInFlight,
 ) -> Result<Vec<Claimed>, FhirSyncError> {
     claim_with(schema, batch, lease_ms, exclude, None)
 }

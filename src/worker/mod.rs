@@ -242,6 +242,11 @@ impl Worker {
         shutdown || self.slot.leave.load(Ordering::Acquire)
     }
 
+    /// Paused by the server, or leaving: nothing new goes out.
+    fn holding_back(&self) -> bool {
+        self.pause.is_some() || self.must_leave()
+    }
+
     fn in_flight(&mut self, max: usize) -> usize {
         self.in_flight = self.in_flight.clamp(1, max.max(1));
         self.in_flight
@@ -442,12 +447,12 @@ impl Worker {
         }
         let mut next: Option<Result<Next, String>> = None;
         for (t, tier) in tiers.into_iter().enumerate() {
-            let is_last = Some(t) == last.or(Some(0));
+            let is_last = t == last.unwrap_or(0);
             let work = match (t, mapped.take()) {
                 (0, Some(m)) => m,
                 _ if tier.is_empty() => continue,
                 _ => {
-                    if self.pause.is_some() || self.must_leave() {
+                    if self.holding_back() {
                         self.release(schema, &tier)?;
                         continue;
                     }
@@ -455,11 +460,11 @@ impl Worker {
                 }
             };
             // Requests already on their way are seen through whatever happened meanwhile.
-            if work.flight.is_none() && (self.pause.is_some() || self.must_leave()) {
+            if work.flight.is_none() && self.holding_back() {
                 self.release(schema, &work.tier)?;
                 continue;
             }
-            let in_flight: claim::InFlight = work
+            let in_flight: claim::ResourcesInFlight = work
                 .tier
                 .iter()
                 .map(|c| (c.resource_table, c.resource_key.clone()))
@@ -481,7 +486,7 @@ impl Worker {
             }
             let responses = self.collect(flight);
             let settlement = self.judge(&tier, &actions, &request_of, &responses, deps);
-            if is_last && self.pause.is_none() && !self.must_leave() {
+            if is_last && !self.holding_back() {
                 // The next batch's first tier refers to nothing in this one: it goes out now,
                 // and its HTTP overlaps this settle.
                 if let Some(Ok(Next {
@@ -517,7 +522,7 @@ impl Worker {
         &mut self,
         schema: &str,
         tracks: &Tracks,
-        in_flight: &claim::InFlight,
+        in_flight: &claim::ResourcesInFlight,
     ) -> Result<Next, String> {
         let claimed = crate::subxact::transaction(|| {
             claim::claim(
