@@ -1,14 +1,14 @@
 //! Change capture: the AFTER ROW trigger that writes one fhir_outbox row per change, in the
 //! writer's own transaction, and the commit callback that wakes the workers.
 //!
-//! The trigger runs no user-visible SQL and resolves nothing through search_path: its one
-//! statement is schema-qualified and prepared once per backend, and it switches to the
-//! extension owner only for that insert, so any role that may write a tracked table may
-//! capture, while no ordinary role may write the outbox directly.
+//! The trigger runs no SQL and resolves nothing through search_path: it writes the outbox row
+//! straight through the executor (outbox_write.rs), as the extension owner for that insert
+//! only, so any role that may write a tracked table may capture, while no ordinary role may
+//! write the outbox directly.
 
+use pgrx::pg_sys;
 use pgrx::prelude::*;
-use pgrx::{pg_sys, PgBuiltInOids, PgOid};
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
 use std::ffi::{CStr, CString};
 
 use crate::error::FhirSyncError;
@@ -49,14 +49,7 @@ impl TriggerArgs {
     }
 }
 
-struct Prepared {
-    schema: String,
-    insert: pgrx::spi::OwnedPreparedStatement,
-    owner: pg_sys::Oid,
-}
-
 thread_local! {
-    static PREPARED: RefCell<Option<Prepared>> = const { RefCell::new(None) };
     static CALLBACK_REGISTERED: Cell<bool> = const { Cell::new(false) };
 }
 
@@ -126,111 +119,27 @@ fn fhir_capture<'a>(
         (None, None)
     };
 
-    for (resource_table, resource_key) in targets {
-        // A change to a child row updates its parent; it never deletes the parent resource.
-        let operation = if args.parent.is_some() { 'U' } else { op };
-        insert_outbox(
+    // A change to a child row updates its parent; it never deletes the parent resource.
+    let operation = if args.parent.is_some() { 'U' } else { op };
+    for (resource_table, resource_key) in &targets {
+        crate::outbox_write::insert(
             &args.schema,
-            [
-                Some(table_name.clone()),
-                Some(record_id.clone()),
-                Some(operation.to_string()),
-                Some(args.resource_type.clone()),
-            ],
-            resource_table,
-            resource_key,
-            identifier_system.clone(),
-            identifier_value.clone(),
-            payload.clone(),
+            &crate::outbox_write::Change {
+                table_name: &table_name,
+                record_id: &record_id,
+                operation,
+                resource_type: &args.resource_type,
+                resource_table: *resource_table,
+                resource_key,
+                identifier_system: identifier_system.as_deref(),
+                identifier_value: identifier_value.as_deref(),
+                payload: payload.as_deref(),
+            },
         )?;
     }
     unsafe { CAPTURED_IN_XACT = true };
     register_commit_callback();
     Ok(None)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn insert_outbox(
-    schema: &str,
-    head: [Option<String>; 4],
-    resource_table: pg_sys::Oid,
-    resource_key: String,
-    identifier_system: Option<String>,
-    identifier_value: Option<String>,
-    payload: Option<String>,
-) -> Result<(), FhirSyncError> {
-    PREPARED.with(|cell| {
-        let mut cell = cell.borrow_mut();
-        if cell.as_ref().map(|p| p.schema != schema).unwrap_or(true) {
-            *cell = Some(prepare(schema)?);
-        }
-        let prepared = cell.as_ref().expect("prepared just above");
-        let [table_name, record_id, operation, resource_type] = head;
-        let args: Vec<pgrx::datum::DatumWithOid> = vec![
-            table_name.into(),
-            record_id.into(),
-            operation.into(),
-            resource_type.into(),
-            resource_table.into(),
-            Some(resource_key).into(),
-            identifier_system.into(),
-            identifier_value.into(),
-            payload.into(),
-        ];
-        // Write as the extension owner: the caller may write the tracked table but not the
-        // outbox. The previous identity is restored on error by transaction abort.
-        let (mut user, mut sec) = (pg_sys::InvalidOid, 0i32);
-        unsafe {
-            pg_sys::GetUserIdAndSecContext(&mut user, &mut sec);
-            pg_sys::SetUserIdAndSecContext(
-                prepared.owner,
-                sec | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
-            );
-        }
-        let result =
-            Spi::connect_mut(|client| client.update(&prepared.insert, None, &args).map(|_| ()));
-        unsafe { pg_sys::SetUserIdAndSecContext(user, sec) };
-        result.map_err(|e| FhirSyncError::Spi(e.to_string()))
-    })
-}
-
-fn prepare(schema: &str) -> Result<Prepared, FhirSyncError> {
-    let q = pgrx::spi::quote_identifier(schema);
-    let sql = format!(
-        "INSERT INTO {q}.fhir_outbox (table_name, record_id, operation, resource_type, \
-         resource_table, resource_key, identifier_system, identifier_value, payload_json) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb)"
-    );
-    let text = PgOid::BuiltIn(PgBuiltInOids::TEXTOID);
-    let types = [
-        text,
-        text,
-        text,
-        text,
-        PgOid::BuiltIn(PgBuiltInOids::OIDOID),
-        text,
-        text,
-        text,
-        text,
-    ];
-    let owner_sql = format!(
-        "SELECT relowner FROM pg_catalog.pg_class WHERE oid = '{}.fhir_outbox'::pg_catalog.regclass",
-        q.replace('\'', "''")
-    );
-    Spi::connect(|client| {
-        let owner = client
-            .select(owner_sql.as_str(), Some(1), &[])?
-            .first()
-            .get_one::<pg_sys::Oid>()?
-            .unwrap_or(pg_sys::InvalidOid);
-        let insert = client.prepare_mut(sql.as_str(), &types)?.keep();
-        Ok(Prepared {
-            schema: schema.to_string(),
-            insert,
-            owner,
-        })
-    })
-    .map_err(|e: pgrx::spi::SpiError| FhirSyncError::Spi(e.to_string()))
 }
 
 /// A column of a tuple in its text form (whatever its type), or None when NULL or absent.

@@ -6,7 +6,8 @@
 //! fhir_sync.ca_file when set.
 
 use crate::worker::policy::Transport;
-use std::sync::Mutex;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use ureq::Agent;
 
@@ -32,6 +33,7 @@ pub struct Client {
     agent: Agent,
     auth: Auth,
     token: Mutex<Option<(String, Instant)>>,
+    resolved: Resolved,
 }
 
 #[derive(Clone, Debug)]
@@ -62,6 +64,51 @@ impl Method {
             Method::Get => "GET",
             Method::Post => "POST",
         }
+    }
+}
+
+/// How long a host name's addresses are reused before it is looked up again.
+const RESOLVED_TTL: Duration = Duration::from_secs(10);
+
+/// ureq looks the server's name up before every request, pooled connection or not, and with a
+/// timeout set it does so on a thread of its own: a thread start per request (a third of a
+/// sending thread's time in a pgbench run). The addresses are kept a few seconds instead; a
+/// failed connection forgets them, so a server that moved is looked up again at once.
+#[derive(Debug, Default)]
+struct CachedResolver<R = ureq::unversioned::resolver::DefaultResolver> {
+    inner: R,
+    known: Resolved,
+}
+
+type Resolved =
+    Arc<Mutex<HashMap<String, (Instant, ureq::unversioned::resolver::ResolvedSocketAddrs)>>>;
+
+impl<R: ureq::unversioned::resolver::Resolver> ureq::unversioned::resolver::Resolver
+    for CachedResolver<R>
+{
+    fn resolve(
+        &self,
+        uri: &ureq::http::Uri,
+        config: &ureq::config::Config,
+        timeout: ureq::unversioned::transport::NextTimeout,
+    ) -> Result<ureq::unversioned::resolver::ResolvedSocketAddrs, ureq::Error> {
+        let key = uri
+            .authority()
+            .map(|a| a.as_str())
+            .unwrap_or_default()
+            .to_string();
+        let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, addrs)) = known.get(&key) {
+            if at.elapsed() < RESOLVED_TTL {
+                return Ok(addrs.clone());
+            }
+        }
+        // Not under the lock: a slow lookup must not hold up requests to known hosts.
+        drop(known);
+        let addrs = self.inner.resolve(uri, config, timeout)?;
+        known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        known.insert(key, (Instant::now(), addrs.clone()));
+        Ok(addrs)
     }
 }
 
@@ -100,9 +147,15 @@ impl Client {
                 .build();
             config = config.tls_config(tls);
         }
+        let resolver: CachedResolver = CachedResolver::default();
         Ok(Client {
             base,
-            agent: config.build().new_agent(),
+            resolved: resolver.known.clone(),
+            agent: Agent::with_parts(
+                config.build(),
+                ureq::unversioned::transport::DefaultConnector::default(),
+                resolver,
+            ),
             auth,
             token: Mutex::new(None),
         })
@@ -196,6 +249,10 @@ impl Client {
             }
             Err(e) => {
                 let t = if is_connect_failure(&e) {
+                    self.resolved
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clear();
                     Transport::ConnectFailed
                 } else {
                     Transport::Broken
@@ -387,6 +444,63 @@ pub fn identifier_query(system: &str, value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use ureq::unversioned::resolver::{ResolvedSocketAddrs, Resolver};
+    use ureq::unversioned::transport::{time, NextTimeout};
+
+    /// Answers every lookup with 127.0.0.1 and counts them.
+    #[derive(Debug, Default)]
+    struct Counting(Arc<AtomicUsize>);
+
+    impl Resolver for Counting {
+        fn resolve(
+            &self,
+            _: &ureq::http::Uri,
+            _: &ureq::config::Config,
+            _: NextTimeout,
+        ) -> Result<ResolvedSocketAddrs, ureq::Error> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            let mut a = self.empty();
+            a.push("127.0.0.1:8080".parse().unwrap());
+            Ok(a)
+        }
+    }
+
+    #[test]
+    fn a_host_is_looked_up_once_until_a_connection_fails() {
+        let lookups = Arc::new(AtomicUsize::new(0));
+        let r = CachedResolver {
+            inner: Counting(lookups.clone()),
+            known: Resolved::default(),
+        };
+        let config = ureq::config::Config::default();
+        let timeout = NextTimeout {
+            after: time::Duration::NotHappening,
+            reason: ureq::Timeout::Resolve,
+            per_read: None,
+            per_write: None,
+        };
+        let fhir: ureq::http::Uri = "http://fhir.example:8080/fhir/Patient".parse().unwrap();
+        let other: ureq::http::Uri = "http://auth.example/token".parse().unwrap();
+        for _ in 0..100 {
+            r.resolve(&fhir, &config, timeout).unwrap();
+        }
+        assert_eq!(
+            lookups.load(Ordering::SeqCst),
+            1,
+            "one lookup for a hundred requests"
+        );
+        r.resolve(&other, &config, timeout).unwrap();
+        assert_eq!(
+            lookups.load(Ordering::SeqCst),
+            2,
+            "each host is looked up on its own"
+        );
+        // What Client::request does when a connection fails: the next request looks up again.
+        r.known.lock().unwrap().clear();
+        r.resolve(&fhir, &config, timeout).unwrap();
+        assert_eq!(lookups.load(Ordering::SeqCst), 3);
+    }
 
     #[test]
     fn identifiers_are_encoded_for_a_query_string() {

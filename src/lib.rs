@@ -17,6 +17,7 @@ mod http;
 mod launcher;
 mod mapping;
 mod metrics;
+mod outbox_write;
 mod plans;
 mod shmem;
 mod source;

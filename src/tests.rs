@@ -59,6 +59,66 @@ fn capture_writes_one_outbox_row_per_change() {
     assert_eq!(ops[5], serde_json::json!(["public.pulse", "I", "Observation", "pulse", "1"]));
 }
 
+/// The trigger writes outbox rows without SQL (outbox_write.rs): what the table's defaults
+/// would have given must be there, and the partial indexes the worker claims through must
+/// hold the row.
+#[pg_test]
+fn a_captured_row_has_its_defaults_and_is_found_through_the_indexes() {
+    let base = setup();
+    Spi::run("INSERT INTO patient (identifier_system, identifier_value, name_family) VALUES ('urn:x', 'defaults', 'X')")
+        .unwrap();
+    let row = json_with(
+        "SELECT jsonb_build_object('txid_is_ours', txid = txid_current(), 'recent', created_at > now() - interval '1 minute',
+                'processed', processed, 'attempts', attempts, 'payload', payload_json, 'next', next_retry_at,
+                'identity_follows', id > $1)
+           FROM fhir_outbox WHERE id > $1",
+        base,
+    );
+    assert_eq!(
+        row,
+        serde_json::json!({"txid_is_ours": true, "recent": true, "processed": false, "attempts": 0,
+                           "payload": null, "next": null, "identity_follows": true})
+    );
+    Spi::run("SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off").unwrap();
+    let by_resource = count(&format!(
+        "SELECT count(*) FROM fhir_outbox WHERE resource_table = 'patient'::regclass
+            AND resource_key = (SELECT id::text FROM patient WHERE identifier_value = 'defaults') AND NOT processed AND id > {base}"
+    ));
+    let in_claim_order = count(&format!(
+        "SELECT count(*) FROM (SELECT id FROM fhir_outbox WHERE NOT processed ORDER BY next_retry_at NULLS FIRST, id) p WHERE id > {base}"
+    ));
+    assert_eq!((by_resource, in_claim_order), (1, 1));
+}
+
+#[pg_test]
+fn capture_payload_keeps_a_jsonb_copy_of_the_row() {
+    let base = setup();
+    Spi::run("SET LOCAL fhir_sync.capture_payload = on").unwrap();
+    Spi::run("INSERT INTO patient (identifier_system, identifier_value, name_family) VALUES ('urn:x', 'payload', 'O''Brien \"Jr\"')")
+        .unwrap();
+    let payload = json_with("SELECT payload_json FROM fhir_outbox WHERE id > $1", base);
+    assert_eq!(payload["name_family"], "O'Brien \"Jr\"");
+    assert_eq!(payload["identifier_value"], "payload");
+}
+
+/// The columns the trigger writes are found by name once per backend; a DBA's ALTER TABLE of
+/// the outbox must not make it write into the wrong columns.
+#[pg_test]
+fn capture_follows_an_altered_outbox() {
+    let base = setup();
+    Spi::run("ALTER TABLE fhir_outbox ADD COLUMN dba_note text").unwrap();
+    Spi::run("INSERT INTO pulse (patient_id, rate, measurement_time) VALUES (1, 61, now())").unwrap();
+    Spi::run("ALTER TABLE fhir_outbox DROP COLUMN dba_note").unwrap();
+    Spi::run("INSERT INTO pulse (patient_id, rate, measurement_time) VALUES (1, 62, now())").unwrap();
+    let rows = json_with(
+        "SELECT jsonb_agg(jsonb_build_array(table_name, operation, resource_type, resource_table::text) ORDER BY id)
+           FROM fhir_outbox WHERE id > $1",
+        base,
+    );
+    let one = serde_json::json!(["public.pulse", "I", "Observation", "pulse"]);
+    assert_eq!(rows, serde_json::json!([one, one]));
+}
+
 #[pg_test]
 fn update_and_delete_are_captured_with_the_identifier() {
     let base = setup();

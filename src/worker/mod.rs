@@ -100,6 +100,9 @@ struct Worker {
     /// Concurrency actually used, at most fhir_sync.max_in_flight: halved when the server
     /// answers 5xx or 429 (it is struggling, or serialises writes), grown by one per clean tier.
     in_flight: usize,
+    /// When the next claim may start: set by a cycle that found more than one resource (changes
+    /// arrive faster than cycles end), fhir_sync.linger after that cycle began.
+    paced: Option<Instant>,
 }
 
 const TRACKS_TTL: Duration = Duration::from_secs(2);
@@ -172,6 +175,7 @@ pub extern "C-unwind" fn fhir_sync_worker_main(arg: pg_sys::Datum) {
         tracks: None,
         schema: None,
         in_flight: usize::MAX,
+        paced: None,
     };
     w.rebuild_client();
     loop {
@@ -199,6 +203,7 @@ pub extern "C-unwind" fn fhir_sync_worker_main(arg: pg_sys::Datum) {
             if !BackgroundWorker::wait_latch(Some(nap)) {
                 break;
             }
+            w.linger();
         } else {
             unsafe { pg_sys::ResetLatch(pg_sys::MyLatch) };
             pgrx::check_for_interrupts!();
@@ -245,6 +250,26 @@ impl Worker {
     /// Paused by the server, or leaving: nothing new goes out.
     fn holding_back(&self) -> bool {
         self.pause.is_some() || self.must_leave()
+    }
+
+    /// Under load, lets the changes of the next few milliseconds join the next claim. Commits
+    /// that arrive meanwhile do not cut it short (the latch is not waited on); SIGTERM and DROP
+    /// DATABASE are seen when it ends, at most fhir_sync.linger later.
+    fn linger(&mut self) {
+        let Some(at) = self.paced.take() else {
+            return;
+        };
+        let now = Instant::now();
+        if at > now {
+            unsafe {
+                pg_sys::WaitLatch(
+                    pg_sys::MyLatch,
+                    (pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+                    (at - now).as_millis().max(1) as _,
+                    pg_sys::PG_WAIT_EXTENSION,
+                );
+            }
+        }
     }
 
     fn in_flight(&mut self, max: usize) -> usize {
@@ -303,6 +328,7 @@ impl Worker {
             }
         }
         let batch = crate::gucs::batch_size();
+        let started = Instant::now();
         let claimed = match crate::subxact::transaction(|| {
             claim::claim(
                 &schema,
@@ -342,7 +368,11 @@ impl Worker {
                 Ok(Some(n)) if n.len() > 0 => next = n,
                 // A full batch means more is waiting: go on at once. Otherwise sleep; a commit
                 // that captured something while this batch was out has already set the latch.
-                Ok(_) => return if full { None } else { Some(poll) },
+                Ok(_) if full => return None,
+                Ok(_) => {
+                    self.paced = (size > 1).then(|| started + crate::gucs::linger());
+                    return Some(poll);
+                }
                 Err(e) => return self.failed_cycle(&e),
             }
         }
