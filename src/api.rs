@@ -459,6 +459,7 @@ fn fhir_sync_explain_claim(
             batch as i64,
             1000,
             &Default::default(),
+            &mut Default::default(),
             Some(&mut plans),
         )
     });

@@ -337,7 +337,7 @@ fn a_claim_made_while_resources_are_in_flight_passes_them_over() {
     let patient = Spi::get_one::<pg_sys::Oid>("SELECT 'patient'::regclass::oid").unwrap().unwrap();
     // Patient 1 is out on the wire (its first batch); a newer change of it is pending.
     let in_flight: crate::worker::claim::ResourcesInFlight = [(patient, "1".to_string())].into();
-    let claimed = crate::worker::claim::claim("public", 100, 60_000, &in_flight).unwrap();
+    let claimed = crate::worker::claim::claim("public", 100, 60_000, &in_flight, &mut Default::default()).unwrap();
     assert!(!claimed.is_empty());
     assert!(
         claimed.iter().all(|c| !(c.resource_table == patient && c.resource_key == "1")),

@@ -49,17 +49,117 @@ const PLAN_GUARDS: &str = "SET LOCAL enable_seqscan = off; SET LOCAL enable_sort
                            SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off; \
                            SET LOCAL enable_bitmapscan = off";
 
-/// Due, unleased changes in claim order: fresh ones first, then retries that came due.
-/// $1 how many, $2 live worker pids.
+/// Due, unleased changes in claim order: fresh ones first (from id $3 on), then retries that
+/// came due. $1 how many, $2 live worker pids, $3 the floor. Two scans of the same index, so that
+/// each starts where its range starts: `next_retry_at IS NULL AND id >= $3` is an index
+/// condition, where an OR of the two ranges would only be a filter over the whole front.
 fn candidates_sql(schema: &str) -> String {
+    let free = "(o.lock_expires_at IS NULL OR o.lock_expires_at < pg_catalog.now() OR NOT (o.locked_by = ANY ($2)))";
     format!(
-        "SELECT o.id, o.resource_table::pg_catalog.oid, o.resource_key FROM {schema}.fhir_outbox o
-          WHERE NOT o.processed
-            AND (o.next_retry_at IS NULL OR o.next_retry_at <= pg_catalog.now())
-            AND (o.lock_expires_at IS NULL OR o.lock_expires_at < pg_catalog.now() OR NOT (o.locked_by = ANY ($2)))
-          ORDER BY o.next_retry_at NULLS FIRST, o.id
-          LIMIT $1"
+        "(SELECT o.id, o.resource_table::pg_catalog.oid, o.resource_key, true AS fresh FROM {schema}.fhir_outbox o
+           WHERE NOT o.processed AND o.next_retry_at IS NULL AND o.id >= $3 AND {free}
+           ORDER BY o.next_retry_at NULLS FIRST, o.id LIMIT $1)
+         UNION ALL
+         (SELECT o.id, o.resource_table::pg_catalog.oid, o.resource_key, false FROM {schema}.fhir_outbox o
+           WHERE NOT o.processed AND o.next_retry_at <= pg_catalog.now() AND {free}
+           ORDER BY o.next_retry_at NULLS FIRST, o.id LIMIT $1)
+         LIMIT $1"
     )
+}
+
+/// The outbox sequence's last value: ids up to it have been handed out.
+fn ids_taken_sql(schema: &str) -> String {
+    let table = pgrx::spi::quote_literal(format!("{schema}.fhir_outbox"));
+    format!(
+        "SELECT pg_catalog.pg_sequence_last_value(pg_catalog.pg_get_serial_sequence({table}, 'id')::pg_catalog.regclass)"
+    )
+}
+
+/// How far the floor trails the ids handed out: a change whose transaction commits later than
+/// this after its capture is found by the next full scan instead (at most a poll_interval on).
+const FLOOR_LAG: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Where a worker's scan of fresh changes starts.
+///
+/// Between two vacuums the front of `fhir_outbox_pending_idx` holds the dead entries of every
+/// change delivered since the last one, and a scan from the front steps over all of them: after
+/// 350,000 deliveries, 400 index pages and 3 ms per claim, growing until autovacuum comes (on a
+/// large outbox, 20 % of it later; measured, benches/README.md). Below the floor every fresh
+/// change has been claimed, so the scan may start there. Two things can still put a fresh change
+/// below it: a transaction that commits long after it took its id (its change was invisible
+/// when the scan passed), and a lease given back (a release, a worker gone). So the floor trails
+/// the ids handed out by FLOOR_LAG, this worker drops it to 0 when it gives a lease back, and
+/// every poll_interval one claim scans from the front.
+#[derive(Debug)]
+pub struct Floor {
+    id: i64,
+    /// The ids handed out when each recent claim ran, oldest first.
+    taken: std::collections::VecDeque<(std::time::Instant, i64)>,
+    full_scan_at: std::time::Instant,
+}
+
+impl Default for Floor {
+    fn default() -> Self {
+        Floor {
+            id: 0,
+            taken: Default::default(),
+            full_scan_at: std::time::Instant::now(),
+        }
+    }
+}
+
+impl Floor {
+    /// Where this claim's scan starts.
+    fn start(&mut self, now: std::time::Instant, full_scan_every: std::time::Duration) -> i64 {
+        if now >= self.full_scan_at {
+            self.full_scan_at = now + full_scan_every;
+            0
+        } else {
+            self.id
+        }
+    }
+
+    /// After a scan from `from` that found `first_fresh` as its lowest fresh change, with ids up to
+    /// `taken` handed out.
+    fn advance(
+        &mut self,
+        now: std::time::Instant,
+        from: i64,
+        first_fresh: Option<i64>,
+        taken: Option<i64>,
+    ) {
+        if let Some(t) = taken {
+            self.taken.push_back((now, t));
+        }
+        // The newest sample at least FLOOR_LAG old: every id up to it belongs to a transaction
+        // that has had FLOOR_LAG to commit.
+        let mut settled = None;
+        while let Some(&(at, t)) = self.taken.front() {
+            if now.duration_since(at) < FLOOR_LAG {
+                break;
+            }
+            settled = Some(t);
+            self.taken.pop_front();
+        }
+        if let Some(t) = settled {
+            // Keep the sample: it stays the best bound until a newer one is old enough.
+            self.taken.push_front((now - FLOOR_LAG, t));
+        }
+        let mut id = match settled {
+            Some(t) => t + 1,
+            None => from,
+        };
+        if let Some(f) = first_fresh {
+            id = id.min(f);
+        }
+        self.id = id.max(from);
+    }
+
+    /// A lease was given back: the next scan starts from the front.
+    pub fn reset(&mut self) {
+        self.id = 0;
+        self.full_scan_at = std::time::Instant::now();
+    }
 }
 
 /// Every pending change of the given resources, and whether it makes its resource busy: leased
@@ -108,10 +208,13 @@ pub fn claim_with(
     batch: i64,
     lease_ms: i64,
     exclude: &ResourcesInFlight,
+    floor: &mut Floor,
     mut explain: Option<&mut Vec<String>>,
 ) -> Result<Vec<Claimed>, FhirSyncError> {
     let pid = unsafe { pg_sys::MyProcPid };
     let live = live_workers();
+    let now = std::time::Instant::now();
+    let from = floor.start(now, crate::gucs::poll_interval());
     Spi::connect_mut(|client| {
         client.update(
             "SELECT pg_catalog.pg_advisory_xact_lock($1)",
@@ -125,7 +228,7 @@ pub fn claim_with(
             for row in client.select(
                 sql.as_str(),
                 None,
-                &[(batch * 2).into(), live.clone().into()],
+                &[(batch * 2).into(), live.clone().into(), from.into()],
             )? {
                 plans.push(row.get::<String>(1)?.unwrap_or_default());
             }
@@ -133,12 +236,17 @@ pub fn claim_with(
         // Several changes of one resource count once: read twice the batch, keep `batch` resources.
         let mut order: Vec<(pg_sys::Oid, String)> = Vec::new();
         let mut seen = std::collections::HashSet::new();
+        let mut first_fresh: Option<i64> = None;
         for row in crate::plans::select(
             client,
             &candidates_sql(schema),
             None,
-            &[(batch * 2).into(), live.clone().into()],
+            &[(batch * 2).into(), live.clone().into(), from.into()],
         )? {
+            if row.get::<bool>(4)?.unwrap_or(false) {
+                let id = row.get::<i64>(1)?.unwrap_or(0);
+                first_fresh = Some(first_fresh.map_or(id, |f| f.min(id)));
+            }
             let key = (
                 row.get::<pg_sys::Oid>(2)?.unwrap_or(pg_sys::InvalidOid),
                 row.get::<String>(3)?.unwrap_or_default(),
@@ -146,6 +254,13 @@ pub fn claim_with(
             if !exclude.contains(&key) && seen.insert(key.clone()) {
                 order.push(key);
             }
+        }
+        if explain.is_none() {
+            // Read after the scan: an id handed out before the scan is at most this value.
+            let taken = crate::plans::select(client, &ids_taken_sql(schema), None, &[])?
+                .first()
+                .get::<i64>(1)?;
+            floor.advance(now, from, first_fresh, taken);
         }
         if order.is_empty() {
             return Ok(Vec::new());
@@ -251,6 +366,69 @@ pub fn claim(
     batch: i64,
     lease_ms: i64,
     exclude: &ResourcesInFlight,
+    floor: &mut Floor,
 ) -> Result<Vec<Claimed>, FhirSyncError> {
-    claim_with(schema, batch, lease_ms, exclude, None)
+    claim_with(schema, batch, lease_ms, exclude, floor, None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    /// Long enough that no periodic full scan falls inside a test (but the one at the end).
+    const POLL: Duration = Duration::from_secs(60);
+
+    fn floor_at(t0: Instant) -> Floor {
+        Floor {
+            id: 0,
+            taken: Default::default(),
+            full_scan_at: t0,
+        }
+    }
+
+    #[test]
+    fn the_floor_trails_the_ids_handed_out_and_never_passes_a_fresh_change() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut f = floor_at(t0);
+        assert_eq!(f.start(t0, POLL), 0, "the first claim scans from the front");
+        // Ids up to 150 handed out; 100 is the lowest fresh change.
+        f.advance(t0, 0, Some(100), Some(150));
+        assert_eq!(
+            f.start(ms(200), POLL),
+            0,
+            "no id is a second old yet: nothing is skipped"
+        );
+        f.advance(ms(200), 0, Some(120), Some(300));
+        // A second after the first claim, ids up to 150 have had time to commit; 400 is the
+        // lowest fresh change now.
+        assert_eq!(f.start(ms(1100), POLL), 0);
+        f.advance(ms(1100), 0, Some(400), Some(500));
+        assert_eq!(f.start(ms(1110), POLL), 151);
+        // A fresh change below that bound holds the floor at it.
+        f.advance(ms(1300), 151, Some(160), Some(600));
+        assert_eq!(f.start(ms(1300), POLL), 160);
+        // No fresh change left: the floor follows the ids handed out a second before (300).
+        f.advance(ms(1500), 160, None, Some(700));
+        assert_eq!(f.start(ms(1500), POLL), 301);
+        // Every poll_interval one scan starts at the front (a lease another worker gave back,
+        // a change of a transaction that committed late).
+        assert_eq!(f.start(t0 + POLL, POLL), 0);
+        assert_eq!(f.start(t0 + POLL + Duration::from_millis(1), POLL), 301);
+    }
+
+    #[test]
+    fn a_lease_given_back_sends_the_next_scan_to_the_front() {
+        let t0 = Instant::now();
+        let mut f = floor_at(t0);
+        f.start(t0, POLL);
+        f.advance(t0, 0, None, Some(10));
+        let t1 = t0 + Duration::from_millis(1500);
+        f.start(t1, POLL);
+        f.advance(t1, 0, None, Some(20));
+        assert_eq!(f.start(t1 + Duration::from_millis(1), POLL), 11);
+        f.reset();
+        assert_eq!(f.start(Instant::now(), POLL), 0);
+    }
 }

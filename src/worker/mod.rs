@@ -103,6 +103,8 @@ struct Worker {
     /// When the next claim may start: set by a cycle that found more than one resource (changes
     /// arrive faster than cycles end), fhir_sync.linger after that cycle began.
     paced: Option<Instant>,
+    /// Where the claim's scan of fresh changes starts (claim::Floor).
+    floor: claim::Floor,
 }
 
 const TRACKS_TTL: Duration = Duration::from_secs(2);
@@ -176,6 +178,7 @@ pub extern "C-unwind" fn fhir_sync_worker_main(arg: pg_sys::Datum) {
         schema: None,
         in_flight: usize::MAX,
         paced: None,
+        floor: Default::default(),
     };
     w.rebuild_client();
     loop {
@@ -335,6 +338,7 @@ impl Worker {
                 batch,
                 crate::gucs::lease_time_ms(),
                 &Default::default(),
+                &mut self.floor,
             )
         }) {
             Ok(Ok(c)) => c,
@@ -382,6 +386,7 @@ impl Worker {
     /// and try again later. The leases it held expire on their own.
     fn failed_cycle(&mut self, error: &str) -> Option<Duration> {
         self.tracks = None;
+        self.floor.reset();
         self.schema = None;
         pgrx::warning!("fhir_sync worker: cycle failed: {error}");
         self.slot
@@ -526,6 +531,9 @@ impl Worker {
                     m.flight = Some(self.launch(std::mem::take(&mut m.requests)));
                 }
             }
+            if !settlement.release.is_empty() {
+                self.floor.reset();
+            }
             let settled = crate::subxact::transaction(|| settle::settle(schema, &settlement))
                 .and_then(|r| r.map_err(|e| e.to_string()));
             if let Err(e) = settled {
@@ -560,6 +568,7 @@ impl Worker {
                 crate::gucs::batch_size(),
                 crate::gucs::lease_time_ms(),
                 in_flight,
+                &mut self.floor,
             )
         })?
         .map_err(|e| e.to_string())?;
@@ -646,6 +655,7 @@ impl Worker {
 
     /// Hands changes back without spending attempts: nothing was sent.
     fn release(&mut self, schema: &str, tier: &[Claimed]) -> Result<(), String> {
+        self.floor.reset();
         let s = Settlement {
             release: tier.iter().flat_map(|c| c.outbox_ids.clone()).collect(),
             ..Default::default()

@@ -7,7 +7,7 @@ import time
 import psycopg
 import pytest
 
-from fhirsync import MRN, eventually, make_app
+from fhirsync import DB, MRN, eventually, make_app
 from harness.util import unique
 
 
@@ -97,6 +97,29 @@ def test_a_rolled_back_transaction_sends_nothing(make_cluster, faults):
     app.wait_drained()
     assert not any("rolled-back" in r.path for r in faults.requests)
     assert app.one("SELECT count(*) FROM fhir_outbox") == 1
+
+
+def test_a_change_committed_long_after_later_ones_is_still_delivered(make_cluster, faults):
+    """The claim starts its scan past the changes it has delivered (claim::Floor). A transaction
+    that captured a change early and commits late, after many later changes were delivered and
+    the floor moved past its change's id, must still be delivered."""
+    app = make_app(make_cluster, faults.base_url)
+    late = app.cluster.connect(DB)
+    with late.transaction():
+        late.execute(
+            "INSERT INTO patient (identifier_system, identifier_value, name_family, birth_date)"
+            " VALUES (%s, 'mrn-late', 'Late', '1970-01-01')", (MRN,))
+        # Later changes commit and are delivered for a few seconds: the worker claims again and
+        # again, and its floor trails the ids handed out by a second.
+        for i in range(30):
+            app.add_patient(f"mrn-early-{i}")
+            time.sleep(0.1)
+        faults.wait_for_requests(30, predicate=lambda r: "mrn-early-" in r.path)
+        assert not any("mrn-late" in r.path for r in faults.requests)
+    faults.wait_for_requests(1, predicate=lambda r: "mrn-late" in r.path)
+    app.wait_drained()
+    assert len(faults.store.find("Patient", f"{MRN}|mrn-late")) == 1
+    assert app.one("SELECT count(*) FROM fhir_dlq") == 0
 
 
 def test_twenty_quick_updates_collapse_to_the_last_commit(make_cluster, faults):
