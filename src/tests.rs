@@ -119,6 +119,28 @@ fn capture_follows_an_altered_outbox() {
     assert_eq!(rows, serde_json::json!([one, one]));
 }
 
+/// A DBA may hang triggers of their own on the outbox (an audit, a NOTIFY for a dashboard): the
+/// capture's direct insert must fire them as an INSERT would.
+#[pg_test]
+fn triggers_a_dba_adds_to_the_outbox_fire_on_capture() {
+    let base = setup();
+    Spi::run(
+        "CREATE TABLE outbox_audit (outbox_id bigint, op text, fired text);
+         CREATE FUNCTION audit_outbox() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN INSERT INTO outbox_audit VALUES (NEW.id, NEW.operation, TG_WHEN); RETURN NEW; END $$;
+         CREATE TRIGGER audit_before BEFORE INSERT ON fhir_outbox FOR EACH ROW EXECUTE FUNCTION audit_outbox();
+         CREATE TRIGGER audit_after AFTER INSERT ON fhir_outbox FOR EACH ROW EXECUTE FUNCTION audit_outbox();",
+    )
+    .unwrap();
+    Spi::run("INSERT INTO pulse (patient_id, rate, measurement_time) VALUES (1, 63, now())").unwrap();
+    let fired = json_with(
+        "SELECT jsonb_agg(jsonb_build_array(a.op, a.fired) ORDER BY a.fired DESC)
+           FROM outbox_audit a JOIN fhir_outbox o ON o.id = a.outbox_id WHERE o.id > $1",
+        base,
+    );
+    assert_eq!(fired, serde_json::json!([["I", "BEFORE"], ["I", "AFTER"]]));
+}
+
 #[pg_test]
 fn update_and_delete_are_captured_with_the_identifier() {
     let base = setup();

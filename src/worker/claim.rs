@@ -81,11 +81,12 @@ const FLOOR_LAG: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Where a worker's scan of fresh changes starts.
 ///
-/// Between two vacuums the front of `fhir_outbox_pending_idx` holds the dead entries of every
-/// change delivered since the last one, and a scan from the front steps over all of them: after
-/// 350,000 deliveries, 400 index pages and 3 ms per claim, growing until autovacuum comes (on a
-/// large outbox, 20 % of it later; measured, benches/README.md). Below the floor every fresh
-/// change has been claimed, so the scan may start there. Two things can still put a fresh change
+/// Until vacuum, the front of `fhir_outbox_pending_idx` keeps the dead entries of delivered
+/// changes that no insert will clean up: a burst fills pages that new changes never reach again,
+/// and a scan from the front steps over all of them (after a 100,000-row burst, 2.3–2.6 ms per
+/// claim with nothing pending; after a day of bench runs, 400 pages and 3.2 ms; autovacuum comes
+/// when a fifth of an outbox that keeps its history is dead: benches/README.md). Below the floor
+/// every fresh change has been claimed, so the scan may start there. Two things can still put a fresh change
 /// below it: a transaction that commits long after it took its id (its change was invisible
 /// when the scan passed), and a lease given back (a release, a worker gone). So the floor trails
 /// the ids handed out by FLOOR_LAG, this worker drops it to 0 when it gives a lease back, and
