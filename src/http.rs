@@ -80,8 +80,27 @@ struct CachedResolver<R = ureq::unversioned::resolver::DefaultResolver> {
     known: Resolved,
 }
 
-type Resolved =
-    Arc<Mutex<HashMap<String, (Instant, ureq::unversioned::resolver::ResolvedSocketAddrs)>>>;
+/// The addresses known per host (`host:port`), shared by the resolver and the client.
+#[derive(Clone, Debug, Default)]
+struct Resolved(
+    Arc<Mutex<HashMap<String, (Instant, ureq::unversioned::resolver::ResolvedSocketAddrs)>>>,
+);
+
+impl Resolved {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<
+        '_,
+        HashMap<String, (Instant, ureq::unversioned::resolver::ResolvedSocketAddrs)>,
+    > {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A connection failed: the next request looks every host up again.
+    fn forget(&self) {
+        self.lock().clear();
+    }
+}
 
 impl<R: ureq::unversioned::resolver::Resolver> ureq::unversioned::resolver::Resolver
     for CachedResolver<R>
@@ -97,7 +116,7 @@ impl<R: ureq::unversioned::resolver::Resolver> ureq::unversioned::resolver::Reso
             .map(|a| a.as_str())
             .unwrap_or_default()
             .to_string();
-        let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        let mut known = self.known.lock();
         if let Some((at, addrs)) = known.get(&key) {
             if at.elapsed() < RESOLVED_TTL {
                 return Ok(addrs.clone());
@@ -106,7 +125,7 @@ impl<R: ureq::unversioned::resolver::Resolver> ureq::unversioned::resolver::Reso
         // Not under the lock: a slow lookup must not hold up requests to known hosts.
         drop(known);
         let addrs = self.inner.resolve(uri, config, timeout)?;
-        known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        known = self.known.lock();
         known.insert(key, (Instant::now(), addrs.clone()));
         Ok(addrs)
     }
@@ -249,10 +268,7 @@ impl Client {
             }
             Err(e) => {
                 let t = if is_connect_failure(&e) {
-                    self.resolved
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .clear();
+                    self.resolved.forget();
                     Transport::ConnectFailed
                 } else {
                     Transport::Broken
@@ -497,7 +513,7 @@ mod tests {
             "each host is looked up on its own"
         );
         // What Client::request does when a connection fails: the next request looks up again.
-        r.known.lock().unwrap().clear();
+        r.known.forget();
         r.resolve(&fhir, &config, timeout).unwrap();
         assert_eq!(lookups.load(Ordering::SeqCst), 3);
     }

@@ -73,13 +73,7 @@ thread_local! {
 
 /// Writes one outbox row in the current transaction.
 pub fn insert(schema: &str, change: &Change) -> Result<(), FhirSyncError> {
-    // Copied out of the cache: opening the table processes invalidation messages, which may
-    // clear it (forget).
-    let cached = OUTBOX.with(|cell| cell.borrow().clone());
-    let outbox = match cached {
-        Some(o) if o.schema == schema => o,
-        _ => resolve(schema)?,
-    };
+    let outbox = cached(schema)?;
     if unsafe { write_as_owner(&outbox, change) } {
         return Ok(());
     }
@@ -91,6 +85,20 @@ pub fn insert(schema: &str, change: &Change) -> Result<(), FhirSyncError> {
     Err(FhirSyncError::Spi(
         "fhir_outbox does not have the shape fhir_sync writes".into(),
     ))
+}
+
+/// The outbox's identity sequence: the claim reads how far ids have been handed out.
+pub fn sequence(schema: &str) -> Result<pg_sys::Oid, FhirSyncError> {
+    Ok(cached(schema)?.sequence)
+}
+
+/// The outbox as resolved, copied out of the cache: opening the table processes invalidation
+/// messages, which may clear it (forget).
+fn cached(schema: &str) -> Result<Outbox, FhirSyncError> {
+    match OUTBOX.with(|cell| cell.borrow().clone()) {
+        Some(o) if o.schema == schema => Ok(o),
+        _ => resolve(schema),
+    }
 }
 
 /// Writes as the extension owner: the caller may write the tracked table but has no right to

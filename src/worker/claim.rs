@@ -67,13 +67,8 @@ fn candidates_sql(schema: &str) -> String {
     )
 }
 
-/// The outbox sequence's last value: ids up to it have been handed out.
-fn ids_taken_sql(schema: &str) -> String {
-    let table = pgrx::spi::quote_literal(format!("{schema}.fhir_outbox"));
-    format!(
-        "SELECT pg_catalog.pg_sequence_last_value(pg_catalog.pg_get_serial_sequence({table}, 'id')::pg_catalog.regclass)"
-    )
-}
+/// The outbox sequence's last value ($1, the sequence): ids up to it have been handed out.
+const IDS_TAKEN: &str = "SELECT pg_catalog.pg_sequence_last_value($1::pg_catalog.regclass)";
 
 /// How far the floor trails the ids handed out: a change whose transaction commits later than
 /// this after its capture is found by the next full scan instead (at most a poll_interval on).
@@ -216,6 +211,7 @@ pub fn claim_with(
     let live = live_workers();
     let now = std::time::Instant::now();
     let from = floor.start(now, crate::gucs::poll_interval());
+    let sequence = crate::outbox_write::sequence(schema)?;
     Spi::connect_mut(|client| {
         client.update(
             "SELECT pg_catalog.pg_advisory_xact_lock($1)",
@@ -258,7 +254,7 @@ pub fn claim_with(
         }
         if explain.is_none() {
             // Read after the scan: an id handed out before the scan is at most this value.
-            let taken = crate::plans::select(client, &ids_taken_sql(schema), None, &[])?
+            let taken = crate::plans::select(client, IDS_TAKEN, None, &[sequence.into()])?
                 .first()
                 .get::<i64>(1)?;
             floor.advance(now, from, first_fresh, taken);

@@ -531,12 +531,7 @@ impl Worker {
                     m.flight = Some(self.launch(std::mem::take(&mut m.requests)));
                 }
             }
-            if !settlement.release.is_empty() {
-                self.floor.reset();
-            }
-            let settled = crate::subxact::transaction(|| settle::settle(schema, &settlement))
-                .and_then(|r| r.map_err(|e| e.to_string()));
-            if let Err(e) = settled {
+            if let Err(e) = self.settle(schema, &settlement) {
                 // The batch claimed ahead goes back at once rather than when its lease ends
                 // (after the answers to what of it was sent: a re-send is harmless).
                 if let Some(Ok(n)) = next {
@@ -655,12 +650,20 @@ impl Worker {
 
     /// Hands changes back without spending attempts: nothing was sent.
     fn release(&mut self, schema: &str, tier: &[Claimed]) -> Result<(), String> {
-        self.floor.reset();
         let s = Settlement {
             release: tier.iter().flat_map(|c| c.outbox_ids.clone()).collect(),
             ..Default::default()
         };
-        crate::subxact::transaction(|| settle::settle(schema, &s))?.map_err(|e| e.to_string())
+        self.settle(schema, &s)
+    }
+
+    /// Records a settlement in its own transaction. Changes handed back may lie below the
+    /// claim's floor: the next claim scans from the front.
+    fn settle(&mut self, schema: &str, s: &Settlement) -> Result<(), String> {
+        if !s.release.is_empty() {
+            self.floor.reset();
+        }
+        crate::subxact::transaction(|| settle::settle(schema, s))?.map_err(|e| e.to_string())
     }
 
     /// Turns actions and responses into a settlement, updates the counters, and pauses the
