@@ -974,57 +974,13 @@ class Bench:
         return lat_summary([(first[v] - c) / 1000.0 for v, c in commits.items()])
 
     # ---------------------------------------------------------------- claim1m
-    CLAIM_SQL = """WITH cand AS (
-    SELECT o.id, o.resource_table, o.resource_key FROM public.fhir_outbox o
-     WHERE NOT o.processed
-       AND (o.next_retry_at IS NULL OR o.next_retry_at <= pg_catalog.now())
-       AND (o.lock_expires_at IS NULL OR o.lock_expires_at < pg_catalog.now() OR o.locked_by <> ALL ($4))
-     ORDER BY o.next_retry_at NULLS FIRST, o.id
-     LIMIT $1 * 2
- ), res AS (
-    SELECT c.resource_table, c.resource_key, pg_catalog.min(c.id) AS first_id FROM cand c
-     WHERE NOT EXISTS (
-           SELECT 1 FROM public.fhir_outbox b
-            WHERE b.resource_table = c.resource_table AND b.resource_key = c.resource_key
-              AND NOT b.processed
-              AND ((b.lock_expires_at >= pg_catalog.now() AND b.locked_by IS DISTINCT FROM $2
-                    AND b.locked_by = ANY ($4))
-                   OR b.next_retry_at > pg_catalog.now()))
-     GROUP BY 1, 2 ORDER BY first_id LIMIT $1
- ), leased AS (
-    UPDATE public.fhir_outbox o
-       SET locked_by = $2, lock_expires_at = pg_catalog.now() + $3 * interval '1 millisecond'
-      FROM res
-     WHERE o.resource_table = res.resource_table AND o.resource_key = res.resource_key AND NOT o.processed
-    RETURNING o.id, o.resource_table, o.resource_key, o.resource_type, o.attempts,
-              o.identifier_system, o.identifier_value, o.created_at
- )
- SELECT resource_table::pg_catalog.oid, resource_key, pg_catalog.max(resource_type),
-        pg_catalog.array_agg(id ORDER BY id), pg_catalog.max(attempts),
-        (pg_catalog.array_agg(identifier_system ORDER BY id DESC) FILTER (WHERE identifier_value IS NOT NULL))[1],
-        (pg_catalog.array_agg(identifier_value ORDER BY id DESC) FILTER (WHERE identifier_value IS NOT NULL))[1],
-        extract(epoch FROM pg_catalog.clock_timestamp() - pg_catalog.min(created_at))::float8
-   FROM leased GROUP BY 1, 2 ORDER BY pg_catalog.min(id)"""
-
     def explain_claim(self, batch: int) -> tuple[list[str], str]:
-        """EXPLAIN (ANALYZE, BUFFERS) of the claim, rolled back. Uses fhir_sync_explain_claim() when the build
-        has it, else the statement copied from src/worker/claim.rs with the parameters the worker binds."""
-        if self.one("SELECT count(*) FROM pg_proc WHERE proname = 'fhir_sync_explain_claim'"):
-            # in a session set up as the worker sets up its own (src/worker/mod.rs), so the plan is the worker's
-            with psycopg.connect(self.cluster.dsn(DB), autocommit=True) as c:
-                c.execute(WORKER_SESSION)
-                rows = c.execute("SELECT * FROM public.fhir_sync_explain_claim(%s)", (batch,)).fetchall()
-            return [r[0] for r in rows], "fhir_sync_explain_claim(), worker session settings"
-        live = self.sql("SELECT pid FROM fhir_sync_workers WHERE pid IS NOT NULL")
-        live_arr = "ARRAY[" + ",".join(str(r[0]) for r in live) + "]::int[]" if live else "ARRAY[]::int[]"
-        q = (self.CLAIM_SQL.replace("$1", str(int(batch))).replace("$2", "pg_backend_pid()")
-             .replace("$3", "120000").replace("$4", live_arr))
-        with psycopg.connect(self.cluster.dsn(DB)) as c:
+        """EXPLAIN (ANALYZE, BUFFERS) of the worker's own claim statements (fhir_sync_explain_claim(), rolled
+        back), in a session set up as the worker sets up its own (src/sandbox.rs, src/worker/mod.rs)."""
+        with psycopg.connect(self.cluster.dsn(DB), autocommit=True) as c:
             c.execute(WORKER_SESSION)
-            c.execute("SELECT pg_advisory_xact_lock(%s)", (0x6668_6972_5f73_796e,))
-            rows = c.execute("EXPLAIN (ANALYZE, BUFFERS) " + q).fetchall()
-            c.rollback()
-        return [r[0] for r in rows], "copy of the claim statement in src/worker/claim.rs (parameters inlined)"
+            rows = c.execute("SELECT * FROM public.fhir_sync_explain_claim(%s)", (batch,)).fetchall()
+        return [r[0] for r in rows], "fhir_sync_explain_claim(), worker session settings"
 
     def scenario_claim1m(self):
         big = 100000 if self.quick else 1000000

@@ -100,3 +100,23 @@ BEGIN
     RETURN NEXT;
 END
 $fn$;
+
+-- What the delivery workers need when they connect as `worker` (fhir_sync.username): their own
+-- tables and the claim lock. Nothing on the tracked tables or mapping functions: the workers
+-- read those as the tables' owners (sandbox.rs). Run it again after ALTER EXTENSION … UPDATE.
+CREATE FUNCTION fhir_sync_grant_worker(worker regrole) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    EXECUTE format('GRANT USAGE ON SCHEMA @extschema@ TO %s', worker);
+    EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON @extschema@.fhir_outbox, @extschema@.fhir_dlq, '
+                   '@extschema@.fhir_sync_state TO %s', worker);
+    EXECUTE format('GRANT SELECT ON @extschema@.fhir_tracked TO %s', worker);
+    -- LOCK TABLE … IN SHARE UPDATE EXCLUSIVE MODE needs UPDATE.
+    EXECUTE format('GRANT UPDATE ON @extschema@.fhir_claim_lock TO %s', worker);
+    -- The claim reads how far outbox ids have been handed out.
+    EXECUTE format('GRANT SELECT ON SEQUENCE %s TO %s',
+                   pg_get_serial_sequence('@extschema@.fhir_outbox', 'id'), worker);
+END
+$fn$;

@@ -16,6 +16,10 @@ CREATE TABLE fhir_tracked (
     identifier_column name,
     identifier_system text,
     created_at        timestamptz NOT NULL DEFAULT now(),
+    -- A superuser accepted this owner for map_function although it is not the table's owner
+    -- (fhir_track(..., function_owner_trusted => true)); NULL: only the table's owner will do.
+    -- (Last: 0.2.0 added it, and an upgraded table must look like a new one.)
+    map_function_owner regrole,
     CHECK ((parent_table IS NULL) = (parent_column IS NULL)),
     CHECK ((mapper = 'function') = (map_function IS NOT NULL))
 );
@@ -111,6 +115,11 @@ CREATE TABLE fhir_sync_state (
     last_outbox_id    bigint,
     PRIMARY KEY (resource_table, resource_key)
 );
+
+-- The claim lock: workers serialise their claims by locking this table (SHARE UPDATE EXCLUSIVE). No role but
+-- the workers' is ever granted anything on it, so no ordinary role can take that lock and stall
+-- delivery (as it could an advisory lock key: pg_advisory_lock is open to everyone).
+CREATE TABLE fhir_claim_lock ();
 
 -- Tracking configuration and sync state survive pg_dump; the queues are transient by nature.
 SELECT pg_catalog.pg_extension_config_dump('fhir_tracked', '');

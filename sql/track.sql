@@ -2,13 +2,18 @@
 -- only decide how a table maps and install it. search_path is pinned and every name is
 -- qualified, so a planted function or operator cannot change what they do.
 
+-- Who may track: a role that can act as the table's owner (the worker will run the owner's
+-- code as that owner). A mapping function must take exactly the table's row type, return jsonb
+-- (or json), and belong to the table's owner: its owner's code then runs with the table owner's
+-- rights. Only a superuser may accept another owner, explicitly (function_owner_trusted).
 CREATE FUNCTION fhir_track(
     "table"           regclass,
     resource_type     text,
     map_function      regprocedure DEFAULT NULL,
     identifier_column name DEFAULT NULL,
     identifier_system text DEFAULT NULL,
-    mapper            text DEFAULT NULL
+    mapper            text DEFAULT NULL,
+    function_owner_trusted boolean DEFAULT false
 ) RETURNS text
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -21,6 +26,9 @@ DECLARE
     parent     regclass;
     parent_col name;
     chosen     text := mapper;
+    owner      oid := (SELECT c.relowner FROM pg_class c WHERE c.oid = "table");
+    fn         record;
+    fn_owner   regrole;
 BEGIN
     IF "table" IS NULL OR resource_type IS NULL THEN
         RAISE EXCEPTION 'table and resource_type must not be null';
@@ -33,6 +41,11 @@ BEGIN
     IF (SELECT relkind FROM pg_class WHERE oid = "table") NOT IN ('r', 'p') THEN
         RAISE EXCEPTION '% is not a table', "table" USING ERRCODE = 'wrong_object_type';
     END IF;
+    IF NOT pg_has_role(current_user, owner, 'USAGE') THEN
+        RAISE EXCEPTION 'must be able to act as the owner of table % to track it', "table"
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'fhir_sync runs the owner''s code (casts, the mapping function) as the owner; ask the owner or a superuser to track it.';
+    END IF;
 
     SELECT array_agg(attname::text) INTO cols
       FROM pg_attribute WHERE attrelid = "table" AND attnum > 0 AND NOT attisdropped;
@@ -44,6 +57,28 @@ BEGIN
         RAISE EXCEPTION 'table % has no single-column primary key', "table"
             USING ERRCODE = 'invalid_table_definition',
                   HINT = 'Add a primary key on one column: fhir_sync addresses rows by it.';
+    END IF;
+
+    IF map_function IS NOT NULL THEN
+        SELECT p.pronargs, p.proargtypes[0] AS arg, p.prorettype, p.proretset, p.proowner INTO fn
+          FROM pg_proc p WHERE p.oid = map_function;
+        IF fn.pronargs <> 1 OR fn.arg <> (SELECT c.reltype FROM pg_class c WHERE c.oid = "table") OR fn.proretset
+           OR fn.prorettype NOT IN ('jsonb'::regtype, 'json'::regtype) THEN
+            RAISE EXCEPTION 'mapping function % must take exactly one % row and return jsonb', map_function, "table"
+                USING ERRCODE = 'invalid_function_definition',
+                      HINT = format('Declare it as CREATE FUNCTION f(r %s) RETURNS jsonb.', "table");
+        END IF;
+        IF fn.proowner <> owner THEN
+            IF NOT function_owner_trusted THEN
+                RAISE EXCEPTION 'mapping function % is not owned by the owner of table %', map_function, "table"
+                    USING ERRCODE = 'insufficient_privilege',
+                          HINT = 'The function runs with the table owner''s rights: make the table''s owner its owner, or, as a superuser, pass function_owner_trusted => true.';
+            ELSIF NOT (SELECT r.rolsuper FROM pg_roles r WHERE r.rolname = current_user) THEN
+                RAISE EXCEPTION 'only a superuser may accept a mapping function owned by another role'
+                    USING ERRCODE = 'insufficient_privilege';
+            END IF;
+            fn_owner := fn.proowner;
+        END IF;
     END IF;
 
     IF map_function IS NOT NULL THEN
@@ -80,26 +115,35 @@ BEGIN
           FROM pg_constraint c JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = c.conkey[1]
          WHERE c.conrelid = "table" AND c.contype = 'f' AND a.attname = parent_col LIMIT 1;
         IF parent IS NULL THEN
-            EXECUTE format('SELECT min(table_name::text)::regclass FROM %I.fhir_tracked WHERE mapper = ''patient''', ext_schema)
-               INTO parent;
+            -- Only a patient table of the same owner: another owner's Patients are not ours to add to.
+            EXECUTE format('SELECT min(t.table_name::text)::regclass FROM %I.fhir_tracked t JOIN pg_class c ON c.oid = t.table_name
+                             WHERE t.mapper = ''patient'' AND c.relowner = $1', ext_schema)
+               USING owner INTO parent;
         END IF;
         IF parent IS NULL THEN
             RAISE EXCEPTION 'cannot find the patient table that % belongs to', "table"
                 USING ERRCODE = 'invalid_table_definition',
-                      HINT = 'Add a foreign key on patient_id, or track the patient table first.';
+                      HINT = 'Add a foreign key on patient_id, or track the patient table (of the same owner) first.';
+        END IF;
+        IF NOT pg_has_role(current_user, (SELECT c.relowner FROM pg_class c WHERE c.oid = parent), 'USAGE') THEN
+            RAISE EXCEPTION 'must be able to act as the owner of table %, the patient table % belongs to', parent, "table"
+                USING ERRCODE = 'insufficient_privilege';
         END IF;
     END IF;
 
     EXECUTE format($q$
         INSERT INTO %I.fhir_tracked AS t (table_name, resource_type, mapper, key_column, parent_table,
-                                          parent_column, map_function, identifier_column, identifier_system)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                                          parent_column, map_function, identifier_column, identifier_system,
+                                          map_function_owner)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
         ON CONFLICT (table_name) DO UPDATE SET
             resource_type = excluded.resource_type, mapper = excluded.mapper, key_column = excluded.key_column,
             parent_table = excluded.parent_table, parent_column = excluded.parent_column,
             map_function = excluded.map_function, identifier_column = excluded.identifier_column,
-            identifier_system = excluded.identifier_system$q$, ext_schema)
-    USING "table", resource_type, chosen, key_col, parent, parent_col, map_function, identifier_column, identifier_system;
+            identifier_system = excluded.identifier_system,
+            map_function_owner = excluded.map_function_owner$q$, ext_schema)
+    USING "table", resource_type, chosen, key_col, parent, parent_col, map_function, identifier_column, identifier_system,
+          fn_owner;
 
     IF EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = "table" AND tgname = 'fhir_sync_capture') THEN
         EXECUTE format('DROP TRIGGER fhir_sync_capture ON %s', "table");
@@ -155,22 +199,21 @@ BEGIN
         RAISE EXCEPTION 'table % is not tracked by fhir_sync', "table" USING ERRCODE = 'no_data_found',
             HINT = 'Start tracking it with SELECT fhir_track(''table'', ''ResourceType'').';
     END IF;
+    -- The keys are read by fhir_backfill_keys: as the table's owner, sandboxed (rendering a
+    -- key as text runs its type's code), never with the caller's rights.
     IF t.parent_table IS NULL THEN
         EXECUTE format($q$
             INSERT INTO %I.fhir_outbox (table_name, record_id, operation, resource_type, resource_table,
                                         resource_key, identifier_system, identifier_value)
-            SELECT $1, s.%I::text, 'U', $2, $3, s.%I::text, %s, %s FROM %s s ORDER BY s.%I$q$,
-            ext_schema, t.key_column, t.key_column,
-            CASE WHEN t.mapper = 'patient' THEN 's.identifier_system::text' ELSE 'NULL' END,
-            CASE WHEN t.mapper = 'patient' THEN 's.identifier_value::text' ELSE 'NULL' END,
-            "table", t.key_column)
+            SELECT $1, k.record_id, 'U', $2, $3, k.resource_key, k.identifier_system, k.identifier_value
+              FROM %I.fhir_backfill_keys($3) k$q$, ext_schema, ext_schema)
         USING "table"::text, t.resource_type, "table";
     ELSE
         EXECUTE format($q$
             INSERT INTO %I.fhir_outbox (table_name, record_id, operation, resource_type, resource_table, resource_key)
-            SELECT $1, min(s.%I::text), 'U', $2, $3, s.%I::text FROM %s s WHERE s.%I IS NOT NULL GROUP BY s.%I$q$,
-            ext_schema, t.key_column, t.parent_column, "table", t.parent_column, t.parent_column)
-        USING "table"::text, t.resource_type, t.parent_table;
+            SELECT $1, k.record_id, 'U', $2, $3, k.resource_key FROM %I.fhir_backfill_keys($4) k$q$,
+            ext_schema, ext_schema)
+        USING "table"::text, t.resource_type, t.parent_table, "table";
     END IF;
     GET DIAGNOSTICS n = ROW_COUNT;
     EXECUTE format('SELECT %I.fhir_sync_wake()', ext_schema);

@@ -16,30 +16,116 @@ use std::sync::atomic::Ordering;
 
 extension_sql!(
     r#"
-CREATE FUNCTION fhir_patient_json(p anyelement) RETURNS jsonb
-LANGUAGE sql STABLE PARALLEL SAFE
-AS $$ SELECT @extschema@.fhir_map_row('patient', pg_catalog.pg_typeof(p)::oid, pg_catalog.to_jsonb(p)) $$;
-CREATE FUNCTION fhir_encounter_json(f anyelement) RETURNS jsonb
-LANGUAGE sql STABLE PARALLEL SAFE
-AS $$ SELECT @extschema@.fhir_map_row('encounter', pg_catalog.pg_typeof(f)::oid, pg_catalog.to_jsonb(f)) $$;
-CREATE FUNCTION fhir_observation_json(o anyelement) RETURNS jsonb
-LANGUAGE sql STABLE PARALLEL SAFE
-AS $$ SELECT @extschema@.fhir_map_row('observation', pg_catalog.pg_typeof(o)::oid, pg_catalog.to_jsonb(o)) $$;
 -- The key in whatever type the table uses: fhir_preview('patient', 1) or fhir_preview('patient', '1').
 CREATE FUNCTION fhir_preview("table" regclass, key anyelement) RETURNS jsonb
 LANGUAGE sql VOLATILE
 AS $$ SELECT @extschema@.fhir_preview_row($1::oid, $2::text) $$;
 "#,
     name = "mapper_wrappers",
-    requires = [fhir_map_row, fhir_preview_row]
+    requires = [fhir_preview_row]
 );
 
-/// Maps one row (as to_jsonb renders it) of the table whose row type is `rowtype`.
-#[pg_extern(stable, parallel_safe)]
+/// Maps one row (as to_jsonb renders it) of the table whose row type is `rowtype`. (0.1.0's
+/// mappers called this with the row rendered in the caller's rights; kept for callers of it,
+/// who pass JSON they made themselves.)
+#[pg_extern(stable)]
 fn fhir_map_row(mapper: &str, rowtype: pg_sys::Oid, row: JsonB) -> JsonB {
-    match map_row(mapper, rowtype, row.0) {
+    match crate::sandbox::pinned(|| map_row(mapper, rowtype, row.0)) {
         Ok(v) => JsonB(v),
         Err(e) => e.report(),
+    }
+}
+
+/// The native Patient mapper, on any row of a patient table: `SELECT fhir_patient_json(p) FROM
+/// patient p`. Written in Rust, not SQL, so that no name is looked up when it runs (an overload
+/// planted in the extension's schema cannot stand in); not parallel safe (the sandbox opens a
+/// subtransaction).
+#[pg_extern(stable)]
+fn fhir_patient_json(p: pgrx::AnyElement) -> JsonB {
+    map_record("patient", p)
+}
+
+/// The native Encounter mapper, on any row of a form table.
+#[pg_extern(stable)]
+fn fhir_encounter_json(f: pgrx::AnyElement) -> JsonB {
+    map_record("encounter", f)
+}
+
+/// The native Observation mappers (blood pressure or pulse, by the row's columns).
+#[pg_extern(stable)]
+fn fhir_observation_json(o: pgrx::AnyElement) -> JsonB {
+    map_record("observation", o)
+}
+
+/// Renders a table row and maps it. Rendering runs the casts of its column types (code of the
+/// table's owner, or of the types' owners): it runs sandboxed, as `sandbox::runner_for` says —
+/// never with a superuser caller's rights, never with rights the caller does not have.
+fn map_record(mapper: &str, row: pgrx::AnyElement) -> JsonB {
+    let rowtype = row.oid();
+    // SAFETY: an lsyscache lookup by OID; InvalidOid for a type that is not a table's row.
+    let relid = unsafe { pg_sys::get_typ_typrelid(rowtype) };
+    if relid == pg_sys::InvalidOid {
+        // Before the datum is touched: it is not a composite, and row_to_json would read it
+        // as one.
+        crate::error::raise(
+            PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
+            "fhir_sync mappers take a table row",
+            "Pass the row itself, as in SELECT fhir_patient_json(p) FROM patient p.",
+        );
+    }
+    let run = || -> Result<Value, FhirSyncError> {
+        let runner = crate::sandbox::runner_for(relation_owner(relid));
+        // SAFETY: row_to_json(record) reads the row type from the composite datum itself; the
+        // datum is the caller's argument, of a table's row type (checked above), valid for this
+        // call.
+        let json = crate::sandbox::as_owner(runner, || unsafe {
+            const ROW_TO_JSON: u32 = 3155;
+            let d = pg_sys::OidFunctionCall1Coll(
+                pg_sys::Oid::from(ROW_TO_JSON),
+                pg_sys::InvalidOid,
+                row.datum(),
+            );
+            String::from_datum(d, false)
+        })
+        .map_err(|error| FhirSyncError::Unreadable {
+            table: relation_name(relid),
+            key: "(the argument)".into(),
+            error: Box::new(error),
+        })?
+        .unwrap_or_default();
+        let value = serde_json::from_str(&json).unwrap_or(Value::Null);
+        map_row(mapper, rowtype, value)
+    };
+    match crate::sandbox::pinned(run) {
+        Ok(v) => JsonB(v),
+        Err(e) => e.report(),
+    }
+}
+
+fn relation_name(relid: pg_sys::Oid) -> String {
+    source::one::<String>("SELECT $1::pg_catalog.regclass::text", &[relid.into()])
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+}
+
+/// A relation's owner, or InvalidOid (for something that is not a relation).
+fn relation_owner(relid: pg_sys::Oid) -> pg_sys::Oid {
+    if relid == pg_sys::InvalidOid {
+        return relid;
+    }
+    // SAFETY: a syscache lookup by OID, released before returning; reads relowner only.
+    unsafe {
+        let tup = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::RELOID as _, relid.into());
+        if tup.is_null() {
+            return pg_sys::InvalidOid;
+        }
+        let header = (*tup).t_data;
+        let form = (header as *const u8).add((*header).t_hoff as usize)
+            as *const pg_sys::FormData_pg_class;
+        let owner = (*form).relowner;
+        pg_sys::ReleaseSysCache(tup);
+        owner
     }
 }
 
@@ -110,9 +196,9 @@ fn map_row(mapper: &str, rowtype: pg_sys::Oid, row: Value) -> Result<Value, Fhir
 /// Identifier rows of tables that reference the patient table by patient_id (read with the
 /// caller's privileges).
 fn other_identifiers(patient: pg_sys::Oid, key: &str) -> Result<Vec<mapping::Row>, FhirSyncError> {
-    let children: Vec<(String, String)> = Spi::connect(|client| {
+    let children: Vec<(pg_sys::Oid, String, String)> = Spi::connect(|client| {
         let mut v = Vec::new();
-        let sql = "SELECT pg_catalog.format('%I.%I', n.nspname, c.relname), pg_catalog.format_type(a.atttypid, a.atttypmod)
+        let sql = "SELECT c.oid, pg_catalog.format('%I.%I', n.nspname, c.relname), pg_catalog.format_type(a.atttypid, a.atttypmod)
                      FROM pg_catalog.pg_constraint k
                      JOIN pg_catalog.pg_class c ON c.oid = k.conrelid
                      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
@@ -123,23 +209,38 @@ fn other_identifiers(patient: pg_sys::Oid, key: &str) -> Result<Vec<mapping::Row
                       AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute x WHERE x.attrelid = c.oid AND x.attname = 'name_family')";
         for r in client.select(sql, None, &[patient.into()])? {
             v.push((
-                r.get::<String>(1)?.unwrap_or_default(),
+                r.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid),
                 r.get::<String>(2)?.unwrap_or_default(),
+                r.get::<String>(3)?.unwrap_or_default(),
             ));
         }
         Ok::<_, pgrx::spi::SpiError>(v)
     })?;
     let mut out = Vec::new();
-    for (table, ty) in children {
+    for (relid, table, ty) in children {
+        let owner = relation_owner(relid);
+        let runner = crate::sandbox::runner_for(owner);
+        if runner != owner {
+            source::require_select(relid, &table)?;
+        }
         let sql = format!("SELECT pg_catalog.to_jsonb(s) FROM {table} s WHERE s.patient_id = ($1::text)::{ty} ORDER BY 1::text");
-        Spi::connect(|client| {
-            for r in client.select(sql.as_str(), None, &[Some(key.to_string()).into()])? {
-                if let Some(JsonB(Value::Object(o))) = r.get::<JsonB>(1)? {
-                    out.push(o);
+        let rows = crate::sandbox::as_owner(runner, || {
+            Spi::connect(|client| {
+                let mut rows = Vec::new();
+                for r in client.select(sql.as_str(), None, &[Some(key.to_string()).into()])? {
+                    if let Some(JsonB(Value::Object(o))) = r.get::<JsonB>(1)? {
+                        rows.push(o);
+                    }
                 }
-            }
-            Ok::<_, pgrx::spi::SpiError>(())
-        })?;
+                Ok::<_, pgrx::spi::SpiError>(rows)
+            })
+        })
+        .map_err(|error| FhirSyncError::Unreadable {
+            table: table.clone(),
+            key: format!("of patient {key}"),
+            error: Box::new(error),
+        })??;
+        out.extend(rows);
     }
     Ok(out)
 }
@@ -199,7 +300,7 @@ fn display_ref(
 /// Sends nothing and enqueues nothing.
 #[pg_extern]
 fn fhir_preview_row(table: pg_sys::Oid, key: &str) -> Option<JsonB> {
-    match preview(table, key) {
+    match crate::sandbox::pinned(|| preview(table, key)) {
         Ok(v) => v.map(JsonB),
         Err(e) => e.report(),
     }
@@ -448,6 +549,10 @@ fn fhir_sync_worker_slots() -> TableIterator<
 fn fhir_sync_explain_claim(
     batch: default!(i32, 200),
 ) -> TableIterator<'static, (name!(plan, String),)> {
+    crate::sandbox::pinned(|| explain_claim(batch))
+}
+
+fn explain_claim(batch: i32) -> TableIterator<'static, (name!(plan, String),)> {
     let schema = match source::extension_schema() {
         Ok(Some(s)) => s,
         _ => return TableIterator::new(std::iter::empty()),
@@ -466,6 +571,82 @@ fn fhir_sync_explain_claim(
     match run {
         Ok(Ok(_)) => TableIterator::new(plans.into_iter().map(|p| (p,)).collect::<Vec<_>>()),
         Ok(Err(e)) => e.report(),
-        Err(e) => FhirSyncError::Spi(e).report(),
+        Err(e) => FhirSyncError::from(e).report(),
     }
+}
+
+/// The keys fhir_backfill enqueues for a tracked table: per row (its key, and a patient's own
+/// identifier), or per parent for identifier tables. Read as the table's owner, sandboxed, with
+/// the caller's right to read the table checked first.
+#[pg_extern]
+#[allow(clippy::type_complexity)]
+fn fhir_backfill_keys(
+    table: pg_sys::Oid,
+) -> TableIterator<
+    'static,
+    (
+        name!(record_id, Option<String>),
+        name!(resource_key, Option<String>),
+        name!(identifier_system, Option<String>),
+        name!(identifier_value, Option<String>),
+    ),
+> {
+    match crate::sandbox::pinned(|| backfill_keys(table)) {
+        Ok(rows) => TableIterator::new(rows),
+        Err(e) => e.report(),
+    }
+}
+
+type KeyRow = (
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
+
+fn backfill_keys(table: pg_sys::Oid) -> Result<Vec<KeyRow>, FhirSyncError> {
+    let schema = source::extension_schema()?.unwrap_or_else(|| "public".into());
+    let tracks = source::load_tracks(&schema)?;
+    let Some(track) = tracks.get(&table) else {
+        return Err(FhirSyncError::NotTracked(format!("{table:?}")));
+    };
+    let key = pgrx::spi::quote_identifier(&track.key_column);
+    let sql = match &track.parent {
+        Some((_, col, _)) => {
+            let col = pgrx::spi::quote_identifier(col);
+            format!(
+                "SELECT pg_catalog.min(s.{key}::text), s.{col}::text, NULL::text, NULL::text FROM {t} s
+                  WHERE s.{col} IS NOT NULL GROUP BY s.{col}",
+                t = track.sql_name
+            )
+        }
+        None if track.mapper == Mapper::Patient => format!(
+            "SELECT s.{key}::text, s.{key}::text, s.identifier_system::text, s.identifier_value::text
+               FROM {t} s ORDER BY s.{key}",
+            t = track.sql_name
+        ),
+        None => format!(
+            "SELECT s.{key}::text, s.{key}::text, NULL::text, NULL::text FROM {t} s ORDER BY s.{key}",
+            t = track.sql_name
+        ),
+    };
+    let runner = crate::sandbox::runner_for(track.owner);
+    if runner != track.owner {
+        source::require_select(track.relid, &track.name)?;
+    }
+    crate::sandbox::as_owner(runner, || {
+        Spi::connect(|client| {
+            let mut out = Vec::new();
+            for r in client.select(sql.as_str(), None, &[])? {
+                out.push((r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?));
+            }
+            Ok::<_, pgrx::spi::SpiError>(out)
+        })
+    })
+    .map_err(|error| FhirSyncError::Unreadable {
+        table: track.name.clone(),
+        key: "(a key, while backfilling)".into(),
+        error: Box::new(error),
+    })?
+    .map_err(Into::into)
 }

@@ -13,6 +13,22 @@ use std::ffi::CString;
 /// capture nothing less but send nothing until it is set.
 pub static SERVER_URL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
+/// The role the delivery workers connect as. Empty: the bootstrap superuser (the launcher warns).
+/// A dedicated role needs only what `fhir_sync_grant_worker(role)` grants.
+pub static USERNAME: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
+/// Bound on any lock wait of the worker's statements and of owners' code they run (ms). A lock an
+/// ordinary role holds on a tracked table then holds back that table's changes only.
+pub static LOCK_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(1_000);
+
+/// Bound on the worker's statements, and on each call of owners' code (a cast or mapping
+/// function that sleeps) (ms). A row whose reading exceeds it is dead-lettered on its own.
+pub static STATEMENT_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+
+/// Whether credentials may be sent over plain http:// (to a server or token endpoint). Off: a
+/// configured secret with an http:// URL sends nothing, and says why.
+pub static ALLOW_HTTP_CREDENTIALS: GucSetting<bool> = GucSetting::<bool>::new(false);
+
 /// Comma-separated databases served by the workers.
 pub static DATABASE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"postgres"));
@@ -51,7 +67,9 @@ pub static BUNDLE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(0);
 
 #[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
 pub enum BundleKind {
+    #[name = c"batch"]
     Batch,
+    #[name = c"transaction"]
     Transaction,
 }
 
@@ -72,9 +90,13 @@ pub static CAPTURE_PAYLOAD: GucSetting<bool> = GucSetting::<bool>::new(false);
 
 #[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
 pub enum AuthMode {
+    #[name = c"none"]
     None,
+    #[name = c"bearer"]
     Bearer,
+    #[name = c"basic"]
     Basic,
+    #[name = c"oauth2"]
     Oauth2,
 }
 
@@ -127,6 +149,42 @@ pub fn init() {
         Sighup,
         GucFlags::default(),
     );
+    GucRegistry::define_string_guc(
+        c"fhir_sync.username",
+        c"Role the delivery workers connect as.",
+        c"Empty: the bootstrap superuser. Name a non-superuser LOGIN role given its rights with SELECT fhir_sync_grant_worker('role'); a change restarts the workers.",
+        &USERNAME,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_int_guc(
+        c"fhir_sync.lock_timeout",
+        c"Bound on any lock wait of the worker.",
+        c"A tracked table locked longer than this holds back its own changes only; they are retried.",
+        &LOCK_TIMEOUT,
+        10,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"fhir_sync.statement_timeout",
+        c"Bound on the worker's statements and on each call of code owned by a tracked table's owner.",
+        c"A row whose reading or mapping takes longer is dead-lettered on its own. 0: no bound.",
+        &STATEMENT_TIMEOUT,
+        0,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_bool_guc(
+        c"fhir_sync.allow_http_credentials",
+        c"Allow credentials over plain http:// URLs.",
+        c"Off: with an http:// server_url or oauth_token_url and an auth mode other than none, nothing is sent.",
+        &ALLOW_HTTP_CREDENTIALS,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
+    );
     GucRegistry::define_int_guc(
         c"fhir_sync.workers",
         c"Background workers per database.",
@@ -152,7 +210,7 @@ pub fn init() {
         c"Attempts before a change is dead-lettered.",
         c"Only transient failures spend attempts; an unreachable server does not.",
         &MAX_RETRIES,
-        0,
+        1,
         1000,
         Sighup,
         GucFlags::default(),
@@ -350,6 +408,18 @@ pub fn databases() -> Vec<String> {
         .filter(|d| !d.is_empty())
         .collect()
 }
+pub fn username() -> Option<String> {
+    string(&USERNAME)
+}
+pub fn lock_timeout_ms() -> i32 {
+    LOCK_TIMEOUT.get()
+}
+pub fn statement_timeout_ms() -> i32 {
+    STATEMENT_TIMEOUT.get()
+}
+pub fn allow_http_credentials() -> bool {
+    ALLOW_HTTP_CREDENTIALS.get()
+}
 pub fn workers() -> usize {
     WORKERS.get().max(0) as usize
 }
@@ -388,6 +458,15 @@ pub fn capture_payload() -> bool {
 }
 pub fn auth() -> AuthMode {
     AUTH.get()
+}
+/// fhir_sync.auth as it is written in SQL.
+pub fn auth_name() -> &'static str {
+    match AUTH.get() {
+        AuthMode::None => "none",
+        AuthMode::Bearer => "bearer",
+        AuthMode::Basic => "basic",
+        AuthMode::Oauth2 => "oauth2",
+    }
 }
 pub fn auth_token() -> Result<Option<String>, String> {
     secret(&AUTH_TOKEN, &AUTH_TOKEN_FILE, "fhir_sync.auth_token_file")

@@ -11,8 +11,34 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use ureq::Agent;
 
-/// Responses are read up to this size; a larger body is cut (its status and headers still count).
+/// Responses are read up to this size, counted after decompression (a 1 MiB gzip body can
+/// inflate to a gigabyte); a larger body is cut (its status and headers still count).
 pub const MAX_BODY: u64 = 1 << 20;
+
+/// Bounds on a token's lifetime as the token endpoint states it (`expires_in`): a hostile or
+/// broken endpoint can neither make the worker fetch a token per request nor keep one forever.
+const TOKEN_LIFETIME: (Duration, Duration) = (Duration::from_secs(10), Duration::from_secs(86_400));
+
+/// Reads at most `cap` decoded bytes of a body. ureq's own limit counts the bytes on the wire,
+/// before the gzip or brotli decoder, so the decoded stream is capped here.
+fn read_capped(body: &mut ureq::Body, cap: u64) -> Result<Vec<u8>, ReadError> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    let reader = body.with_config().limit(cap).reader();
+    match reader.take(cap + 1).read_to_end(&mut out) {
+        Ok(_) if out.len() as u64 > cap => Err(ReadError::TooLarge),
+        Ok(_) => Ok(out),
+        Err(e) => match ureq::Error::from(e) {
+            ureq::Error::BodyExceedsLimit(_) => Err(ReadError::TooLarge),
+            e => Err(ReadError::Broken(describe(&e))),
+        },
+    }
+}
+
+enum ReadError {
+    TooLarge,
+    Broken(String),
+}
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Auth {
@@ -245,16 +271,15 @@ impl Client {
                     // A cached OAuth2 token may have been revoked: fetch a new one next time.
                     *self.token.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 }
-                let body = resp.body_mut().with_config().limit(MAX_BODY).read_to_vec();
-                let (body, error, transport) = match body {
+                let (body, error, transport) = match read_capped(resp.body_mut(), MAX_BODY) {
                     Ok(b) => (b, None, Transport::Status(status)),
-                    Err(ureq::Error::BodyExceedsLimit(_)) => (
+                    Err(ReadError::TooLarge) => (
                         Vec::new(),
-                        Some("response body larger than 1 MiB was cut".into()),
+                        Some("response body larger than 1 MiB (decoded) was cut".into()),
                         Transport::Status(status),
                     ),
                     // The status arrived but the body broke off: the server's answer is unknown.
-                    Err(e) => (Vec::new(), Some(describe(&e)), Transport::Broken),
+                    Err(ReadError::Broken(e)) => (Vec::new(), Some(e), Transport::Broken),
                 };
                 Response {
                     transport,
@@ -389,12 +414,7 @@ fn fetch_token(
         )
     })?;
     let status = resp.status().as_u16();
-    let body = resp
-        .body_mut()
-        .with_config()
-        .limit(64 * 1024)
-        .read_to_vec()
-        .unwrap_or_default();
+    let body = read_capped(resp.body_mut(), 64 * 1024).unwrap_or_default();
     if !(200..300).contains(&status) {
         return Err(format!("token endpoint answered HTTP {status}"));
     }
@@ -408,7 +428,32 @@ fn fetch_token(
         .get("expires_in")
         .and_then(|e| e.as_u64())
         .unwrap_or(300);
-    Ok((token.to_string(), Duration::from_secs(lifetime.max(1))))
+    Ok((token.to_string(), token_lifetime(lifetime)))
+}
+
+fn token_lifetime(expires_in: u64) -> Duration {
+    Duration::from_secs(expires_in).clamp(TOKEN_LIFETIME.0, TOKEN_LIFETIME.1)
+}
+
+/// Whether `auth` would send a credential over plain http (to `base` or its token endpoint).
+pub fn credentials_in_clear(base: &str, auth: &Auth) -> bool {
+    let plain = |u: &str| u.trim().to_ascii_lowercase().starts_with("http://");
+    match auth {
+        Auth::None => false,
+        Auth::OAuth2 { token_url, .. } => plain(base) || plain(token_url),
+        _ => plain(base),
+    }
+}
+
+/// FHIR's `id` type: 1 to 64 of `A-Z a-z 0-9 - .`; `.` and `..` are refused as path segments.
+/// What the server calls a resource (its id, its version) goes into our URLs and headers only if
+/// it is one.
+pub fn is_fhir_id(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        && s != "."
+        && s != ".."
 }
 
 /// Percent-encodes everything but RFC 3986 unreserved characters: safe in a query value.
@@ -516,6 +561,39 @@ mod tests {
         r.known.forget();
         r.resolve(&fhir, &config, timeout).unwrap();
         assert_eq!(lookups.load(Ordering::SeqCst), 3);
+    }
+
+    #[test]
+    fn a_token_lifetime_from_the_endpoint_is_bounded() {
+        assert_eq!(token_lifetime(0), Duration::from_secs(10));
+        assert_eq!(token_lifetime(3600), Duration::from_secs(3600));
+        assert_eq!(token_lifetime(u64::MAX), Duration::from_secs(86_400));
+    }
+
+    #[test]
+    fn credentials_over_plain_http_are_recognised() {
+        let bearer = Auth::Bearer("t".into());
+        assert!(credentials_in_clear("http://fhir.example/fhir", &bearer));
+        assert!(credentials_in_clear("HTTP://fhir.example/fhir", &bearer));
+        assert!(!credentials_in_clear("https://fhir.example/fhir", &bearer));
+        assert!(!credentials_in_clear(
+            "http://fhir.example/fhir",
+            &Auth::None
+        ));
+        let oauth = |url: &str| Auth::OAuth2 {
+            token_url: url.into(),
+            client_id: "c".into(),
+            client_secret: "s".into(),
+            scope: None,
+        };
+        assert!(credentials_in_clear(
+            "https://fhir.example",
+            &oauth("http://auth.example/token")
+        ));
+        assert!(!credentials_in_clear(
+            "https://fhir.example",
+            &oauth("https://auth.example/token")
+        ));
     }
 
     #[test]

@@ -47,14 +47,30 @@ pub extern "C-unwind" fn fhir_sync_launcher_main(_arg: pg_sys::Datum) {
     let mut running: HashMap<(String, usize), Running> = HashMap::new();
     let mut next_try: HashMap<(String, usize), Instant> = HashMap::new();
     let mut missing_logged: Vec<String> = Vec::new();
+    // The worker role as last checked: (fhir_sync.username, what was found, logged).
+    let mut role_seen: Option<(Option<String>, RoleStatus)> = None;
     loop {
         if BackgroundWorker::sighup_received() {
+            // SAFETY: the launcher's main loop, outside any transaction, as PostgreSQL's own
+            // auxiliary processes re-read the configuration.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
         let wanted = crate::gucs::databases();
         let per_db = crate::gucs::workers();
-        let existing = list_databases();
+        let username = crate::gucs::username();
+        let (existing, role) = read_catalog(username.as_deref());
         let now = Instant::now();
+        if role_seen.as_ref() != Some(&(username.clone(), role)) {
+            if role_seen.as_ref().is_some_and(|(u, _)| *u != username) {
+                // Workers connect once: a new role means new workers.
+                for (_, r) in running.drain() {
+                    let _ = r.handle.terminate();
+                }
+            }
+            role.log(username.as_deref());
+            role_seen = Some((username.clone(), role));
+        }
+        let role_usable = role.usable();
 
         // Forget workers that stopped (crash, pg_terminate_backend, DROP DATABASE).
         running.retain(|key, r| match r.handle.pid() {
@@ -90,7 +106,7 @@ pub extern "C-unwind" fn fhir_sync_launcher_main(_arg: pg_sys::Datum) {
                 continue;
             };
             missing_logged.retain(|m| m != db);
-            if !allow || held(*oid) {
+            if !allow || held(*oid) || !role_usable {
                 continue;
             }
             for i in 0..per_db {
@@ -145,13 +161,80 @@ fn start_worker(db: &str, i: usize, slot: usize) -> Option<DynamicBackgroundWork
         .ok()
 }
 
-/// (name, oid, datallowconn) of every database, read from the shared catalog directly: the
-/// launcher has no database of its own to parse SQL in.
-fn list_databases() -> Vec<(String, pg_sys::Oid, bool)> {
+/// What the role named by fhir_sync.username (or, empty, the bootstrap superuser) is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RoleStatus {
+    BootstrapSuperuser,
+    Superuser,
+    Ordinary,
+    Missing,
+    NoLogin,
+}
+
+impl RoleStatus {
+    fn usable(self) -> bool {
+        !matches!(self, RoleStatus::Missing | RoleStatus::NoLogin)
+    }
+
+    /// Said once each time the setting or the role changes.
+    fn log(self, name: Option<&str>) {
+        let name = name.unwrap_or("");
+        match self {
+            RoleStatus::BootstrapSuperuser => pgrx::warning!(
+                "fhir_sync launcher: the workers connect as the bootstrap superuser; set fhir_sync.username to a dedicated role (SELECT fhir_sync_grant_worker('role') gives it what it needs)"
+            ),
+            RoleStatus::Superuser => pgrx::warning!(
+                "fhir_sync launcher: the workers connect as \"{name}\", a superuser; a non-superuser role with the grants of fhir_sync_grant_worker() is all they need"
+            ),
+            RoleStatus::Ordinary => {
+                pgrx::log!("fhir_sync launcher: the workers connect as role \"{name}\"")
+            }
+            RoleStatus::Missing => pgrx::warning!(
+                "fhir_sync launcher: role \"{name}\" named by fhir_sync.username does not exist; no worker starts until it does"
+            ),
+            RoleStatus::NoLogin => pgrx::warning!(
+                "fhir_sync launcher: role \"{name}\" named by fhir_sync.username cannot log in; no worker starts until it has LOGIN"
+            ),
+        }
+    }
+}
+
+/// (name, oid, datallowconn) of every database, and what the worker role is, read from the
+/// shared catalogs directly: the launcher has no database of its own to parse SQL in.
+fn read_catalog(role: Option<&str>) -> (Vec<(String, pg_sys::Oid, bool)>, RoleStatus) {
     let mut out = Vec::new();
+    // SAFETY: the launcher's main loop, outside any transaction: the transaction begun here
+    // is committed below; the catalog scan and the syscache tuple are closed and released
+    // before that, and only fixed-size fields of their rows are read.
     unsafe {
         pg_sys::StartTransactionCommand();
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+        let status = match role {
+            None => RoleStatus::BootstrapSuperuser,
+            Some(name) => {
+                let c = std::ffi::CString::new(name).unwrap_or_default();
+                let tup = pg_sys::SearchSysCache1(
+                    pg_sys::SysCacheIdentifier::AUTHNAME as _,
+                    pg_sys::Datum::from(c.as_ptr()),
+                );
+                if tup.is_null() {
+                    RoleStatus::Missing
+                } else {
+                    let header = (*tup).t_data;
+                    let form = (header as *const u8).add((*header).t_hoff as usize)
+                        as *const pg_sys::FormData_pg_authid;
+                    let s = if !(*form).rolcanlogin {
+                        RoleStatus::NoLogin
+                    } else if (*form).rolsuper {
+                        RoleStatus::Superuser
+                    } else {
+                        RoleStatus::Ordinary
+                    };
+                    pg_sys::ReleaseSysCache(tup);
+                    s
+                }
+            }
+        };
         let rel = pg_sys::table_open(
             pg_sys::DatabaseRelationId,
             pg_sys::AccessShareLock as pg_sys::LOCKMODE,
@@ -174,8 +257,8 @@ fn list_databases() -> Vec<(String, pg_sys::Oid, bool)> {
         pg_sys::table_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
         pg_sys::PopActiveSnapshot();
         pg_sys::CommitTransactionCommand();
+        (out, status)
     }
-    out
 }
 
 /// Whether a DROP DATABASE asked the launcher to leave this database alone for now.

@@ -19,9 +19,11 @@ mod mapping;
 mod metrics;
 mod outbox_write;
 mod plans;
+mod sandbox;
 mod shmem;
 mod source;
 mod subxact;
+mod threads;
 mod utility;
 mod worker;
 

@@ -18,7 +18,6 @@
 //! relcache entry is invalidated (ALTER TABLE, DROP EXTENSION, a cache reset).
 
 use crate::error::FhirSyncError;
-use pgrx::prelude::*;
 use pgrx::{pg_sys, IntoDatum};
 use std::cell::{Cell, RefCell};
 use std::ffi::CStr;
@@ -204,32 +203,26 @@ unsafe fn write(outbox: &Outbox, change: &Change) -> bool {
     }
 }
 
+/// Finds the outbox, its owner and its identity sequence by catalog lookups in C: this runs in
+/// the writer's session, under the writer's search_path, so it runs no SQL at all (an operator
+/// planted ahead of pg_catalog on that path would otherwise run with the writer's rights).
 fn resolve(schema: &str) -> Result<Outbox, FhirSyncError> {
     register_invalidation();
-    let q = pgrx::spi::quote_literal(format!(
-        "{}.fhir_outbox",
-        pgrx::spi::quote_identifier(schema)
-    ));
-    let sql = format!(
-        "SELECT c.oid, c.relowner, pg_catalog.pg_get_serial_sequence({q}, 'id')::pg_catalog.regclass::pg_catalog.oid
-           FROM pg_catalog.pg_class c WHERE c.oid = {q}::pg_catalog.regclass"
-    );
-    let (relid, owner, sequence) = Spi::connect(|client| {
-        let row = client.select(sql.as_str(), Some(1), &[])?.first();
-        Ok::<_, pgrx::spi::SpiError>((
-            row.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid),
-            row.get::<pg_sys::Oid>(2)?.unwrap_or(pg_sys::InvalidOid),
-            row.get::<pg_sys::Oid>(3)?.unwrap_or(pg_sys::InvalidOid),
-        ))
-    })
-    .map_err(|e| FhirSyncError::Spi(e.to_string()))?;
-    if sequence == pg_sys::InvalidOid {
-        return Err(FhirSyncError::Spi(
-            "fhir_outbox.id has no identity sequence".into(),
-        ));
-    }
+    let gone = || FhirSyncError::Spi(format!("{schema}.fhir_outbox does not exist"));
+    let nsp_name = std::ffi::CString::new(schema).map_err(|_| gone())?;
+    // SAFETY: catalog lookups by name and OID with missing_ok; the relation opened below is
+    // closed before returning, and only its tuple descriptor and pg_class row are read.
     unsafe {
+        let nsp = pg_sys::get_namespace_oid(nsp_name.as_ptr(), true);
+        if nsp == pg_sys::InvalidOid {
+            return Err(gone());
+        }
+        let relid = pg_sys::get_relname_relid(c"fhir_outbox".as_ptr(), nsp);
+        if relid == pg_sys::InvalidOid {
+            return Err(gone());
+        }
         let rel = pg_sys::table_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let owner = (*(*rel).rd_rel).relowner;
         let desc = (*rel).rd_att;
         let natts = (*desc).natts as usize;
         let attrs = (*desc).attrs.as_slice(natts);
@@ -242,6 +235,23 @@ fn resolve(schema: &str) -> Result<Outbox, FhirSyncError> {
                 })
                 .ok_or_else(|| FhirSyncError::Spi(format!("fhir_outbox has no column \"{name}\"")))
         };
+        let id_attnum = match find("id") {
+            Ok(i) => (i + 1) as pg_sys::AttrNumber,
+            Err(e) => {
+                pg_sys::table_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+                return Err(e);
+            }
+        };
+        #[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15", feature = "pg16"))]
+        let sequence = pg_sys::getIdentitySequence(relid, id_attnum, true);
+        #[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15", feature = "pg16")))]
+        let sequence = pg_sys::getIdentitySequence(rel, id_attnum, true);
+        if sequence == pg_sys::InvalidOid {
+            pg_sys::table_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+            return Err(FhirSyncError::Spi(
+                "fhir_outbox.id has no identity sequence".into(),
+            ));
+        }
         let columns = Columns {
             id: find("id")?,
             txid: find("txid")?,

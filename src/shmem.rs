@@ -128,9 +128,13 @@ pub fn wake_database(db: pg_sys::Oid) {
         // waking it would cost every committing writer a signal and the worker a loop for
         // nothing. It looks at the queue again when its settings change (SIGHUP sets its
         // latch) or its pause ends.
-        let deaf = [WorkerState::NotConfigured, WorkerState::Paused]
-            .map(|s| s as u32)
-            .contains(&slot.state.load(Ordering::Relaxed));
+        let deaf = [
+            WorkerState::NotConfigured,
+            WorkerState::Misconfigured,
+            WorkerState::Paused,
+        ]
+        .map(|s| s as u32)
+        .contains(&slot.state.load(Ordering::Relaxed));
         if !deaf
             && slot.pid.load(Ordering::Acquire) != 0
             && slot.db_oid.load(Ordering::Acquire) == db.to_u32()
@@ -154,6 +158,9 @@ pub enum WorkerState {
     Paused = 4,
     NoExtension = 5,
     NotConfigured = 6,
+    /// A server is set, but its settings were refused (an unreadable secret file, credentials
+    /// over plain http): the log says why.
+    Misconfigured = 7,
 }
 
 impl WorkerState {
@@ -165,6 +172,7 @@ impl WorkerState {
             4 => "paused",
             5 => "waiting for CREATE EXTENSION",
             6 => "waiting for fhir_sync.server_url",
+            7 => "sending nothing: settings refused (see the log)",
             _ => "stopped",
         }
     }

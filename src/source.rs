@@ -2,8 +2,10 @@
 //! as they stand now (`to_json`, so any column type reaches the mappers in one form; to_json
 //! writes text directly, where to_jsonb builds a binary tree that is then printed).
 //!
-//! Every statement here names schemas explicitly; it is run by the worker (a superuser) and by
-//! `fhir_preview`, so nothing may resolve through a caller's search_path.
+//! Every statement here names schemas explicitly and runs under the pinned search_path (the
+//! worker's, or `sandbox::pinned` in a user's session). Reading a tracked table runs its
+//! owner's code (casts, output functions, the mapping function): always through
+//! `read_as_owner`, as that owner, sandboxed.
 
 use crate::error::FhirSyncError;
 use crate::mapping::Row;
@@ -47,6 +49,11 @@ impl Mapper {
 
 #[derive(Clone, Debug)]
 pub struct Track {
+    pub relid: pg_sys::Oid,
+    /// The table's row type: what its mapping function must take.
+    pub reltype: pg_sys::Oid,
+    /// The owner a superuser accepted for the mapping function when it is not the table's.
+    pub map_function_owner: Option<pg_sys::Oid>,
     /// The table's owner: rows are read and mapping functions run with its rights (`as_owner`).
     /// Read with the tracks, so an ownership change reaches the worker within TRACKS_TTL.
     pub owner: pg_sys::Oid,
@@ -63,7 +70,7 @@ pub struct Track {
     pub identifier_column: Option<String>,
     pub identifier_system: Option<String>,
     /// Tables that the patient_id and form_id columns point at (foreign key, or else the
-    /// tracked Patient / Encounter table).
+    /// tracked Patient / Encounter table of the same owner: never another owner's).
     pub patient_ref: Option<pg_sys::Oid>,
     pub encounter_ref: Option<pg_sys::Oid>,
 }
@@ -102,7 +109,7 @@ pub fn extension_schema() -> Result<Option<String>, FhirSyncError> {
 /// Every tracked table, keyed by relation.
 pub fn load_tracks(schema: &str) -> Result<HashMap<pg_sys::Oid, Track>, FhirSyncError> {
     let sql = format!(
-        "WITH t AS (SELECT t.*, c.relname::text AS relname, n.nspname::text AS nspname, c.relowner
+        "WITH t AS (SELECT t.*, c.relname::text AS relname, n.nspname::text AS nspname, c.relowner, c.reltype
                       FROM {schema}.fhir_tracked t
                       JOIN pg_catalog.pg_class c ON c.oid = t.table_name
                       JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace)
@@ -113,7 +120,7 @@ pub fn load_tracks(schema: &str) -> Result<HashMap<pg_sys::Oid, Track>, FhirSync
                 (SELECT pg_catalog.format_type(a.atttypid, a.atttypmod) FROM pg_catalog.pg_attribute a
                   WHERE a.attrelid = t.table_name AND a.attname = t.parent_column),
                 t.map_function::pg_catalog.oid, t.identifier_column::text, t.identifier_system,
-                {patient_ref}, {encounter_ref}, t.relowner
+                {patient_ref}, {encounter_ref}, t.relowner, t.reltype, t.map_function_owner::pg_catalog.oid
            FROM t",
         patient_ref = ref_target(schema, "patient_id", "patient"),
         encounter_ref = ref_target(schema, "form_id", "encounter"),
@@ -139,6 +146,9 @@ pub fn load_tracks(schema: &str) -> Result<HashMap<pg_sys::Oid, Track>, FhirSync
             out.insert(
                 relid,
                 Track {
+                    relid,
+                    reltype: row.get(17)?.unwrap_or(pg_sys::InvalidOid),
+                    map_function_owner: row.get(18)?,
                     owner: row.get(16)?.unwrap_or(pg_sys::InvalidOid),
                     name: format!("{nsp}.{rel}"),
                     sql_name: format!("{}.{}", quote_identifier(&nsp), quote_identifier(&rel)),
@@ -166,76 +176,137 @@ fn ref_target(schema: &str, column: &str, mapper: &str) -> String {
                     WHERE c.conrelid = t.table_name AND c.contype = 'f' AND a.attname = '{column}'
                     LIMIT 1),
                   (SELECT pg_catalog.min(x.table_name::pg_catalog.oid) FROM {schema}.fhir_tracked x
-                    WHERE x.mapper = '{mapper}'))"
+                     JOIN pg_catalog.pg_class xc ON xc.oid = x.table_name
+                    WHERE x.mapper = '{mapper}' AND xc.relowner = t.relowner))"
     )
 }
 
-/// Runs `f` as `owner` (a tracked table's) in a security-restricted operation, when the current
-/// user is a superuser (the worker, a superuser's preview). Reading a row with to_json runs the
-/// casts of its column types, and a tracked table's mapping function is the owner's code: with
-/// the worker's rights, whoever owns a tracked table or its function would act as a superuser.
-/// An ordinary role keeps its own rights. (On error, transaction abort restores the user.)
-pub fn as_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
-    if owner == pg_sys::InvalidOid || !unsafe { pg_sys::superuser() } {
-        return f();
+/// Runs `f`, which reads `track`'s rows (and so runs code its owner controls), sandboxed, as
+/// `sandbox::runner_for` says: in the worker as the table's owner; in a user's session
+/// (fhir_preview) as the owner only for a caller who has the owner's privileges anyway, else as the
+/// caller (its own rights, row-level security and all), who must be allowed to read the table.
+fn read_as_owner<R>(track: &Track, f: impl FnOnce() -> R) -> Result<R, FhirSyncError> {
+    let runner = crate::sandbox::runner_for(track.owner);
+    if runner != track.owner {
+        require_select(track.relid, &track.name)?;
     }
-    let (mut user, mut sec) = (pg_sys::InvalidOid, 0i32);
-    unsafe {
-        pg_sys::GetUserIdAndSecContext(&mut user, &mut sec);
-        pg_sys::SetUserIdAndSecContext(
-            owner,
-            sec | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32
-                | pg_sys::SECURITY_RESTRICTED_OPERATION as i32,
-        );
+    crate::sandbox::as_owner(runner, f).map_err(FhirSyncError::from)
+}
+
+/// The caller may SELECT from `relid`, or gets the error PostgreSQL would give.
+pub fn require_select(relid: pg_sys::Oid, name: &str) -> Result<(), FhirSyncError> {
+    // SAFETY: a plain catalog lookup for the current user; it raises no error for a missing
+    // relation (returns ACLCHECK_NO_PRIV), which the caller reports.
+    let ok = unsafe {
+        pg_sys::pg_class_aclcheck(relid, pg_sys::GetUserId(), pg_sys::ACL_SELECT as _)
+            == pg_sys::AclResult::ACLCHECK_OK
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(FhirSyncError::NoPrivilege(name.to_string()))
     }
-    let r = f();
-    unsafe { pg_sys::SetUserIdAndSecContext(user, sec) };
-    r
 }
 
 /// Rows of `track` by primary key, as they are now; a key with no row is absent from the map.
 pub fn fetch_rows(track: &Track, keys: &[String]) -> Result<HashMap<String, Row>, FhirSyncError> {
-    let sql = format!(
+    let sql = rows_sql(track);
+    read_as_owner(track, || fetch_keyed(&sql, keys))?
+}
+
+fn rows_sql(track: &Track) -> String {
+    format!(
         "SELECT s.{key}::text, pg_catalog.to_json(s) FROM {table} s WHERE s.{key} = ANY ($1::text[]::{ty}[])",
         key = quote_identifier(&track.key_column),
         table = track.sql_name,
         ty = track.key_type,
-    );
-    as_owner(track.owner, || fetch_keyed(&sql, keys))
+    )
 }
 
 /// Keys of rows that could not be read, with the reason.
-pub type Unreadable = HashMap<String, String>;
+pub type Unreadable = HashMap<String, FhirSyncError>;
 
 /// Like `fetch_rows`, but a row whose reading raises an error (a failing cast of one of its
-/// columns, say) is reported on its own instead of failing the whole batch: the batch is read in
-/// a subtransaction, and on error again row by row.
-pub fn fetch_rows_isolated(
-    track: &Track,
+/// columns, owners' code that times out) is reported on its own instead of failing the whole
+/// batch: the batch is read at once, and on error again row by row. A table whose lock is not
+/// granted in time is not read row by row (each row would wait as long): every key gets that
+/// error, and its changes wait while the rest of the batch goes on.
+pub fn fetch_rows_isolated(track: &Track, keys: &[String]) -> (HashMap<String, Row>, Unreadable) {
+    isolated(
+        keys,
+        |some| fetch_rows(track, some),
+        |key, e| unreadable(track, key, e),
+    )
+}
+
+/// Reads `keys` with `read`, at once, then (on an error other than a lock timeout) one by one.
+fn isolated<V>(
     keys: &[String],
-) -> Result<(HashMap<String, Row>, Unreadable), FhirSyncError> {
-    if let Ok(Ok(rows)) = crate::subxact::subtransaction(|| fetch_rows(track, keys)) {
-        return Ok((rows, HashMap::new()));
-    }
+    read: impl Fn(&[String]) -> Result<HashMap<String, V>, FhirSyncError>,
+    wrap: impl Fn(&str, FhirSyncError) -> FhirSyncError,
+) -> (HashMap<String, V>, Unreadable) {
     let (mut rows, mut errors) = (HashMap::new(), HashMap::new());
+    match read(keys) {
+        Ok(all) => return (all, errors),
+        Err(e) if keys.len() == 1 || e.pg().is_some_and(|p| p.is_lock_timeout()) => {
+            for key in keys {
+                errors.insert(key.clone(), wrap(key, e.clone()));
+            }
+            return (rows, errors);
+        }
+        Err(_) => {}
+    }
+    // One row that times out costs a statement_timeout; the rest of the batch waits for the next
+    // cycle rather than risk as many timeouts as rows (a batch must settle well within its lease).
+    let mut timed_out = false;
     for key in keys {
-        match crate::subxact::subtransaction(|| fetch_rows(track, std::slice::from_ref(key)))
-            .and_then(|r| r.map_err(|e| e.to_string()))
-        {
+        if timed_out {
+            errors.insert(key.clone(), deferred());
+            continue;
+        }
+        match read(std::slice::from_ref(key)) {
             Ok(one) => rows.extend(one),
             Err(e) => {
-                errors.insert(
-                    key.clone(),
-                    format!("{} row {key} cannot be read: {e}", track.name),
-                );
+                timed_out = e.pg().is_some_and(|p| p.is_timeout());
+                errors.insert(key.clone(), wrap(key, e));
             }
         }
     }
-    Ok((rows, errors))
+    (rows, errors)
 }
 
-/// Rows of a child table (patient_other_identifiers) grouped by their parent's key.
+fn deferred() -> FhirSyncError {
+    FhirSyncError::Deferred(
+        "not read: another row of its batch took longer than fhir_sync.statement_timeout; retried"
+            .into(),
+    )
+}
+
+fn unreadable(track: &Track, key: &str, e: FhirSyncError) -> FhirSyncError {
+    match e {
+        FhirSyncError::Pg(error) => FhirSyncError::Unreadable {
+            table: track.name.clone(),
+            key: key.to_string(),
+            error,
+        },
+        other => other,
+    }
+}
+
+/// Rows of a child table (patient_other_identifiers) grouped by their parent's key, each
+/// parent on its own when a batch cannot be read (as `fetch_rows_isolated`).
 pub fn fetch_children(
+    child: &Track,
+    parent_keys: &[String],
+) -> (HashMap<String, Vec<Row>>, Unreadable) {
+    isolated(
+        parent_keys,
+        |some| fetch_children_of(child, some),
+        |key, e| unreadable(child, key, e),
+    )
+}
+
+fn fetch_children_of(
     child: &Track,
     parent_keys: &[String],
 ) -> Result<HashMap<String, Vec<Row>>, FhirSyncError> {
@@ -249,7 +320,7 @@ pub fn fetch_children(
         key = quote_identifier(&child.key_column),
     );
     let keys = keys_arg(parent_keys);
-    as_owner(child.owner, || {
+    read_as_owner(child, || {
         Spi::connect(|client| {
             let mut out: HashMap<String, Vec<Row>> = HashMap::new();
             for row in crate::plans::select(client, &sql, None, &[keys.into()])? {
@@ -261,7 +332,7 @@ pub fn fetch_children(
             }
             Ok(out)
         })
-    })
+    })?
 }
 
 fn keys_arg(keys: &[String]) -> Vec<Option<String>> {
@@ -318,13 +389,15 @@ pub fn sync_states(
                 (Some(s), Some(v)) => Some((s, v)),
                 _ => None,
             };
+            // What an older version stored unchecked never reaches a URL or header either.
+            let valid = |v: Option<String>| v.filter(|s| crate::http::is_fhir_id(s));
             out.insert(
                 key,
                 Synced {
-                    fhir_id: row.get(2)?,
+                    fhir_id: valid(row.get(2)?),
                     identifier,
                     deleted: row.get(5)?.unwrap_or(false),
-                    version: row.get(6)?,
+                    version: valid(row.get(6)?),
                 },
             );
         }
@@ -332,47 +405,212 @@ pub fn sync_states(
     })
 }
 
-/// Runs a user mapping function on rows of `track`, one subtransaction per row so that one
-/// bad row cannot fail the others. Returns per key: the resource or the function's error.
+/// The mapping function fhir_tracked names for `relid` now, and the owner accepted for it: the
+/// tracks the worker keeps may be a few seconds old, and a DBA who tracks a table again (a new
+/// function) and requeues at once must not see the old function refused again.
+pub fn current_map_function(schema: &str, track: &Track) -> Result<Track, FhirSyncError> {
+    let sql = format!(
+        "SELECT t.map_function::pg_catalog.oid, t.map_function_owner::pg_catalog.oid
+           FROM {schema}.fhir_tracked t WHERE t.table_name = $1::pg_catalog.regclass"
+    );
+    let mut current = track.clone();
+    Spi::connect(|client| {
+        for row in crate::plans::select(client, &sql, Some(1), &[track.relid.into()])? {
+            current.map_function = row.get(1)?;
+            current.map_function_owner = row.get(2)?;
+        }
+        Ok::<_, FhirSyncError>(())
+    })?;
+    Ok(current)
+}
+
+/// What may be wrong with a tracked table's mapping function now: it must still be the
+/// function that was registered (one argument, the table's row type; jsonb or json), owned by the
+/// table's owner or by the owner a superuser accepted at `fhir_track`. Checked before every run:
+/// `ALTER FUNCTION … OWNER TO` or a dropped-and-recreated function is refused, not run.
+pub fn check_map_function(track: &Track, function: pg_sys::Oid) -> Result<pg_sys::Oid, String> {
+    // SAFETY: a syscache lookup by OID; the tuple is released before returning and only its
+    // fixed-size part (FormData_pg_proc, and the first element of proargtypes) is read.
+    let found = unsafe {
+        let tup =
+            pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::PROCOID as _, function.into());
+        if tup.is_null() {
+            None
+        } else {
+            let header = (*tup).t_data;
+            let form = (header as *const u8).add((*header).t_hoff as usize)
+                as *const pg_sys::FormData_pg_proc;
+            let nargs = (*form).pronargs as usize;
+            let arg = if nargs == 1 {
+                (*form).proargtypes.values.as_slice(1)[0]
+            } else {
+                pg_sys::InvalidOid
+            };
+            let r = (
+                (*form).proowner,
+                nargs,
+                arg,
+                (*form).prorettype,
+                (*form).proretset,
+            );
+            pg_sys::ReleaseSysCache(tup);
+            Some(r)
+        }
+    };
+    let Some((owner, nargs, arg, ret, retset)) = found else {
+        return Err(format!(
+            "mapping function of {} no longer exists; track the table again",
+            track.name
+        ));
+    };
+    if nargs != 1 || arg != track.reltype || retset {
+        return Err(format!(
+            "mapping function of {} no longer takes exactly one {} row; track the table again",
+            track.name, track.name
+        ));
+    }
+    if ret != pg_sys::JSONBOID && ret != pg_sys::JSONOID {
+        return Err(format!(
+            "mapping function of {} must return jsonb",
+            track.name
+        ));
+    }
+    if owner != track.owner && Some(owner) != track.map_function_owner {
+        return Err(format!(
+            "mapping function of {} is owned by a role other than the table's owner; track the table again (a superuser may accept that owner)",
+            track.name
+        ));
+    }
+    Ok(ret)
+}
+
+/// Runs a tracked table's mapping function on its rows, by OID (a function planted under the
+/// same name is never called), one sandboxed call per row so that one bad row cannot fail the
+/// others. Returns per key: the resource or the error; a key with no row is absent.
 pub fn run_map_function(
     track: &Track,
     function: pg_sys::Oid,
     keys: &[String],
-) -> Result<HashMap<String, Result<serde_json::Value, String>>, FhirSyncError> {
-    let sql = format!(
-        "SELECT s.{key}::text, (SELECT pg_catalog.to_jsonb(f) FROM (SELECT {func}(s)) f(r))->'r' FROM {table} s WHERE s.{key} = ($1::text)::{ty}",
+) -> HashMap<String, Result<serde_json::Value, FhirSyncError>> {
+    let mut out = HashMap::new();
+    let rettype = match check_map_function(track, function) {
+        Ok(t) => t,
+        Err(e) => {
+            for key in keys {
+                out.insert(key.clone(), Err(FhirSyncError::MapFunction(e.clone())));
+            }
+            return out;
+        }
+    };
+    let sql = std::ffi::CString::new(format!(
+        "SELECT s FROM {table} s WHERE s.{key} = ($1::text)::{ty}",
         key = quote_identifier(&track.key_column),
         table = track.sql_name,
         ty = track.key_type,
-        func = one::<String>(
-            "SELECT pg_catalog.format('%I.%I', n.nspname, p.proname) FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace WHERE p.oid = $1",
-            &[function.into()],
-        )?
-        .ok_or_else(|| FhirSyncError::MapFunction(format!("mapping function of {} no longer exists", track.name)))?,
-    );
-    let mut out = HashMap::new();
+    ))
+    .expect("quoted names hold no NUL");
+    let mut timed_out = false;
     for key in keys {
-        let r = as_owner(track.owner, || {
-            crate::subxact::subtransaction(|| {
-                Spi::connect(|client| {
-                    let t = client.select(sql.as_str(), Some(1), &[Some(key.clone()).into()])?;
-                    if t.is_empty() {
-                        return Ok::<_, pgrx::spi::SpiError>(None);
-                    }
-                    Ok(t.first().get::<pgrx::JsonB>(2)?.map(|j| j.0))
-                })
-            })
-        })
-        .and_then(|r| r.map_err(|e| e.to_string()));
-        match r {
+        if timed_out {
+            out.insert(key.clone(), Err(deferred()));
+            continue;
+        }
+        // SAFETY: runs inside the sandbox's subtransaction; see call_on_row.
+        let result = read_as_owner(track, || unsafe {
+            call_on_row(&sql, key, function, rettype)
+        });
+        timed_out = matches!(&result, Err(FhirSyncError::Pg(e)) if e.is_timeout());
+        match result {
             Ok(Some(v)) => {
-                out.insert(key.clone(), Ok(v));
+                out.insert(key.clone(), v);
             }
             Ok(None) => {}
+            Err(FhirSyncError::Pg(e)) if e.is_lock_timeout() => {
+                out.insert(key.clone(), Err(FhirSyncError::Pg(e)));
+            }
+            Err(FhirSyncError::Pg(error)) => {
+                out.insert(
+                    key.clone(),
+                    Err(FhirSyncError::MapFunctionFailed {
+                        table: track.name.clone(),
+                        key: key.clone(),
+                        error,
+                    }),
+                );
+            }
             Err(e) => {
-                out.insert(key.clone(), Err(format!("mapping function failed: {e}")));
+                out.insert(key.clone(), Err(e));
             }
         }
     }
-    Ok(out)
+    out
+}
+
+/// Reads one row (`sql`, $1 its key as text) and calls `function` on it through fmgr. None:
+/// no such row; Some(Ok(Null)) for a function that returned NULL.
+///
+/// # Safety
+/// Must run inside a transaction (the sandbox's subtransaction); `function` must have passed
+/// `check_map_function` (one argument of the row type, returning `rettype`, jsonb or json).
+unsafe fn call_on_row(
+    sql: &std::ffi::CStr,
+    key: &str,
+    function: pg_sys::Oid,
+    rettype: pg_sys::Oid,
+) -> Option<Result<serde_json::Value, FhirSyncError>> {
+    use pgrx::{FromDatum, IntoDatum};
+    unsafe {
+        if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
+            return Some(Err(FhirSyncError::Spi("SPI_connect failed".into())));
+        }
+        let mut argtypes = [pg_sys::TEXTOID];
+        let mut values = [key.into_datum().expect("text is never null")];
+        let nulls = [b' ' as std::ffi::c_char];
+        let rc = pg_sys::SPI_execute_with_args(
+            sql.as_ptr(),
+            1,
+            argtypes.as_mut_ptr(),
+            values.as_mut_ptr(),
+            nulls.as_ptr(),
+            true,
+            1,
+        );
+        let mut out = None;
+        if rc == pg_sys::SPI_OK_SELECT as i32 && pg_sys::SPI_processed == 1 {
+            let table = pg_sys::SPI_tuptable;
+            let tuple = *(*table).vals;
+            let mut isnull = false;
+            let row = pg_sys::SPI_getbinval(tuple, (*table).tupdesc, 1, &mut isnull);
+            let mut flinfo: pg_sys::FmgrInfo = std::mem::zeroed();
+            pg_sys::fmgr_info(function, &mut flinfo);
+            let fcinfo: pg_sys::FunctionCallInfo = pg_sys::palloc0(
+                std::mem::size_of::<pg_sys::FunctionCallInfoBaseData>()
+                    + std::mem::size_of::<pg_sys::NullableDatum>(),
+            )
+            .cast();
+            (*fcinfo).flinfo = &mut flinfo;
+            (*fcinfo).nargs = 1;
+            (*fcinfo).fncollation = pg_sys::InvalidOid;
+            (*fcinfo).args.as_mut_slice(1)[0] = pg_sys::NullableDatum { value: row, isnull };
+            // A direct call through a function pointer is not guarded by pgrx: an ERROR inside
+            // would longjmp past every Rust frame (and past the sandbox's catch) to the worker's
+            // top-level handler. The boundary turns it into a panic the sandbox catches.
+            let call = flinfo.fn_addr.expect("fmgr_info sets fn_addr");
+            let result = pg_sys::ffi::pg_guard_ffi_boundary(|| call(fcinfo));
+            let value = if (*fcinfo).isnull {
+                Some(serde_json::Value::Null)
+            } else if rettype == pg_sys::JSONBOID {
+                pgrx::JsonB::from_polymorphic_datum(result, false, rettype).map(|j| j.0)
+            } else {
+                pgrx::Json::from_polymorphic_datum(result, false, rettype).map(|j| j.0)
+            };
+            out = Some(Ok(value.unwrap_or(serde_json::Value::Null)));
+        } else if rc != pg_sys::SPI_OK_SELECT as i32 {
+            out = Some(Err(FhirSyncError::Spi(format!(
+                "reading a row failed (SPI {rc})"
+            ))));
+        }
+        pg_sys::SPI_finish();
+        out
+    }
 }

@@ -1,25 +1,39 @@
 //! Running code so that a PostgreSQL ERROR inside it is caught, not fatal: whole worker
-//! transactions, and subtransactions around user-supplied SQL (custom mapping functions).
+//! transactions, and subtransactions around code that may fail on its own (a row that cannot be
+//! read, a user's mapping function).
 //!
 //! pgrx's `BackgroundWorker::transaction` re-raises errors, which would end the worker
-//! process; a worker must instead settle the offending change and carry on.
+//! process; a worker must instead settle the offending change and carry on. A caught error
+//! keeps its SQLSTATE, detail and hint ([`PgError`]).
 
+use crate::error::{FhirSyncError, PgError};
 use pgrx::pg_sys;
 use pgrx::PgTryBuilder;
 use std::panic::AssertUnwindSafe;
 
 /// Runs `f` in its own transaction and commits it. An ERROR (or a panic) rolls the transaction
-/// back and comes back as `Err(message)`.
-pub fn transaction<R>(f: impl FnOnce() -> R) -> Result<R, String> {
+/// back and comes back as `Err`.
+///
+/// Every worker transaction starts from the worker's own session settings (`sandbox::worker`):
+/// a pinned search_path, lock_timeout and a statement timeout, whatever ran before it.
+pub fn transaction<R>(f: impl FnOnce() -> R) -> Result<R, PgError> {
+    // SAFETY: called from the worker's main thread between transactions, never inside one;
+    // StartTransactionCommand/PushActiveSnapshot are paired with the commit or abort below.
     unsafe {
         pg_sys::SetCurrentStatementStartTimestamp();
         pg_sys::StartTransactionCommand();
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
     }
     let mut f = Some(f);
-    let result = PgTryBuilder::new(AssertUnwindSafe(|| Ok((f.take().expect("runs once"))())))
-        .catch_others(|e| Err(caught_message(e)))
-        .execute();
+    let result = PgTryBuilder::new(AssertUnwindSafe(|| {
+        crate::sandbox::worker_transaction_start();
+        Ok((f.take().expect("runs once"))())
+    }))
+    .catch_others(|e| Err(PgError::from_caught(e)))
+    .execute();
+    crate::sandbox::worker_transaction_end();
+    // SAFETY: the transaction started above is still current (an error inside was caught by
+    // PgTryBuilder, which leaves the transaction in its aborted state for us to clean up).
     unsafe {
         match result {
             Ok(_) => {
@@ -40,18 +54,23 @@ pub fn transaction<R>(f: impl FnOnce() -> R) -> Result<R, String> {
     result
 }
 
-/// Runs `f` in a subtransaction of the current transaction. On ERROR the subtransaction is
-/// rolled back and the outer transaction goes on.
-pub fn subtransaction<R>(f: impl FnOnce() -> R) -> Result<R, String> {
-    in_subtransaction(f, false)
+/// `transaction` for work that has errors of its own: both kinds come back as one.
+pub fn transaction_flat<R>(
+    f: impl FnOnce() -> Result<R, FhirSyncError>,
+) -> Result<R, FhirSyncError> {
+    transaction(f).map_err(FhirSyncError::from).and_then(|r| r)
 }
 
-/// Runs `f` in a subtransaction that is always rolled back: what it wrote is undone.
-pub fn rolled_back<R>(f: impl FnOnce() -> R) -> Result<R, String> {
+/// Runs `f` in a subtransaction that is always rolled back: what it wrote, the locks it took and
+/// the settings it changed are undone.
+pub fn rolled_back<R>(f: impl FnOnce() -> R) -> Result<R, PgError> {
     in_subtransaction(f, true)
 }
 
-fn in_subtransaction<R>(f: impl FnOnce() -> R, always_roll_back: bool) -> Result<R, String> {
+fn in_subtransaction<R>(f: impl FnOnce() -> R, always_roll_back: bool) -> Result<R, PgError> {
+    // SAFETY: a transaction is in progress (every caller runs inside one); the subtransaction
+    // begun here is released or rolled back before returning, and the memory context and
+    // resource owner current on entry are restored, as PL/pgSQL does around an EXCEPTION block.
     unsafe {
         let cxt = pg_sys::CurrentMemoryContext;
         let owner = pg_sys::CurrentResourceOwner;
@@ -59,7 +78,7 @@ fn in_subtransaction<R>(f: impl FnOnce() -> R, always_roll_back: bool) -> Result
         pg_sys::MemoryContextSwitchTo(cxt);
         let mut f = Some(f);
         let result = PgTryBuilder::new(AssertUnwindSafe(|| Ok((f.take().expect("runs once"))())))
-            .catch_others(|e| Err(caught_message(e)))
+            .catch_others(|e| Err(PgError::from_caught(e)))
             .execute();
         match result {
             Ok(_) if !always_roll_back => pg_sys::ReleaseCurrentSubTransaction(),
@@ -68,12 +87,5 @@ fn in_subtransaction<R>(f: impl FnOnce() -> R, always_roll_back: bool) -> Result
         pg_sys::MemoryContextSwitchTo(cxt);
         pg_sys::CurrentResourceOwner = owner;
         result
-    }
-}
-
-fn caught_message(e: pg_sys::panic::CaughtError) -> String {
-    use pg_sys::panic::CaughtError::*;
-    match e {
-        PostgresError(r) | ErrorReport(r) | RustPanic { ereport: r, .. } => r.message().to_string(),
     }
 }

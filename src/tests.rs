@@ -369,3 +369,58 @@ fn a_claim_made_while_resources_are_in_flight_passes_them_over() {
     // Every other pending change was leased with its resource.
     assert_eq!(count("SELECT count(*) FROM fhir_outbox WHERE NOT (resource_key = '1' AND resource_table = 'patient'::regclass) AND locked_by IS NULL"), 0);
 }
+
+/// The sandbox undoes what owners' code sets, keeps its errors with their SQLSTATE, refuses a role
+/// change inside it, and gives the caller its own identity and settings back.
+#[pg_test]
+fn owners_code_in_the_sandbox_leaves_nothing_behind() {
+    Spi::run("CREATE ROLE fhir_sync_test_owner").unwrap();
+    let owner = Spi::get_one::<pg_sys::Oid>("SELECT 'fhir_sync_test_owner'::regrole::oid")
+        .unwrap()
+        .unwrap();
+    let before = Spi::get_one::<String>("SHOW search_path").unwrap().unwrap();
+    let inside = crate::sandbox::as_owner(owner, || {
+        Spi::run("SELECT set_config('search_path', 'evil, pg_catalog', false)").unwrap();
+        Spi::run("SELECT set_config('work_mem', '77MB', false)").unwrap();
+        (
+            Spi::get_one::<String>("SELECT current_user::text").unwrap().unwrap(),
+            Spi::get_one::<String>("SHOW search_path").unwrap().unwrap(),
+        )
+    })
+    .expect("runs");
+    assert_eq!(inside.0, "fhir_sync_test_owner");
+    assert_eq!(inside.1, "evil, pg_catalog", "the owner's code may set what it likes");
+    assert_eq!(Spi::get_one::<String>("SHOW search_path").unwrap().unwrap(), before);
+    assert_ne!(Spi::get_one::<String>("SHOW work_mem").unwrap().unwrap(), "77MB");
+    assert_ne!(
+        Spi::get_one::<String>("SELECT current_user::text").unwrap().unwrap(),
+        "fhir_sync_test_owner"
+    );
+    // An error comes back typed, and a role change is refused (security-restricted operation).
+    let err = crate::sandbox::as_owner(owner, || Spi::run("SET ROLE NONE"))
+        .map(|r| r.map_err(|e| e.to_string()))
+        .expect_err("SET ROLE is refused in the sandbox");
+    assert_eq!(err.sqlstate(), "42501", "{err}");
+    let err = crate::sandbox::as_owner(owner, || Spi::run("SELECT 1/0")).expect_err("raises");
+    assert_eq!(err.sqlstate(), "22012");
+    assert!(err.log_form().starts_with("SQLSTATE 22012"), "{}", err.log_form());
+    // Temporary objects are refused too.
+    let err = crate::sandbox::as_owner(owner, || Spi::run("CREATE TEMP TABLE t (x int)"))
+        .expect_err("refused");
+    assert_eq!(err.sqlstate(), "42501");
+}
+
+/// fhir_sync's own statements in a user's session run under the pinned search_path, and the
+/// caller's comes back.
+#[pg_test]
+fn pinned_statements_ignore_the_callers_search_path() {
+    Spi::run("CREATE SCHEMA fhir_sync_test_evil").unwrap();
+    Spi::run("SET search_path = fhir_sync_test_evil, public").unwrap();
+    let inside = crate::sandbox::pinned(|| Spi::get_one::<String>("SHOW search_path").unwrap());
+    assert_eq!(inside.as_deref(), Some("pg_catalog, pg_temp"));
+    assert_eq!(
+        Spi::get_one::<String>("SHOW search_path").unwrap().as_deref(),
+        Some("fhir_sync_test_evil, public")
+    );
+    Spi::run("RESET search_path").unwrap();
+}

@@ -1,7 +1,10 @@
 //! The ProcessUtility hook: the few utility statements fhir_sync must react to.
 //!
 //! - DROP DATABASE / ALTER DATABASE … RENAME: our worker is connected to that database and would
-//!   make the command fail with "database is being accessed by other users"; ask it to leave.
+//!   make the command fail with "database is being accessed by other users"; ask it to leave —
+//!   but only when PostgreSQL will let this user run the command: the hook runs before
+//!   PostgreSQL's own checks, and a role that may not drop the database must not be able to
+//!   stop its delivery by trying, over and over.
 //! - COMMIT PREPARED: the changes a prepared transaction captured become visible now, in a
 //!   session that captured nothing itself; wake the workers as a capturing commit would.
 
@@ -24,7 +27,12 @@ unsafe fn before(stmt: *mut pg_sys::Node) {
         if stmt.is_null() {
             return;
         }
-        release_database(database_named_by(stmt));
+        let (name, rename) = database_named_by(stmt);
+        // DROP DATABASE refuses to run inside a transaction block: it would fail after the
+        // workers had left.
+        if rename || !pg_sys::IsTransactionBlock() {
+            release_database(name, rename);
+        }
         if (*stmt).type_ == pg_sys::NodeTag::T_TransactionStmt
             && (*(stmt as *mut pg_sys::TransactionStmt)).kind
                 == pg_sys::TransactionStmtKind::TRANS_STMT_COMMIT_PREPARED
@@ -36,12 +44,13 @@ unsafe fn before(stmt: *mut pg_sys::Node) {
 
 /// Asks the workers of a database that is about to be dropped or renamed to leave it, so the
 /// command does not fail with "database is being accessed by other users".
-fn release_database(name: *const std::ffi::c_char) {
+fn release_database(name: *const std::ffi::c_char, rename: bool) {
     if name.is_null() {
         return;
     }
+    // SAFETY: name is the parse tree's NUL-terminated database name; missing_ok = true.
     let oid = unsafe { pg_sys::get_database_oid(name, true) };
-    if oid == pg_sys::InvalidOid {
+    if oid == pg_sys::InvalidOid || !may_drop_or_rename(oid, rename) {
         return;
     }
     let Some(s) = shmem::shared() else { return };
@@ -65,19 +74,72 @@ fn release_database(name: *const std::ffi::c_char) {
     }
 }
 
-unsafe fn database_named_by(stmt: *mut pg_sys::Node) -> *const std::ffi::c_char {
+/// What PostgreSQL demands before it drops or renames a database: the current user has the
+/// privileges of its owner (superusers do), it is not the database this session is connected
+/// to; for DROP it is not a template, for RENAME the user may create databases. Anything else
+/// fails the command anyway.
+fn may_drop_or_rename(db: pg_sys::Oid, rename: bool) -> bool {
+    // SAFETY: a syscache lookup by OID, released before returning; only the fixed-size part of
+    // pg_database's row (datdba, datistemplate) is read.
+    unsafe {
+        if db == pg_sys::MyDatabaseId {
+            return false;
+        }
+        let tup = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::DATABASEOID as _, db.into());
+        if tup.is_null() {
+            return false;
+        }
+        let header = (*tup).t_data;
+        let form = (header as *const u8).add((*header).t_hoff as usize)
+            as *const pg_sys::FormData_pg_database;
+        let (owner, template) = ((*form).datdba, (*form).datistemplate);
+        pg_sys::ReleaseSysCache(tup);
+        let user = pg_sys::GetUserId();
+        if !pg_sys::has_privs_of_role(user, owner) {
+            return false;
+        }
+        if rename {
+            may_create_databases(user)
+        } else {
+            !template
+        }
+    }
+}
+
+/// CREATEDB, as ALTER DATABASE … RENAME demands (superusers have it).
+fn may_create_databases(user: pg_sys::Oid) -> bool {
+    // SAFETY: a syscache lookup by OID, released before returning; reads rolcreatedb only.
+    unsafe {
+        if pg_sys::superuser_arg(user) {
+            return true;
+        }
+        let tup = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::AUTHOID as _, user.into());
+        if tup.is_null() {
+            return false;
+        }
+        let header = (*tup).t_data;
+        let form = (header as *const u8).add((*header).t_hoff as usize)
+            as *const pg_sys::FormData_pg_authid;
+        let createdb = (*form).rolcreatedb;
+        pg_sys::ReleaseSysCache(tup);
+        createdb
+    }
+}
+
+/// The database a DROP DATABASE or ALTER DATABASE … RENAME names, and whether it is a rename.
+unsafe fn database_named_by(stmt: *mut pg_sys::Node) -> (*const std::ffi::c_char, bool) {
     unsafe {
         match (*stmt).type_ {
-            pg_sys::NodeTag::T_DropdbStmt => (*(stmt as *mut pg_sys::DropdbStmt)).dbname,
+            pg_sys::NodeTag::T_DropdbStmt => ((*(stmt as *mut pg_sys::DropdbStmt)).dbname, false),
             pg_sys::NodeTag::T_RenameStmt => {
                 let r = stmt as *mut pg_sys::RenameStmt;
                 if (*r).renameType == pg_sys::ObjectType::OBJECT_DATABASE {
-                    (*r).subname
+                    ((*r).subname, true)
                 } else {
-                    std::ptr::null()
+                    (std::ptr::null(), false)
                 }
             }
-            _ => std::ptr::null(),
+            _ => (std::ptr::null(), false),
         }
     }
 }
@@ -98,7 +160,10 @@ unsafe extern "C-unwind" fn utility_hook(
     unsafe {
         before((*pstmt).utilityStmt);
         match PREV_UTILITY {
-            Some(prev) => prev(pstmt, query, read_only_tree, context, params, env, dest, qc),
+            // A hook further down the chain is C: guard its ERRORs like any call into PostgreSQL.
+            Some(prev) => pg_sys::ffi::pg_guard_ffi_boundary(|| {
+                prev(pstmt, query, read_only_tree, context, params, env, dest, qc)
+            }),
             None => pg_sys::standard_ProcessUtility(
                 pstmt,
                 query,
@@ -127,7 +192,9 @@ unsafe extern "C-unwind" fn utility_hook(
     unsafe {
         before((*pstmt).utilityStmt);
         match PREV_UTILITY {
-            Some(prev) => prev(pstmt, query, context, params, env, dest, qc),
+            Some(prev) => pg_sys::ffi::pg_guard_ffi_boundary(|| {
+                prev(pstmt, query, context, params, env, dest, qc)
+            }),
             None => pg_sys::standard_ProcessUtility(pstmt, query, context, params, env, dest, qc),
         }
     }

@@ -46,6 +46,7 @@ unix_socket_directories = '$DEMO'
 shared_preload_libraries = 'fhir_sync'
 fhir_sync.database = 'demo'
 fhir_sync.server_url = '$FHIR'
+fhir_sync.username = 'fhir_sync_worker'
 CONF
 runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$DEMO/data" -l "$DEMO/postgres.log" -w start >/dev/null
 for _ in $(seq 1 120); do curl -sf -o /dev/null "$FHIR/metadata" && break; sleep 0.5; done
@@ -53,6 +54,9 @@ for _ in $(seq 1 120); do curl -sf -o /dev/null "$FHIR/metadata" && break; sleep
 psql() { command psql -X -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -v ON_ERROR_STOP=1 "$@"; }
 psql -d postgres -c "CREATE DATABASE demo"
 say() { printf '\n== %s\n' "$*"; }
+
+say "the workers' role: an ordinary LOGIN role (fhir_sync.username); CREATE EXTENSION grants it what it needs"
+psql -d postgres -c "CREATE ROLE fhir_sync_worker LOGIN"
 
 say "CREATE EXTENSION fhir_sync; the health tables; fhir_track() each of them"
 psql -d demo -c "CREATE EXTENSION fhir_sync" -f tests/fixtures/health_tables.sql
@@ -78,6 +82,7 @@ psql -d demo -c "SELECT id, table_name, operation, processed, fhir_resource_id, 
 
 say "SELECT * FROM fhir_sync_status"
 psql -d demo -x -c "SELECT * FROM fhir_sync_status"
+psql -d demo -c "SELECT pid, usename, rolsuper FROM pg_stat_activity JOIN pg_roles ON rolname = usename WHERE backend_type = 'fhir_sync worker'"
 
 say "the FHIR server now holds (GET $FHIR/<Type>?identifier=...)"
 show() { curl -s "$FHIR/$1" | python3 -c '

@@ -7,9 +7,11 @@
 --   SELECT on the views the fhir_sync queries read. The views run with their owner's rights, so
 --                       the role never reads fhir_outbox / fhir_dlq (patient data) itself.
 --   EXECUTE on fhir_sync_stats(), fhir_sync_latency_histogram(), fhir_sync_call_errors() and
---                       fhir_sync_worker_slots(): granted to PUBLIC by CREATE EXTENSION; they only
---                       read shared-memory counters. Nothing here can change fhir_sync's state
---                       (fhir_sync_reset_stats() stays revoked from PUBLIC).
+--                       fhir_sync_worker_slots(), which the views call (a view's functions are
+--                       called with the reader's rights): revoked from PUBLIC by CREATE EXTENSION
+--                       since 0.2.0, as they expose worker pids and counters. They only read
+--                       shared memory; nothing here can change fhir_sync's state
+--                       (fhir_sync_reset_stats() stays revoked).
 DO $$
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'fhir_sync_exporter') THEN
@@ -26,3 +28,5 @@ $$;
 GRANT pg_read_all_stats TO fhir_sync_exporter;
 GRANT SELECT ON fhir_sync_status, fhir_sync_workers, fhir_sync_tables, fhir_pending_transactions, fhir_sync_metrics
     TO fhir_sync_exporter;
+GRANT EXECUTE ON FUNCTION fhir_sync_stats(), fhir_sync_latency_histogram(), fhir_sync_call_errors(),
+    fhir_sync_worker_slots() TO fhir_sync_exporter;

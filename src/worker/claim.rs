@@ -1,8 +1,10 @@
 //! Claim: lease a batch of pending changes, whole resources at a time, in one short
 //! transaction.
 //!
-//! Claims are serialised per database by a transaction-level advisory lock, so two workers
-//! can never lease the same resource: a resource is claimable only when none of its pending
+//! Claims are serialised per database by a lock on `fhir_claim_lock`, a table of the
+//! extension's that no role is granted (the worker's role gets UPDATE on it, which LOCK needs),
+//! so two workers can never lease the same resource — and no ordinary role can take that lock
+//! and stall delivery, as it could an advisory lock key (pg_advisory_lock is open to all): a resource is claimable only when none of its pending
 //! changes is leased by another live worker or waiting for a retry. All its pending changes are
 //! leased together and settled by one request (the resource as it stands now).
 //!
@@ -42,8 +44,6 @@ pub fn live_workers() -> Vec<i32> {
         })
         .unwrap_or_default()
 }
-
-const CLAIM_LOCK: i64 = 0x6668_6972_5f73_796e; // "fhir_syn"
 
 const PLAN_GUARDS: &str = "SET LOCAL enable_seqscan = off; SET LOCAL enable_sort = off; \
                            SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off; \
@@ -213,10 +213,15 @@ pub fn claim_with(
     let from = floor.start(now, crate::gucs::poll_interval());
     let sequence = crate::outbox_write::sequence(schema)?;
     Spi::connect_mut(|client| {
+        // SHARE UPDATE EXCLUSIVE conflicts with itself, and not with the three modes any role
+        // can hold without a privilege check, for as long as it keeps a transaction open:
+        // ACCESS SHARE, ROW SHARE and ROW EXCLUSIVE, which parse analysis takes for a statement
+        // naming the table (`PREPARE p AS DELETE FROM fhir_claim_lock` never reaches the check).
+        // The stronger modes need ownership, checked before the lock is taken.
         client.update(
-            "SELECT pg_catalog.pg_advisory_xact_lock($1)",
+            format!("LOCK TABLE {schema}.fhir_claim_lock IN SHARE UPDATE EXCLUSIVE MODE").as_str(),
             None,
-            &[CLAIM_LOCK.into()],
+            &[],
         )?;
         client.update(PLAN_GUARDS, None, &[])?;
         if let Some(plans) = explain.as_mut() {

@@ -41,6 +41,26 @@ pub enum Action {
     Fail(Class, String),
 }
 
+/// What becomes of a resource whose rows could not be read or mapped: a table locked past
+/// fhir_sync.lock_timeout holds its changes back for a while (nothing is wrong with them); any
+/// other error dead-letters the change with the reason: the row named and its SQLSTATE, and,
+/// when delivering, PostgreSQL's message (kept in fhir_dlq only, never logged; a preview, an
+/// error raised to its caller, does not echo it: it may quote the row's values).
+fn not_read(e: &FhirSyncError, mode: Mode) -> Action {
+    if let FhirSyncError::Deferred(why) = e {
+        return Action::Wait(why.clone());
+    }
+    match e.pg() {
+        Some(p) if p.is_lock_timeout() => {
+            Action::Wait("its table is locked (lock_timeout); retried".into())
+        }
+        Some(p) if mode == Mode::Deliver => {
+            Action::Fail(Class::Unmappable, format!("{e}: {}", p.message))
+        }
+        _ => Action::Fail(Class::Unmappable, e.to_string()),
+    }
+}
+
 /// Plans every claimed resource. In Deliver mode, `deps` collects the (table, key) of
 /// referenced resources that must be enqueued because nothing pending will sync them.
 pub fn plan(
@@ -72,15 +92,17 @@ pub fn plan(
             .collect();
         let states = source::sync_states(schema, table, &keys)?;
         let mut rows: HashMap<String, Row> = HashMap::new();
-        let mut unreadable: HashMap<String, String> = HashMap::new();
-        let mut custom: HashMap<String, Result<Value, String>> = HashMap::new();
-        if let (Mapper::Function, Some(f)) = (track.mapper, track.map_function) {
-            custom = source::run_map_function(track, f, &keys)?;
+        let mut unreadable = source::Unreadable::new();
+        let mut custom: HashMap<String, Result<Value, FhirSyncError>> = HashMap::new();
+        if track.mapper == Mapper::Function {
+            let now = source::current_map_function(schema, track)?;
+            let f = now.map_function.unwrap_or(pg_sys::InvalidOid);
+            custom = source::run_map_function(&now, f, &keys);
             if track.identifier_column.is_some() {
-                (rows, unreadable) = source::fetch_rows_isolated(track, &keys)?;
+                (rows, unreadable) = source::fetch_rows_isolated(track, &keys);
             }
         } else {
-            (rows, unreadable) = source::fetch_rows_isolated(track, &keys)?;
+            (rows, unreadable) = source::fetch_rows_isolated(track, &keys);
         }
         let children = if track.mapper == Mapper::Patient {
             let mut all: HashMap<String, Vec<Row>> = HashMap::new();
@@ -88,8 +110,13 @@ pub fn plan(
                 t.mapper == Mapper::PatientIdentifier
                     && t.parent.as_ref().map(|p| p.0) == Some(table)
             }) {
-                for (k, mut v) in source::fetch_children(child, &keys)? {
+                let (found, failed) = source::fetch_children(child, &keys);
+                for (k, mut v) in found {
                     all.entry(k).or_default().append(&mut v);
+                }
+                // A parent whose identifier rows cannot be read is not sent without them.
+                for (k, e) in failed {
+                    unreadable.entry(k).or_insert(e);
                 }
             }
             all
@@ -107,7 +134,9 @@ pub fn plan(
                 rows.contains_key(&c.resource_key)
             };
             let action = if let Some(e) = unreadable.get(&c.resource_key) {
-                Action::Fail(Class::Unmappable, e.clone())
+                not_read(e, mode)
+            } else if let Some(Err(e)) = custom.get(&c.resource_key) {
+                not_read(e, mode)
             } else if !exists {
                 plan_delete(track, c, &state, &base)
             } else {
@@ -144,6 +173,7 @@ pub fn plan(
                         })
                     }
                     Mapper::Function => match &custom[&c.resource_key] {
+                        Err(e) => Err(not_read(e, mode)),
                         Ok(v) => {
                             let id = identifier_for(
                                 track,
@@ -159,7 +189,6 @@ pub fn plan(
                             )
                             .map_err(|e| unmappable(e.to_string()))
                         }
-                        Err(e) => Err(unmappable(e.clone())),
                     },
                     Mapper::PatientIdentifier => Err(unmappable(
                         "identifier rows are delivered with their patient".to_string(),

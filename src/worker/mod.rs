@@ -9,9 +9,11 @@ pub mod claim;
 pub mod map;
 pub mod policy;
 mod pool;
+pub mod response;
 pub mod send;
 pub mod settle;
 
+use crate::error::FhirSyncError;
 use crate::http::{Auth, Client, Method, Response};
 use crate::shmem::{self, WorkerState};
 use crate::source;
@@ -20,6 +22,7 @@ use map::{Action, Mode};
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
 use policy::{Class, Transport, Verdict};
+use response::{describe_failure, operation_outcome};
 use settle::Settlement;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -67,8 +70,20 @@ impl ClientSettings {
                 scope: g::oauth_scope(),
             },
         };
+        let base = g::server_url();
+        if problem.is_none()
+            && !g::allow_http_credentials()
+            && base
+                .as_deref()
+                .is_some_and(|b| crate::http::credentials_in_clear(b, &auth))
+        {
+            problem = Some(format!(
+                "fhir_sync.auth = '{}' would send credentials over plain http://; use https, or set fhir_sync.allow_http_credentials = on",
+                g::auth_name()
+            ));
+        }
         ClientSettings {
-            base: g::server_url(),
+            base,
             timeout: g::http_timeout(),
             in_flight: g::max_in_flight(),
             auth,
@@ -105,7 +120,12 @@ struct Worker {
     paced: Option<Instant>,
     /// Where the claim's scan of fresh changes starts (claim::Floor).
     floor: claim::Floor,
+    /// The last failed cycle's step and error, and when it was logged.
+    last_failure: Option<(&'static str, String, Instant)>,
 }
+
+/// How often a cycle failure that persists (same step, same error) is logged again.
+const FAILURE_RELOG: Duration = Duration::from_secs(60);
 
 const TRACKS_TTL: Duration = Duration::from_secs(2);
 
@@ -150,7 +170,10 @@ pub extern "C-unwind" fn fhir_sync_worker_main(arg: pg_sys::Datum) {
         return;
     };
     let slot = &shared.workers[index.min(shmem::MAX_WORKERS - 1)];
-    BackgroundWorker::connect_worker_to_spi(Some(&db), None);
+    // fhir_sync.username: the role the launcher checked (it starts no worker for a role that
+    // cannot log in); empty, the bootstrap superuser.
+    let role = crate::gucs::username();
+    BackgroundWorker::connect_worker_to_spi(Some(&db), role.as_deref());
     slot.claim(unsafe { pg_sys::MyDatabaseId });
     pgrx::log!("fhir_sync worker started for database \"{db}\"");
 
@@ -160,12 +183,21 @@ pub extern "C-unwind" fn fhir_sync_worker_main(arg: pg_sys::Datum) {
     // so random reads cost what sequential ones do — without that, the planner trades the
     // partial indexes for sequential scans of the whole outbox once the backlog is a few
     // percent of it.
-    let _ = crate::subxact::transaction(|| {
+    crate::sandbox::enter_worker();
+    // (search_path, lock_timeout and the statement timeout are set at the start of every
+    // transaction: sandbox::worker_transaction_start.)
+    if let Err(e) = crate::subxact::transaction_flat(|| {
         Spi::run(
-            "SET synchronous_commit = off; SET search_path = pg_catalog, pg_temp; \
-             SET random_page_cost = 1.1; SET application_name = 'fhir_sync worker'",
+            "SET synchronous_commit = off; SET random_page_cost = 1.1; \
+             SET application_name = 'fhir_sync worker'",
         )
-    });
+        .map_err(Into::into)
+    }) {
+        pgrx::warning!(
+            "fhir_sync worker: could not apply its session settings: {}",
+            e.log_form()
+        );
+    }
 
     let mut w = Worker {
         slot,
@@ -179,6 +211,7 @@ pub extern "C-unwind" fn fhir_sync_worker_main(arg: pg_sys::Datum) {
         in_flight: usize::MAX,
         paced: None,
         floor: Default::default(),
+        last_failure: None,
     };
     w.rebuild_client();
     loop {
@@ -294,7 +327,11 @@ impl Worker {
         // Every commit that captured a change wakes the worker; when there is nothing it may
         // do, it must find that out without running SQL.
         if self.client.is_none() {
-            self.slot.set_state(WorkerState::NotConfigured);
+            self.slot.set_state(if self.settings.base.is_some() {
+                WorkerState::Misconfigured
+            } else {
+                WorkerState::NotConfigured
+            });
             self.shared.paused_reason.store(0, Ordering::Relaxed);
             return Some(poll.max(Duration::from_secs(5)));
         }
@@ -306,17 +343,16 @@ impl Worker {
         }
         let schema = match &self.schema {
             Some((at, s)) if at.elapsed() < TRACKS_TTL => s.clone(),
-            _ => match crate::subxact::transaction(source::extension_schema) {
-                Ok(Ok(Some(s))) => {
+            _ => match crate::subxact::transaction_flat(source::extension_schema) {
+                Ok(Some(s)) => {
                     self.schema = Some((Instant::now(), s.clone()));
                     s
                 }
-                Ok(Ok(None)) => {
+                Ok(None) => {
                     self.slot.set_state(WorkerState::NoExtension);
                     return Some(poll.max(Duration::from_secs(5)));
                 }
-                Ok(Err(e)) => return self.failed_cycle(&e.to_string()),
-                Err(e) => return self.failed_cycle(&e),
+                Err(e) => return self.failed_cycle("reading the extension's schema", &e),
             },
         };
         if let Some(p) = &self.pause {
@@ -332,7 +368,7 @@ impl Worker {
         }
         let batch = crate::gucs::batch_size();
         let started = Instant::now();
-        let claimed = match crate::subxact::transaction(|| {
+        let claimed = match crate::subxact::transaction_flat(|| {
             claim::claim(
                 &schema,
                 batch,
@@ -341,9 +377,8 @@ impl Worker {
                 &mut self.floor,
             )
         }) {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => return self.failed_cycle(&e.to_string()),
-            Err(e) => return self.failed_cycle(&e),
+            Ok(c) => c,
+            Err(e) => return self.failed_cycle("claiming", &e),
         };
         if claimed.is_empty() {
             self.slot.set_state(if self.pause.is_some() {
@@ -377,18 +412,34 @@ impl Worker {
                     self.paced = (size > 1).then(|| started + crate::gucs::linger());
                     return Some(poll);
                 }
-                Err(e) => return self.failed_cycle(&e),
+                Err(e) => return self.failed_cycle("delivering", &e),
             }
         }
     }
 
-    /// A cycle that hit a PostgreSQL error (the extension being dropped, a table gone): log it
-    /// and try again later. The leases it held expire on their own.
-    fn failed_cycle(&mut self, error: &str) -> Option<Duration> {
+    /// A cycle that hit a PostgreSQL error (the extension being dropped, a table gone, a lock
+    /// not granted in time): log it and try again later. The leases it held expire on their own.
+    /// The log names the step and the SQLSTATE, never PostgreSQL's message (it may quote a
+    /// value); the same problem persisting is logged again only every FAILURE_RELOG.
+    fn failed_cycle(
+        &mut self,
+        step: &'static str,
+        error: &crate::error::FhirSyncError,
+    ) -> Option<Duration> {
         self.tracks = None;
         self.floor.reset();
         self.schema = None;
-        pgrx::warning!("fhir_sync worker: cycle failed: {error}");
+        let what = error.log_form();
+        let now = Instant::now();
+        let repeat = matches!(&self.last_failure, Some((s, w, at)) if *s == step && *w == what && now.duration_since(*at) < FAILURE_RELOG);
+        if !repeat {
+            let hint = match error.pg().map(|p| p.code) {
+                Some(PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE) => "; the worker's role lacks a grant: SELECT fhir_sync_grant_worker('<fhir_sync.username>')",
+                _ => "",
+            };
+            pgrx::warning!("fhir_sync worker: cycle failed while {step}: {what}{hint}");
+            self.last_failure = Some((step, what, now));
+        }
         self.slot
             .last_error_ms
             .store(shmem::now_ms(), Ordering::Relaxed);
@@ -441,7 +492,7 @@ impl Worker {
             .store(shmem::now_ms() + wait.as_millis() as i64, Ordering::Relaxed);
     }
 
-    fn tracks(&mut self, schema: &str, claimed: &[Claimed]) -> Result<Tracks, String> {
+    fn tracks(&mut self, schema: &str, claimed: &[Claimed]) -> Result<Tracks, FhirSyncError> {
         if let Some((at, s, t)) = &self.tracks {
             if at.elapsed() < TRACKS_TTL
                 && s == schema
@@ -450,10 +501,9 @@ impl Worker {
                 return Ok(t.clone());
             }
         }
-        let t = std::rc::Rc::new(
-            crate::subxact::transaction(|| source::load_tracks(schema))?
-                .map_err(|e| e.to_string())?,
-        );
+        let t = std::rc::Rc::new(crate::subxact::transaction_flat(|| {
+            source::load_tracks(schema)
+        })?);
         self.tracks = Some((Instant::now(), schema.to_string(), t.clone()));
         Ok(t)
     }
@@ -462,7 +512,12 @@ impl Worker {
     /// `ahead`, the next batch is claimed while the last tier is in flight, and its first tier
     /// mapped if it refers to nothing; it is returned for the next round. It never holds a
     /// resource that is in flight: the claim passes those over.
-    fn deliver(&mut self, schema: &str, batch: Next, ahead: bool) -> Result<Option<Next>, String> {
+    fn deliver(
+        &mut self,
+        schema: &str,
+        batch: Next,
+        ahead: bool,
+    ) -> Result<Option<Next>, FhirSyncError> {
         let tracks = self.tracks(schema, &batch.claimed)?;
         let mut tiers: [Vec<Claimed>; 3] = Default::default();
         for c in batch.claimed {
@@ -480,7 +535,7 @@ impl Worker {
                 "a mapped first tier is not claimed again"
             );
         }
-        let mut next: Option<Result<Next, String>> = None;
+        let mut next: Option<Result<Next, FhirSyncError>> = None;
         for (t, tier) in tiers.into_iter().enumerate() {
             let is_last = t == last.unwrap_or(0);
             let work = match (t, mapped.take()) {
@@ -556,8 +611,8 @@ impl Worker {
         schema: &str,
         tracks: &Tracks,
         in_flight: &claim::ResourcesInFlight,
-    ) -> Result<Next, String> {
-        let claimed = crate::subxact::transaction(|| {
+    ) -> Result<Next, FhirSyncError> {
+        let claimed = crate::subxact::transaction_flat(|| {
             claim::claim(
                 schema,
                 crate::gucs::batch_size(),
@@ -565,8 +620,7 @@ impl Worker {
                 in_flight,
                 &mut self.floor,
             )
-        })?
-        .map_err(|e| e.to_string())?;
+        })?;
         if claimed
             .iter()
             .any(|c| !tracks.contains_key(&c.resource_table))
@@ -605,12 +659,16 @@ impl Worker {
     }
 
     /// Maps one tier and builds its requests.
-    fn map(&mut self, schema: &str, tracks: &Tracks, tier: Vec<Claimed>) -> Result<Mapped, String> {
+    fn map(
+        &mut self,
+        schema: &str,
+        tracks: &Tracks,
+        tier: Vec<Claimed>,
+    ) -> Result<Mapped, FhirSyncError> {
         let mut deps = Vec::new();
-        let mut actions = crate::subxact::transaction(|| {
+        let mut actions = crate::subxact::transaction_flat(|| {
             map::plan(schema, tracks, &tier, Mode::Deliver, &mut deps)
-        })?
-        .map_err(|e| e.to_string())?;
+        })?;
         let mut requests = Vec::new();
         let mut request_of = vec![None; tier.len()];
         for (i, a) in actions.iter_mut().enumerate() {
@@ -649,7 +707,7 @@ impl Worker {
     }
 
     /// Hands changes back without spending attempts: nothing was sent.
-    fn release(&mut self, schema: &str, tier: &[Claimed]) -> Result<(), String> {
+    fn release(&mut self, schema: &str, tier: &[Claimed]) -> Result<(), FhirSyncError> {
         let s = Settlement {
             release: tier.iter().flat_map(|c| c.outbox_ids.clone()).collect(),
             ..Default::default()
@@ -659,11 +717,11 @@ impl Worker {
 
     /// Records a settlement in its own transaction. Changes handed back may lie below the
     /// claim's floor: the next claim scans from the front.
-    fn settle(&mut self, schema: &str, s: &Settlement) -> Result<(), String> {
+    fn settle(&mut self, schema: &str, s: &Settlement) -> Result<(), FhirSyncError> {
         if !s.release.is_empty() {
             self.floor.reset();
         }
-        crate::subxact::transaction(|| settle::settle(schema, s))?.map_err(|e| e.to_string())
+        crate::subxact::transaction_flat(|| settle::settle(schema, s))
     }
 
     /// Turns actions and responses into a settlement, updates the counters, and pauses the
@@ -752,7 +810,24 @@ impl Worker {
                             let (fhir_id, version) = if is_delete {
                                 (None, None)
                             } else {
-                                resource_id(r)
+                                match response::resource_id(r) {
+                                    Ok(ids) => ids,
+                                    Err(why) => {
+                                        // Applied by the server, but what it calls the resource
+                                        // cannot address it: a DBA must look before updates go on.
+                                        self.shared.failed_total.fetch_add(1, Ordering::Relaxed);
+                                        pgrx::warning!("fhir_sync worker: outbox rows {:?} dead-lettered (rejected): {why}", c.outbox_ids);
+                                        s.dead.push(settle::DeadLetter {
+                                            outbox_ids: ids,
+                                            class: Class::Rejected.name(),
+                                            error: format!("HTTP {}: {why}", status.unwrap_or(0)),
+                                            http_status: status,
+                                            outcome: None,
+                                            attempted: true,
+                                        });
+                                        continue;
+                                    }
+                                }
                             };
                             let identifier = match action {
                                 Action::Put { identifier, .. } => Some(identifier.clone()),
@@ -857,60 +932,4 @@ impl Worker {
         }
         s
     }
-}
-
-/// "HTTP 422" plus the server's first diagnostic, or the transport error. Kept in the
-/// protected tables only, never logged: a server may echo patient data in its diagnostics.
-fn describe_failure(r: &Response) -> String {
-    match r.transport {
-        Transport::Status(s) => {
-            let diag = operation_outcome(r).and_then(|o| {
-                o.pointer("/issue/0/diagnostics")
-                    .and_then(|d| d.as_str())
-                    .map(str::to_string)
-            });
-            match diag {
-                Some(d) => format!("HTTP {s}: {}", d.chars().take(500).collect::<String>()),
-                None if (300..400).contains(&s) => format!("HTTP {s}: the server answered with a redirect, which fhir_sync does not follow"),
-                None => format!("HTTP {s}"),
-            }
-        }
-        _ => r.error.clone().unwrap_or_else(|| "request failed".into()),
-    }
-}
-
-fn operation_outcome(r: &Response) -> Option<serde_json::Value> {
-    let v: serde_json::Value = serde_json::from_slice(&r.body).ok()?;
-    (v.get("resourceType")?.as_str()? == "OperationOutcome").then_some(v)
-}
-
-/// The id and version the server gave the resource: from the body, else Location
-/// (…/Type/<id>/_history/<v>), else the ETag (W/"<v>").
-fn resource_id(r: &Response) -> (Option<String>, Option<String>) {
-    // Typed: the stored resource's other fields are skipped, not built into values.
-    let body: Option<send::Stored> = serde_json::from_slice(&r.body).ok();
-    let (mut id, mut version) = match body {
-        Some(b) => (b.id, b.meta.and_then(|m| m.version_id)),
-        None => (None, None),
-    };
-    if let Some(loc) = &r.location {
-        let parts: Vec<&str> = loc.trim_end_matches('/').split('/').collect();
-        if let Some(h) = parts.iter().position(|p| *p == "_history") {
-            if id.is_none() && h >= 1 {
-                id = Some(parts[h - 1].to_string());
-            }
-            if version.is_none() {
-                version = parts.get(h + 1).map(|s| s.to_string());
-            }
-        } else if id.is_none() {
-            id = parts.last().map(|s| s.to_string());
-        }
-    }
-    if version.is_none() {
-        version = r
-            .etag
-            .as_deref()
-            .map(|e| e.trim_start_matches("W/").trim_matches('"').to_string());
-    }
-    (id, version)
 }

@@ -79,12 +79,22 @@ pub fn start(client: &Arc<Client>, requests: Vec<Outgoing>, g: Grouping) -> InFl
     for _ in 0..threads {
         let (shared, client, main) = (shared.clone(), client.clone(), main.clone());
         super::pool::run(move || {
+            let _done = Done(&shared.done, main);
             work(&shared, &client);
-            shared.done.fetch_add(1, Ordering::AcqRel);
-            main.unpark();
         });
     }
     InFlight { shared, threads }
+}
+
+/// Counts a sending thread as finished when its work ends, normally or by a panic (the pool
+/// catches it): `finish` waits for every thread, and must not wait for one that died.
+struct Done<'a>(&'a AtomicUsize, std::thread::Thread);
+
+impl Drop for Done<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::AcqRel);
+        self.1.unpark();
+    }
 }
 
 impl InFlight {
@@ -215,8 +225,10 @@ fn current_version(client: &Client, path: &str) -> Result<Option<String>, Box<Re
     let resp = call(client, Method::Get, path, None, None);
     match resp.transport {
         Transport::Status(404 | 410) => Ok(None),
-        Transport::Status(200) => Ok(super::resource_id(&resp)
-            .1
+        // A version that is not a FHIR id is not put in a header: send unconditionally.
+        Transport::Status(200) => Ok(super::response::resource_id(&resp)
+            .ok()
+            .and_then(|ids| ids.1)
             .map(|v| super::map::weak_etag(&v))),
         _ => Err(Box::new(resp)),
     }
@@ -385,6 +397,46 @@ pub fn halts_sending(resp: &Response, is_delete: bool) -> bool {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn a_sending_thread_that_panics_does_not_hang_the_worker() {
+        let shared = Arc::new(Shared {
+            requests: Vec::new(),
+            units: Vec::new(),
+            results: Vec::new(),
+            next: AtomicUsize::new(0),
+            done: AtomicUsize::new(0),
+            stop: AtomicBool::new(false),
+            grouping: Grouping {
+                bundle_size: 0,
+                bundle_type: BundleType::Batch,
+                in_flight: 2,
+                deadline: std::time::Instant::now() + Duration::from_secs(60),
+            },
+        });
+        let main = std::thread::current();
+        for i in 0..2 {
+            let (shared, main) = (shared.clone(), main.clone());
+            super::super::pool::run(move || {
+                let _done = Done(&shared.done, main);
+                if i == 0 {
+                    panic!("a bug in a sending thread");
+                }
+            });
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let flight = InFlight { shared, threads: 2 };
+        std::thread::spawn(move || {
+            flight.finish(&|| false);
+            tx.send(()).unwrap();
+        });
+        // finish() parks the thread that started the sends; here that is the test thread, so
+        // the unpark may go to it rather than to the helper: poll generously instead.
+        assert!(
+            rx.recv_timeout(Duration::from_secs(20)).is_ok(),
+            "finish() returned although one sending thread panicked"
+        );
+    }
 
     fn resp(body: Value) -> Response {
         Response {

@@ -10,6 +10,9 @@ from harness.util import REPO_ROOT, wait_until
 FIXTURES = REPO_ROOT / "tests" / "fixtures"
 MRN = "http://hospital.example.org/mrn"
 DB = "app"
+# The role the workers connect as (fhir_sync.username): an ordinary LOGIN role with only what
+# fhir_sync_grant_worker gives it, as the README's setup makes it.
+WORKER_ROLE = "fhir_worker"
 
 
 class App:
@@ -53,7 +56,10 @@ class App:
         )
 
 
-def make_app(make_cluster, server_url: str, conf: dict | None = None, track: bool = True, rows: bool = False) -> App:
+def make_app(make_cluster, server_url: str, conf: dict | None = None, track: bool = True, rows: bool = False,
+             worker_role: str | None = WORKER_ROLE) -> App:
+    """worker_role: the non-superuser role the workers connect as; None leaves fhir_sync.username empty
+    (the workers then connect as the bootstrap superuser)."""
     settings = {
         "fhir_sync.database": DB,
         "fhir_sync.server_url": server_url,
@@ -61,8 +67,13 @@ def make_app(make_cluster, server_url: str, conf: dict | None = None, track: boo
         "fhir_sync.poll_interval": "1s",
         "log_min_messages": "log",
     }
+    if worker_role:
+        settings["fhir_sync.username"] = worker_role
     settings.update(conf or {})
     cluster = make_cluster(conf=settings)
+    if worker_role:
+        # Before the extension: CREATE EXTENSION grants the role named by fhir_sync.username.
+        cluster.psql(f"CREATE ROLE {worker_role} LOGIN")
     cluster.create_db(DB)
     app = App(cluster)
     app.sql("CREATE EXTENSION fhir_sync")

@@ -23,6 +23,10 @@ from harness.faults import FaultServer, _Handler
 from harness.util import REPO_ROOT, wait_until
 from jepsen import worker_pids
 
+# The fault server speaks plain http: these tests allow credentials over it (fhir_sync refuses by default,
+# test_trust.py shows that).
+HTTP_AUTH = {"fhir_sync.allow_http_credentials": True}
+
 SECRETS = ("fhir_sync.auth_token", "fhir_sync.auth_password", "fhir_sync.oauth_client_secret")
 
 
@@ -49,7 +53,7 @@ def reload_and_wait(app, settings: dict) -> None:
     app.sql("SELECT pg_reload_conf()")
     for name, value in settings.items():
         wait_until(lambda: app.cluster.query(f"SHOW {name}")[0][0].lower() == str(value).lower(), timeout=10,
-                   message=f"{name} reloaded")      # (enums show as their Rust names: Bearer)
+                   message=f"{name} reloaded")
 
 
 def set_secrets(app) -> dict:
@@ -76,7 +80,7 @@ def make_clerk(app, name: str = "clerk") -> None:
 
 # ---------------------------------------------------------------------------------------------- secrets
 def test_an_ordinary_role_cannot_read_the_secrets(make_cluster, faults):
-    app = make_app(make_cluster, faults.base_url)
+    app = make_app(make_cluster, faults.base_url, conf=HTTP_AUTH)
     secrets = set_secrets(app)
     make_clerk(app)
     clerk = connect_as(app.cluster, "clerk")
@@ -139,7 +143,7 @@ def test_setting_a_secret_the_documented_way_keeps_it_out_of_the_log(make_cluste
     """The README's way: the secret in a file only the server's OS user reads, named by the *_file
     setting, then a reload. The worker uses it; the log, which shows every changed setting's new value
     at reload, shows the file's path only. Rotating it is rewriting the file and reloading."""
-    app = make_app(make_cluster, faults.base_url)
+    app = make_app(make_cluster, faults.base_url, conf=HTTP_AUTH)
     token = f"tok-{uuid.uuid4().hex}"
     path = secret_file(app, "fhir_token", token)
     reload_and_wait(app, {"fhir_sync.auth": "bearer", "fhir_sync.auth_token_file": str(path)})
@@ -163,7 +167,7 @@ def test_setting_a_secret_the_documented_way_keeps_it_out_of_the_log(make_cluste
 def test_a_secret_file_others_can_read_is_refused_until_fixed(make_cluster, faults):
     """As PostgreSQL refuses an ssl_key_file with group or world access: the worker sends nothing (with
     a log line naming the file, not its content), loses nothing, and delivers once the mode is fixed."""
-    app = make_app(make_cluster, faults.base_url)
+    app = make_app(make_cluster, faults.base_url, conf=HTTP_AUTH)
     token = f"tok-{uuid.uuid4().hex}"
     path = secret_file(app, "open_token", token, mode=0o644)
     reload_and_wait(app, {"fhir_sync.auth": "bearer", "fhir_sync.auth_token_file": str(path)})
@@ -195,7 +199,7 @@ def test_the_exporter_role_cannot_read_the_secrets(make_cluster, faults):
     """The role docker/postgres_exporter/grants.sql sets up reads the metrics views, not the FHIR
     credentials (pg_monitor would: it includes pg_read_all_settings, which may read SUPERUSER_ONLY
     settings)."""
-    app = make_app(make_cluster, faults.base_url)
+    app = make_app(make_cluster, faults.base_url, conf=HTTP_AUTH)
     secrets = set_secrets(app)
     app.cluster.psql((REPO_ROOT / "docker" / "postgres_exporter" / "grants.sql").read_text(), db=DB)
     exporter = connect_as(app.cluster, "fhir_sync_exporter")
@@ -231,15 +235,22 @@ def test_an_ordinary_role_cannot_touch_the_queues_or_call_admin_functions(make_c
                 "SELECT fhir_track('patient', 'Patient')", "SELECT fhir_untrack('patient')",
                 "SELECT fhir_backfill('patient')", "SELECT fhir_preview('patient', 1)",
                 "SELECT fhir_sync_reset_stats()", "SELECT * FROM fhir_sync_explain_claim(10)",
-                "SELECT fhir_capture()"):
+                "SELECT fhir_capture()", "SELECT fhir_sync_wake()", "SELECT * FROM fhir_sync_stats()",
+                "SELECT * FROM fhir_sync_worker_slots()", "SELECT * FROM fhir_sync_latency_histogram()",
+                "SELECT * FROM fhir_sync_call_errors()", "SELECT fhir_sync_grant_worker('clerk')",
+                "SELECT * FROM fhir_backfill_keys('patient'::regclass)"):
         denied(clerk, sql)
     # The README's grants, and what they allow.
     app.sql("GRANT SELECT ON fhir_outbox, fhir_dlq, fhir_sync_state, fhir_tracked TO clerk")
     app.sql("GRANT SELECT ON fhir_sync_status, fhir_sync_workers, fhir_sync_tables, fhir_sync_metrics,"
             " fhir_pending_transactions TO clerk")
+    app.sql("GRANT EXECUTE ON FUNCTION fhir_sync_stats(), fhir_sync_worker_slots(), fhir_sync_latency_histogram(),"
+            " fhir_sync_call_errors() TO clerk")
     app.sql("GRANT EXECUTE ON FUNCTION fhir_requeue_dlq(text, integer, text, timestamptz), fhir_requeue_dlq(bigint[]),"
             " fhir_requeue_dlq(bigint), fhir_cleanup_old(integer) TO clerk")
     assert clerk.execute("SELECT count(*) FROM fhir_dlq").fetchone()[0] == 1
+    for view in ("fhir_sync_status", "fhir_sync_workers", "fhir_sync_tables", "fhir_sync_metrics"):
+        clerk.execute(f"SELECT * FROM {view}").fetchall()
     assert clerk.execute("SELECT fhir_requeue_dlq(%s::bigint)", (dlq_id,)).fetchone()[0] == 1
     clerk.execute("SELECT * FROM fhir_cleanup_old(0)")
     denied(clerk, "INSERT INTO fhir_outbox (table_name, record_id, operation, resource_type, resource_table,"
@@ -326,7 +337,7 @@ def test_code_owned_by_an_ordinary_role_runs_without_the_workers_rights(make_clu
 
 # ---------------------------------------------------------------------------------------------- credentials on the wire
 def test_bearer_and_basic_credentials_reach_the_server_in_the_authorization_header(make_cluster, faults):
-    app = make_app(make_cluster, faults.base_url)
+    app = make_app(make_cluster, faults.base_url, conf=HTTP_AUTH)
     app.add_patient("auth-none")
     first = faults.wait_for_requests(1, predicate=lambda r: "auth-none" in r.path)[0]
     assert "authorization" not in first.headers
@@ -367,7 +378,7 @@ def test_oauth2_token_is_fetched_once_reused_and_fetched_again_after_a_401(make_
         for name in ("tok-A", "tok-B", "tok-C"):
             tokens.respond(200, times=1, content_type="application/json", match={"method": "POST"},
                            body={"access_token": name, "token_type": "Bearer", "expires_in": 3600})
-        app = make_app(make_cluster, faults.base_url, conf={"fhir_sync.batch_size": 5, "fhir_sync.max_in_flight": 2})
+        app = make_app(make_cluster, faults.base_url, conf={"fhir_sync.batch_size": 5, "fhir_sync.max_in_flight": 2, **HTTP_AUTH})
         secret = f"cs-{uuid.uuid4().hex}"
         reload_and_wait(app, {"fhir_sync.auth": "oauth2", "fhir_sync.oauth_token_url": f"{tokens.base_url}/oauth2/token",
                               "fhir_sync.oauth_client_id": "fhir-sync", "fhir_sync.oauth_client_secret": secret,

@@ -1,0 +1,257 @@
+//! The trust boundary: how fhir_sync runs code that belongs to someone else, and how its own
+//! statements stay independent of what a user controls.
+//!
+//! Three rules, each applied in one place here:
+//! - **Owners' code runs as its owner, sandboxed** ([`as_owner`]): reading a tracked table's rows
+//!   runs the casts and output functions of its column types, and a mapping function is its
+//!   owner's code. They run as the table's owner in a security-restricted operation (no SET ROLE,
+//!   no temporary objects), under a GUC nest level of their own, in a subtransaction that is
+//!   always rolled back: no setting, lock, write or role change they make outlives the call —
+//!   what PostgreSQL does for index builds and REFRESH MATERIALIZED VIEW.
+//! - **fhir_sync's own statements resolve nothing through a user's schema**: every worker
+//!   transaction starts from `search_path = pg_catalog, pg_temp` ([`worker_transaction_start`]),
+//!   SQL functions written in Rust run under the same path ([`pinned`]), and the plpgsql ones
+//!   carry it as a SET clause. Functions and operators are never looked up in pg_temp, so with
+//!   that path every unqualified operator, function, cast and type is pg_catalog's.
+//! - **Nothing waits forever**: in the worker, every transaction runs under
+//!   `fhir_sync.lock_timeout` and `fhir_sync.statement_timeout`, and each call of owners' code gets a
+//!   statement timeout of its own; session-level advisory locks are released after every
+//!   transaction (the worker holds none of its own; owners' code could take one).
+
+use crate::error::PgError;
+use pgrx::pg_sys;
+use std::cell::Cell;
+use std::ffi::{CStr, CString};
+use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
+
+/// The search_path every statement of fhir_sync runs under.
+pub const PINNED_SEARCH_PATH: &CStr = c"pg_catalog, pg_temp";
+
+thread_local! {
+    /// Set once in a delivery worker process: timeouts are the worker's to arm; in a user's
+    /// session the user's own statement_timeout governs.
+    static IN_WORKER: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Marks this process as a delivery worker, and starts the watchdog.
+pub fn enter_worker() {
+    IN_WORKER.with(|w| w.set(true));
+    // SAFETY: registered once, in the worker's main thread; the callback only logs.
+    unsafe { pg_sys::on_proc_exit(Some(explain_exit), pg_sys::Datum::from(0)) };
+    crate::threads::block_signals_around(|| {
+        std::thread::spawn(watchdog);
+    });
+}
+
+/// When the owners' code running now must have ended (ms since the epoch, statement timeout
+/// plus OVERRUN); 0 while none runs.
+static OWNER_DEADLINE: AtomicI64 = AtomicI64::new(0);
+/// The role whose code the watchdog stopped (0: none).
+static OVERRAN: AtomicU32 = AtomicU32::new(0);
+/// How long owners' code may go on after its statement timeout fired. Code that catches the
+/// cancel (plpgsql's `EXCEPTION WHEN query_canceled`) and goes on would otherwise hold the
+/// worker for ever.
+const OVERRUN_MS: i64 = 2_000;
+
+/// The watchdog: owners' code still running OVERRUN after its statement timeout gets what
+/// pg_terminate_backend would send — an interrupt no code can catch. The worker exits (FATAL)
+/// and the launcher starts another; the log says whose code it was.
+fn watchdog() {
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let deadline = OWNER_DEADLINE.load(Ordering::Acquire);
+        if deadline != 0 && crate::shmem::now_ms() > deadline {
+            OWNER_DEADLINE.store(0, Ordering::Release);
+            // SAFETY: the same writes a signal handler (die()) makes: flags of type
+            // sig_atomic_t that the main thread reads at its next interrupt check, and the
+            // process latch, which SetLatch may set from any context.
+            unsafe {
+                pg_sys::ProcDiePending = 1;
+                pg_sys::InterruptPending = 1;
+                pg_sys::SetLatch(pg_sys::MyLatch);
+            }
+        }
+    }
+}
+
+/// on_proc_exit: when the watchdog ended the worker, say why (the FATAL line before it is
+/// PostgreSQL's generic "terminating background worker … due to administrator command").
+unsafe extern "C-unwind" fn explain_exit(_code: std::ffi::c_int, _arg: pg_sys::Datum) {
+    let role = OVERRAN.load(Ordering::Acquire);
+    if role != 0 {
+        pgrx::log!(
+            "fhir_sync worker: stopped: code run as role {role} (a tracked table's owner) went on past fhir_sync.statement_timeout, catching the cancel; a new worker starts"
+        );
+    }
+}
+
+pub fn in_worker() -> bool {
+    IN_WORKER.with(|w| w.get())
+}
+
+// timeout.h is not in pgrx's bindings. TimeoutId is a C enum; STATEMENT_TIMEOUT is its fourth
+// member on every supported major (STARTUP_PACKET, DEADLOCK, LOCK, STATEMENT, …).
+extern "C-unwind" {
+    fn enable_timeout_after(id: std::ffi::c_int, delay_ms: std::ffi::c_int);
+    fn disable_timeout(id: std::ffi::c_int, keep_indicator: bool);
+}
+const STATEMENT_TIMEOUT: std::ffi::c_int = 3;
+
+/// Sets a GUC the way SET (or, with `save`, a function's SET clause) does.
+fn set_guc(name: &CStr, value: &CStr, save: bool) {
+    let action = if save {
+        pg_sys::GucAction::GUC_ACTION_SAVE
+    } else {
+        pg_sys::GucAction::GUC_ACTION_SET
+    };
+    // SAFETY: name and value are NUL-terminated and outlive the call; set_config_option copies
+    // what it keeps and raises an ERROR (a Rust panic through pgrx's guard) on a bad value.
+    unsafe {
+        pg_sys::set_config_option(
+            name.as_ptr(),
+            value.as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            action,
+            true,
+            pgrx::PgLogLevel::ERROR as i32,
+            false,
+        );
+    }
+}
+
+fn search_path_is_pinned() -> bool {
+    // SAFETY: namespace_search_path is the GUC's current value, a NUL-terminated string owned
+    // by guc.c (never null once GUCs are initialised); read only.
+    unsafe {
+        let p = pg_sys::namespace_search_path;
+        !p.is_null() && CStr::from_ptr(p) == PINNED_SEARCH_PATH
+    }
+}
+
+/// Arms the worker's statement timeout (fhir_sync.statement_timeout) from now; 0 disarms it.
+fn arm_statement_timeout() {
+    let ms = crate::gucs::statement_timeout_ms();
+    // SAFETY: STATEMENT_TIMEOUT is registered by InitPostgres in every backend with a database
+    // connection (workers included); its handler sends SIGINT to this process, whose handler
+    // (StatementCancelHandler) only sets flags: the ERROR comes at the next interrupt check.
+    unsafe {
+        if ms > 0 {
+            enable_timeout_after(STATEMENT_TIMEOUT, ms);
+        } else {
+            disable_timeout(STATEMENT_TIMEOUT, false);
+        }
+    }
+}
+
+/// Start of every worker transaction: the session settings the worker's statements rely on.
+pub fn worker_transaction_start() {
+    if !in_worker() {
+        return;
+    }
+    if !search_path_is_pinned() {
+        set_guc(c"search_path", PINNED_SEARCH_PATH, false);
+    }
+    let lock = CString::new(format!("{}ms", crate::gucs::lock_timeout_ms())).expect("no NUL");
+    set_guc(c"lock_timeout", &lock, false);
+    arm_statement_timeout();
+}
+
+/// End of every worker transaction (committed or not).
+pub fn worker_transaction_end() {
+    if !in_worker() {
+        return;
+    }
+    // SAFETY: disarming a timeout that is not armed is a no-op; USER_LOCKMETHOD (advisory
+    // locks) is the only lock method with session locks the worker could hold, and it takes
+    // none itself: what is there was left by owners' code.
+    unsafe {
+        disable_timeout(STATEMENT_TIMEOUT, false);
+        // A timeout that fired after the transaction's last interrupt check must not cancel the
+        // next transaction (or raise outside one, in the main loop).
+        pg_sys::QueryCancelPending = 0;
+        pg_sys::LockReleaseSession(pg_sys::USER_LOCKMETHOD as _);
+    }
+}
+
+/// Runs `f` (fhir_sync's own statements, in a user's session) with the search_path pinned;
+/// the caller's path is back when it returns (or when its transaction aborts).
+pub fn pinned<R>(f: impl FnOnce() -> R) -> R {
+    // SAFETY: the nest level opened here is closed below on the normal path; on an ERROR the
+    // (sub)transaction abort closes every level above its own, as for a function's SET clause.
+    let nest = unsafe { pg_sys::NewGUCNestLevel() };
+    set_guc(c"search_path", PINNED_SEARCH_PATH, true);
+    let r = f();
+    unsafe { pg_sys::AtEOXact_GUC(true, nest) };
+    r
+}
+
+/// Who runs code owned by `owner` (a tracked table's owner) here. In a worker: the owner. In a
+/// user's session: the owner when the caller already has the owner's privileges (a superuser
+/// drops to the owner's rights), else the caller itself — its own rights, so it gains nothing,
+/// and row-level security applies to what it reads. Never the owner for a caller without the
+/// owner's privileges: that would let it read, or run code, with rights it does not have.
+pub fn runner_for(owner: pg_sys::Oid) -> pg_sys::Oid {
+    if in_worker() || owner == pg_sys::InvalidOid {
+        return owner;
+    }
+    // SAFETY: catalog lookups for the current user; has_privs_of_role raises no error.
+    unsafe {
+        let user = pg_sys::GetUserId();
+        if pg_sys::has_privs_of_role(user, owner) {
+            owner
+        } else {
+            user
+        }
+    }
+}
+
+/// Runs `f` — anything that may execute code owned by someone else — as `owner`, sandboxed (see the
+/// module's comment). What `f` returns must live in Rust memory: the subtransaction it ran in
+/// is rolled back. A PostgreSQL error inside comes back as `Err`, with its SQLSTATE.
+pub fn as_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> Result<R, PgError> {
+    let worker = in_worker();
+    let r = crate::subxact::rolled_back(|| {
+        let (mut user, mut sec) = (pg_sys::InvalidOid, 0i32);
+        // SAFETY: Get/SetUserIdAndSecContext only read and write backend-local state; the
+        // previous identity is restored below, and by the subtransaction's abort on ERROR.
+        unsafe {
+            pg_sys::GetUserIdAndSecContext(&mut user, &mut sec);
+            pg_sys::SetUserIdAndSecContext(
+                if owner == pg_sys::InvalidOid {
+                    user
+                } else {
+                    owner
+                },
+                sec | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32
+                    | pg_sys::SECURITY_RESTRICTED_OPERATION as i32,
+            );
+        }
+        // SAFETY: closed below with isCommit = false, which undoes every setting made inside,
+        // session-level ones included; the subtransaction's abort does the same on ERROR.
+        let nest = unsafe { pg_sys::NewGUCNestLevel() };
+        set_guc(c"search_path", PINNED_SEARCH_PATH, true);
+        if worker {
+            arm_statement_timeout();
+            let ms = crate::gucs::statement_timeout_ms() as i64;
+            if ms > 0 {
+                OVERRAN.store(owner.to_u32(), Ordering::Release);
+                OWNER_DEADLINE.store(crate::shmem::now_ms() + ms + OVERRUN_MS, Ordering::Release);
+            }
+        }
+        let out = f();
+        unsafe {
+            pg_sys::AtEOXact_GUC(false, nest);
+            pg_sys::SetUserIdAndSecContext(user, sec);
+        }
+        out
+    });
+    if worker {
+        // Ended, normally or by an ERROR: the watchdog stands down.
+        OWNER_DEADLINE.store(0, Ordering::Release);
+        OVERRAN.store(0, Ordering::Release);
+        // The worker's own statements that follow get a fresh budget.
+        arm_statement_timeout();
+    }
+    r
+}
