@@ -206,12 +206,12 @@ BEGIN
             INSERT INTO %I.fhir_outbox (table_name, record_id, operation, resource_type, resource_table,
                                         resource_key, identifier_system, identifier_value)
             SELECT $1, k.record_id, 'U', $2, $3, k.resource_key, k.identifier_system, k.identifier_value
-              FROM %I.fhir_backfill_keys($3) k$q$, ext_schema, ext_schema)
+              FROM %I.fhir_backfill_keys($3::pg_catalog.oid) k$q$, ext_schema, ext_schema)
         USING "table"::text, t.resource_type, "table";
     ELSE
         EXECUTE format($q$
             INSERT INTO %I.fhir_outbox (table_name, record_id, operation, resource_type, resource_table, resource_key)
-            SELECT $1, k.record_id, 'U', $2, $3, k.resource_key FROM %I.fhir_backfill_keys($4) k$q$,
+            SELECT $1, k.record_id, 'U', $2, $3, k.resource_key FROM %I.fhir_backfill_keys($4::pg_catalog.oid) k$q$,
             ext_schema, ext_schema)
         USING "table"::text, t.resource_type, t.parent_table, "table";
     END IF;

@@ -65,3 +65,84 @@ fn serve(pool: &'static Pool) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    fn wait_for(what: impl Fn() -> bool) {
+        let t0 = Instant::now();
+        while !what() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "pool jobs did not finish"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn idle() -> usize {
+        pool().queue.lock().unwrap().idle
+    }
+
+    #[test]
+    fn every_job_runs_once_and_threads_are_reused() {
+        let done = Arc::new(AtomicUsize::new(0));
+        let threads = Arc::new(Mutex::new(std::collections::HashSet::new()));
+        for round in 0..20 {
+            for _ in 0..4 {
+                let (done, threads) = (done.clone(), threads.clone());
+                run(move || {
+                    threads.lock().unwrap().insert(std::thread::current().id());
+                    done.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+            wait_for(|| done.load(Ordering::SeqCst) == (round + 1) * 4);
+            // Give the threads a moment to go back to waiting. (Other tests share the pool: one
+            // of theirs may hold a thread a while, e.g. printing a panic's backtrace.)
+            let t0 = Instant::now();
+            while idle() < 4 && t0.elapsed() < Duration::from_secs(2) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        // 80 jobs, never more than 4 at once: a thread per job would have made 80.
+        let used = threads.lock().unwrap().len();
+        assert!(used <= 16, "{used} threads ran 80 jobs");
+    }
+
+    #[test]
+    fn a_stuck_job_does_not_hold_up_the_next() {
+        let release = Arc::new((Mutex::new(false), Condvar::new()));
+        let r = release.clone();
+        run(move || {
+            let (m, c) = &*r;
+            let mut go = m.lock().unwrap();
+            while !*go {
+                go = c.wait(go).unwrap();
+            }
+        });
+        let done = Arc::new(AtomicUsize::new(0));
+        let d = done.clone();
+        run(move || {
+            d.fetch_add(1, Ordering::SeqCst);
+        });
+        wait_for(|| done.load(Ordering::SeqCst) == 1);
+        let (m, c) = &*release;
+        *m.lock().unwrap() = true;
+        c.notify_all();
+    }
+
+    #[test]
+    fn a_panicking_job_leaves_the_pool_working() {
+        run(|| panic!("job failed"));
+        let done = Arc::new(AtomicUsize::new(0));
+        let d = done.clone();
+        run(move || {
+            d.fetch_add(1, Ordering::SeqCst);
+        });
+        wait_for(|| done.load(Ordering::SeqCst) == 1);
+    }
+}
