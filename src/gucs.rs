@@ -144,7 +144,7 @@ pub fn init() {
     GucRegistry::define_string_guc(
         c"fhir_sync.database",
         c"Comma-separated databases whose outbox the workers deliver.",
-        c"",
+        c"The launcher starts fhir_sync.workers workers for each listed database that exists; a reload starts or stops them.",
         &DATABASE,
         Sighup,
         GucFlags::default(),
@@ -198,7 +198,7 @@ pub fn init() {
     GucRegistry::define_int_guc(
         c"fhir_sync.batch_size",
         c"Resources a worker claims at a time.",
-        c"",
+        c"At least bundle_size times max_in_flight. All pending changes of a claimed resource go out as one request.",
         &BATCH_SIZE,
         1,
         100_000,
@@ -218,7 +218,7 @@ pub fn init() {
     GucRegistry::define_int_guc(
         c"fhir_sync.http_timeout",
         c"Bound on one HTTP request.",
-        c"",
+        c"Connection, request and response together. A request that times out is retried with backoff.",
         &HTTP_TIMEOUT,
         100,
         600_000,
@@ -228,7 +228,7 @@ pub fn init() {
     GucRegistry::define_int_guc(
         c"fhir_sync.poll_interval",
         c"Fallback poll of the outbox when no commit wakes the worker.",
-        c"",
+        c"Commits wake the workers at once; the poll finds retries coming due and changes no commit announced (COMMIT PREPARED).",
         &POLL_INTERVAL,
         10,
         3_600_000,
@@ -278,7 +278,7 @@ pub fn init() {
     GucRegistry::define_enum_guc(
         c"fhir_sync.bundle_type",
         c"Bundle type: batch or transaction.",
-        c"",
+        c"batch: each entry settles on its own. transaction: all or nothing; a failed transaction is re-sent entry by entry.",
         &BUNDLE_TYPE,
         Sighup,
         GucFlags::default(),
@@ -294,7 +294,7 @@ pub fn init() {
     GucRegistry::define_int_guc(
         c"fhir_sync.dependency_timeout",
         c"How long a resource waits for the Patient or Encounter it references.",
-        c"",
+        c"After this an Encounter or Observation whose Patient never reached the server is dead-lettered (class dependency).",
         &DEPENDENCY_TIMEOUT,
         1,
         30 * 86_400,
@@ -304,7 +304,7 @@ pub fn init() {
     GucRegistry::define_bool_guc(
         c"fhir_sync.capture_payload",
         c"Copy each changed row into fhir_outbox.payload_json.",
-        c"",
+        c"Off by default: the worker reads rows as they stand at send time, and a second copy of patient data is a liability.",
         &CAPTURE_PAYLOAD,
         GucContext::Suset,
         GucFlags::default(),
@@ -312,80 +312,91 @@ pub fn init() {
     GucRegistry::define_enum_guc(
         c"fhir_sync.auth",
         c"Authentication to the FHIR server: none, bearer, basic or oauth2.",
-        c"",
+        c"bearer: auth_token(_file); basic: auth_username and auth_password(_file); oauth2: the client-credentials grant (oauth_*).",
         &AUTH,
         Sighup,
         GucFlags::default(),
     );
-    for (name, short, setting, flags) in [
+    for (name, short, long, setting, flags) in [
         (
             c"fhir_sync.auth_token",
             c"Bearer token (secret).",
+            c"Secret. Prefer auth_token_file: PostgreSQL logs a reloaded setting's new value.",
             &AUTH_TOKEN,
             secret,
         ),
         (
             c"fhir_sync.auth_username",
             c"Basic auth user name.",
+            c"Sent with auth_password as HTTP Basic when fhir_sync.auth = basic.",
             &AUTH_USERNAME,
             GucFlags::default(),
         ),
         (
             c"fhir_sync.auth_password",
             c"Basic auth password (secret).",
+            c"Secret. Prefer auth_password_file: PostgreSQL logs a reloaded setting's new value.",
             &AUTH_PASSWORD,
             secret,
         ),
         (
             c"fhir_sync.oauth_token_url",
             c"OAuth2 token endpoint.",
+            c"The client-credentials grant is POSTed here; https unless allow_http_credentials is on.",
             &OAUTH_TOKEN_URL,
             GucFlags::default(),
         ),
         (
             c"fhir_sync.oauth_client_id",
             c"OAuth2 client id.",
+            c"Sent with the client secret as HTTP Basic to the token endpoint.",
             &OAUTH_CLIENT_ID,
             GucFlags::default(),
         ),
         (
             c"fhir_sync.oauth_client_secret",
             c"OAuth2 client secret (secret).",
+            c"Secret. Prefer oauth_client_secret_file: PostgreSQL logs a reloaded setting's new value.",
             &OAUTH_CLIENT_SECRET,
             secret,
         ),
         (
             c"fhir_sync.auth_token_file",
             c"File holding the bearer token (preferred to auth_token, which a reload logs).",
+            c"The first line of a file private to the PostgreSQL OS user (mode 0600); read at start and at every reload.",
             &AUTH_TOKEN_FILE,
             GucFlags::SUPERUSER_ONLY,
         ),
         (
             c"fhir_sync.auth_password_file",
             c"File holding the basic auth password (preferred to auth_password).",
+            c"The first line of a file private to the PostgreSQL OS user (mode 0600); read at start and at every reload.",
             &AUTH_PASSWORD_FILE,
             GucFlags::SUPERUSER_ONLY,
         ),
         (
             c"fhir_sync.oauth_client_secret_file",
             c"File holding the OAuth2 client secret (preferred to oauth_client_secret).",
+            c"The first line of a file private to the PostgreSQL OS user (mode 0600); read at start and at every reload.",
             &OAUTH_CLIENT_SECRET_FILE,
             GucFlags::SUPERUSER_ONLY,
         ),
         (
             c"fhir_sync.oauth_scope",
             c"OAuth2 scope.",
+            c"Sent as the scope of the client-credentials grant, e.g. system/*.write.",
             &OAUTH_SCOPE,
             GucFlags::default(),
         ),
         (
             c"fhir_sync.ca_file",
             c"PEM file of trusted CA certificates.",
+            c"Instead of the built-in web roots. A certificate the worker does not trust pauses delivery (server unreachable).",
             &CA_FILE,
             GucFlags::default(),
         ),
     ] {
-        GucRegistry::define_string_guc(name, short, c"", setting, Sighup, flags);
+        GucRegistry::define_string_guc(name, short, long, setting, Sighup, flags);
     }
 }
 

@@ -424,3 +424,22 @@ fn pinned_statements_ignore_the_callers_search_path() {
     );
     Spi::run("RESET search_path").unwrap();
 }
+
+/// pg_settings tells a DBA what each setting does, and enum settings read as they are written.
+#[pg_test]
+fn every_setting_is_described_and_enums_show_their_sql_names() {
+    let undescribed = count(
+        "SELECT count(*) FROM pg_settings WHERE name LIKE 'fhir\\_sync.%'
+            AND (coalesce(short_desc, '') = '' OR coalesce(extra_desc, '') = '')",
+    );
+    assert_eq!(undescribed, 0);
+    assert!(count("SELECT count(*) FROM pg_settings WHERE name LIKE 'fhir\\_sync.%'") >= 25);
+    assert_eq!(
+        Spi::get_one::<String>("SHOW fhir_sync.auth").unwrap().as_deref(),
+        Some("none")
+    );
+    assert_eq!(
+        Spi::get_one::<String>("SHOW fhir_sync.bundle_type").unwrap().as_deref(),
+        Some("batch")
+    );
+}
