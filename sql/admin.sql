@@ -102,7 +102,7 @@ END
 $fn$;
 
 -- What the delivery workers need when they connect as `worker` (fhir_sync.username): their own
--- tables and the claim lock. Nothing on the tracked tables or mapping functions: the workers
+-- tables. Nothing on the tracked tables or mapping functions: the workers
 -- read those as the tables' owners (sandbox.rs). Run it again after ALTER EXTENSION … UPDATE.
 CREATE FUNCTION fhir_sync_grant_worker(worker regrole) RETURNS void
 LANGUAGE plpgsql
@@ -113,8 +113,6 @@ BEGIN
     EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON @extschema@.fhir_outbox, @extschema@.fhir_dlq, '
                    '@extschema@.fhir_sync_state TO %s', worker);
     EXECUTE format('GRANT SELECT ON @extschema@.fhir_tracked TO %s', worker);
-    -- LOCK TABLE … IN SHARE UPDATE EXCLUSIVE MODE needs UPDATE.
-    EXECUTE format('GRANT UPDATE ON @extschema@.fhir_claim_lock TO %s', worker);
     -- The claim reads how far outbox ids have been handed out.
     EXECUTE format('GRANT SELECT ON SEQUENCE %s TO %s',
                    pg_get_serial_sequence('@extschema@.fhir_outbox', 'id'), worker);

@@ -5,11 +5,8 @@
 -- A superuser may accept a mapping function owner other than the table's (fhir_track).
 ALTER TABLE @extschema@.fhir_tracked ADD COLUMN map_function_owner regrole;
 
--- The claim lock no ordinary role can take (it replaces an advisory lock key).
-CREATE TABLE @extschema@.fhir_claim_lock ();
-
--- fhir_track checks who tracks and which mapping function; it gained an argument.
-DROP FUNCTION @extschema@.fhir_track(regclass, text, regprocedure, name, text, text);
+-- fhir_track checks who tracks and which mapping function; it gained an argument. The new one is
+-- created first, given the grants the old one had, and the old one dropped.
 CREATE FUNCTION fhir_track(
     "table"           regclass,
     resource_type     text,
@@ -160,6 +157,21 @@ BEGIN
 END
 $fn$;
 
+DO $carry$
+DECLARE
+    g record;
+BEGIN
+    FOR g IN SELECT r.rolname FROM pg_catalog.pg_proc p, pg_catalog.aclexplode(p.proacl) a, pg_catalog.pg_roles r
+              WHERE p.oid OPERATOR(pg_catalog.=) '@extschema@.fhir_track(regclass, text, regprocedure, name, text, text)'::pg_catalog.regprocedure
+                AND a.privilege_type OPERATOR(pg_catalog.=) 'EXECUTE' AND r.oid OPERATOR(pg_catalog.=) a.grantee
+                AND a.grantee OPERATOR(pg_catalog.<>) p.proowner
+    LOOP
+        EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION @extschema@.fhir_track(regclass, text, regprocedure, name, text, text, boolean) TO %I', g.rolname);
+    END LOOP;
+END
+$carry$;
+DROP FUNCTION @extschema@.fhir_track(regclass, text, regprocedure, name, text, text);
+
 -- fhir_backfill reads keys through fhir_backfill_keys (as the table's owner, sandboxed).
 CREATE FUNCTION @extschema@."fhir_backfill_keys"(
 	"table" oid
@@ -242,8 +254,6 @@ BEGIN
     EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON @extschema@.fhir_outbox, @extschema@.fhir_dlq, '
                    '@extschema@.fhir_sync_state TO %s', worker);
     EXECUTE format('GRANT SELECT ON @extschema@.fhir_tracked TO %s', worker);
-    -- LOCK TABLE … IN SHARE UPDATE EXCLUSIVE MODE needs UPDATE.
-    EXECUTE format('GRANT UPDATE ON @extschema@.fhir_claim_lock TO %s', worker);
     -- The claim reads how far outbox ids have been handed out.
     EXECUTE format('GRANT SELECT ON SEQUENCE %s TO %s',
                    pg_get_serial_sequence('@extschema@.fhir_outbox', 'id'), worker);
@@ -251,7 +261,6 @@ END
 $fn$;
 
 -- PUBLIC gets nothing that changes state, exposes the workers or wakes them.
-REVOKE ALL ON @extschema@.fhir_claim_lock FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION
     @extschema@.fhir_track(regclass, text, regprocedure, name, text, text, boolean),
     @extschema@.fhir_backfill_keys(oid),
@@ -262,6 +271,21 @@ REVOKE EXECUTE ON FUNCTION
     @extschema@.fhir_sync_call_errors(),
     @extschema@.fhir_sync_grant_worker(regrole)
 FROM PUBLIC;
+
+-- fhir_backfill now reads keys through fhir_backfill_keys: who may run the one may run the other.
+DO $carry$
+DECLARE
+    g record;
+BEGIN
+    FOR g IN SELECT r.rolname FROM pg_catalog.pg_proc p, pg_catalog.aclexplode(p.proacl) a, pg_catalog.pg_roles r
+              WHERE p.oid OPERATOR(pg_catalog.=) '@extschema@.fhir_backfill(regclass)'::pg_catalog.regprocedure
+                AND a.privilege_type OPERATOR(pg_catalog.=) 'EXECUTE' AND r.oid OPERATOR(pg_catalog.=) a.grantee
+                AND a.grantee OPERATOR(pg_catalog.<>) p.proowner
+    LOOP
+        EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION @extschema@.fhir_backfill_keys(oid) TO %I', g.rolname);
+    END LOOP;
+END
+$carry$;
 
 -- The worker role named by fhir_sync.username gets what it needs at once (also after a DROP
 -- and CREATE EXTENSION); another role can be given it later with fhir_sync_grant_worker.

@@ -2,7 +2,7 @@
 -- granted to PUBLIC; functions are, by default, so revoke them here: everything that changes
 -- state, exposes worker pids, state or counters, or wakes the workers. The mappers stay public:
 -- they only turn a row the caller can already read into JSON.
-REVOKE ALL ON fhir_tracked, fhir_outbox, fhir_dlq, fhir_sync_state, fhir_claim_lock FROM PUBLIC;
+REVOKE ALL ON fhir_tracked, fhir_outbox, fhir_dlq, fhir_sync_state FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION
     fhir_track(regclass, text, regprocedure, name, text, text, boolean),
     fhir_untrack(regclass, boolean),

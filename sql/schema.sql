@@ -116,11 +116,6 @@ CREATE TABLE fhir_sync_state (
     PRIMARY KEY (resource_table, resource_key)
 );
 
--- The claim lock: workers serialise their claims by locking this table (SHARE UPDATE EXCLUSIVE). No role but
--- the workers' is ever granted anything on it, so no ordinary role can take that lock and stall
--- delivery (as it could an advisory lock key: pg_advisory_lock is open to everyone).
-CREATE TABLE fhir_claim_lock ();
-
 -- Tracking configuration and sync state survive pg_dump; the queues are transient by nature.
 SELECT pg_catalog.pg_extension_config_dump('fhir_tracked', '');
 SELECT pg_catalog.pg_extension_config_dump('fhir_sync_state', '');

@@ -31,11 +31,26 @@ thread_local! {
     /// Set once in a delivery worker process: timeouts are the worker's to arm; in a user's
     /// session the user's own statement_timeout governs.
     static IN_WORKER: Cell<bool> = const { Cell::new(false) };
+    /// How many `as_owner` calls are running (owners' code may call fhir_sync's SQL functions,
+    /// which read through `as_owner` again): a nested call is the owner's, not the worker's.
+    static DEPTH: Cell<u32> = const { Cell::new(0) };
+}
+
+/// Milliseconds on a monotonic clock, from the first call in this process (a wall-clock jump
+/// must not fire the watchdog); never 0, which means "disarmed".
+fn mono_ms() -> i64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as i64
+        + 1
 }
 
 /// Marks this process as a delivery worker, and starts the watchdog.
 pub fn enter_worker() {
     IN_WORKER.with(|w| w.set(true));
+    mono_ms();
     // SAFETY: registered once, in the worker's main thread; the callback only logs.
     unsafe { pg_sys::on_proc_exit(Some(explain_exit), pg_sys::Datum::from(0)) };
     crate::threads::block_signals_around(|| {
@@ -43,8 +58,8 @@ pub fn enter_worker() {
     });
 }
 
-/// When the owners' code running now must have ended (ms since the epoch, statement timeout
-/// plus OVERRUN); 0 while none runs.
+/// When the owners' code running now must have ended (mono_ms, statement timeout plus
+/// OVERRUN); 0 while none runs.
 static OWNER_DEADLINE: AtomicI64 = AtomicI64::new(0);
 /// The role whose code the watchdog stopped (0: none).
 static OVERRAN: AtomicU32 = AtomicU32::new(0);
@@ -60,15 +75,20 @@ fn watchdog() {
     loop {
         std::thread::sleep(std::time::Duration::from_millis(100));
         let deadline = OWNER_DEADLINE.load(Ordering::Acquire);
-        if deadline != 0 && crate::shmem::now_ms() > deadline {
-            OWNER_DEADLINE.store(0, Ordering::Release);
-            // SAFETY: the same writes a signal handler (die()) makes: flags of type
-            // sig_atomic_t that the main thread reads at its next interrupt check, and the
-            // process latch, which SetLatch may set from any context.
+        if deadline != 0
+            && mono_ms() > deadline
+            && OWNER_DEADLINE
+                .compare_exchange(deadline, 0, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            // SAFETY: the writes die() makes from a signal handler: sig_atomic_t flags the main
+            // thread reads at its next interrupt check. No PostgreSQL function is called from this
+            // thread (pgrx refuses that): SIGUSR1 makes the main thread's own handler set the
+            // process latch, so a wait (pg_sleep, a lock) ends and the interrupt is seen.
             unsafe {
                 pg_sys::ProcDiePending = 1;
                 pg_sys::InterruptPending = 1;
-                pg_sys::SetLatch(pg_sys::MyLatch);
+                libc::kill(libc::getpid(), libc::SIGUSR1);
             }
         }
     }
@@ -192,7 +212,9 @@ pub fn pinned<R>(f: impl FnOnce() -> R) -> R {
 /// and row-level security applies to what it reads. Never the owner for a caller without the
 /// owner's privileges: that would let it read, or run code, with rights it does not have.
 pub fn runner_for(owner: pg_sys::Oid) -> pg_sys::Oid {
-    if in_worker() || owner == pg_sys::InvalidOid {
+    // Inside owners' code (DEPTH > 0) the caller is that owner, in the worker as anywhere: it
+    // gets the user-session rule, never another owner's rights.
+    if owner == pg_sys::InvalidOid || (in_worker() && DEPTH.with(|d| d.get()) == 0) {
         return owner;
     }
     // SAFETY: catalog lookups for the current user; has_privs_of_role raises no error.
@@ -210,7 +232,10 @@ pub fn runner_for(owner: pg_sys::Oid) -> pg_sys::Oid {
 /// module's comment). What `f` returns must live in Rust memory: the subtransaction it ran in
 /// is rolled back. A PostgreSQL error inside comes back as `Err`, with its SQLSTATE.
 pub fn as_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> Result<R, PgError> {
-    let worker = in_worker();
+    // The worker's own call (not one made by owners' code through fhir_sync's SQL functions)
+    // arms the timeout and the watchdog; a nested call never extends them.
+    let outer = in_worker() && DEPTH.with(|d| d.get()) == 0;
+    DEPTH.with(|d| d.set(d.get() + 1));
     let r = crate::subxact::rolled_back(|| {
         let (mut user, mut sec) = (pg_sys::InvalidOid, 0i32);
         // SAFETY: Get/SetUserIdAndSecContext only read and write backend-local state; the
@@ -231,12 +256,12 @@ pub fn as_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> Result<R, PgErr
         // session-level ones included; the subtransaction's abort does the same on ERROR.
         let nest = unsafe { pg_sys::NewGUCNestLevel() };
         set_guc(c"search_path", PINNED_SEARCH_PATH, true);
-        if worker {
+        if outer {
             arm_statement_timeout();
             let ms = crate::gucs::statement_timeout_ms() as i64;
             if ms > 0 {
                 OVERRAN.store(owner.to_u32(), Ordering::Release);
-                OWNER_DEADLINE.store(crate::shmem::now_ms() + ms + OVERRUN_MS, Ordering::Release);
+                OWNER_DEADLINE.store(mono_ms() + ms + OVERRUN_MS, Ordering::Release);
             }
         }
         let out = f();
@@ -246,7 +271,8 @@ pub fn as_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> Result<R, PgErr
         }
         out
     });
-    if worker {
+    DEPTH.with(|d| d.set(d.get() - 1));
+    if outer {
         // Ended, normally or by an ERROR: the watchdog stands down.
         OWNER_DEADLINE.store(0, Ordering::Release);
         OVERRAN.store(0, Ordering::Release);

@@ -258,9 +258,10 @@ fn isolated<V>(
     }
     // One row that times out costs a statement_timeout; the rest of the batch waits for the next
     // cycle rather than risk as many timeouts as rows (a batch must settle well within its lease).
+    let (started, budget) = (std::time::Instant::now(), batch_budget());
     let mut timed_out = false;
     for key in keys {
-        if timed_out {
+        if timed_out || started.elapsed() > budget {
             errors.insert(key.clone(), deferred());
             continue;
         }
@@ -277,9 +278,16 @@ fn isolated<V>(
 
 fn deferred() -> FhirSyncError {
     FhirSyncError::Deferred(
-        "not read: another row of its batch took longer than fhir_sync.statement_timeout; retried"
-            .into(),
+        "not read: its batch's rows took longer than fhir_sync.statement_timeout; retried".into(),
     )
+}
+
+/// How long reading one table's batch row by row may take before the rest waits for the next
+/// cycle: one statement timeout (a second when there is none), well inside the lease.
+fn batch_budget() -> std::time::Duration {
+    let ms = crate::gucs::statement_timeout_ms().max(0) as u64;
+    let lease = crate::gucs::lease_time_ms().max(0) as u64 / 4;
+    std::time::Duration::from_millis(if ms == 0 { 1_000 } else { ms.min(lease.max(1)) })
 }
 
 fn unreadable(track: &Track, key: &str, e: FhirSyncError) -> FhirSyncError {
@@ -493,6 +501,20 @@ pub fn run_map_function(
     keys: &[String],
 ) -> HashMap<String, Result<serde_json::Value, FhirSyncError>> {
     let mut out = HashMap::new();
+    if crate::sandbox::runner_for(track.owner) != track.owner {
+        // A caller without the owner's privileges would run the owner's function with its own
+        // rights (its server-file or -program roles, dblink, setval survive the rollback).
+        for key in keys {
+            out.insert(
+                key.clone(),
+                Err(FhirSyncError::MapFunction(format!(
+                    "{} maps through its owner's function, which only a role with the owner's privileges may run through fhir_sync",
+                    track.name
+                ))),
+            );
+        }
+        return out;
+    }
     let rettype = match check_map_function(track, function) {
         Ok(t) => t,
         Err(e) => {
@@ -509,9 +531,10 @@ pub fn run_map_function(
         ty = track.key_type,
     ))
     .expect("quoted names hold no NUL");
+    let (started, budget) = (std::time::Instant::now(), batch_budget());
     let mut timed_out = false;
     for key in keys {
-        if timed_out {
+        if timed_out || started.elapsed() > budget {
             out.insert(key.clone(), Err(deferred()));
             continue;
         }

@@ -22,15 +22,16 @@ pub fn install() {
     }
 }
 
-unsafe fn before(stmt: *mut pg_sys::Node) {
+unsafe fn before(stmt: *mut pg_sys::Node, context: pg_sys::ProcessUtilityContext::Type) {
     unsafe {
         if stmt.is_null() {
             return;
         }
         let (name, rename) = database_named_by(stmt);
-        // DROP DATABASE refuses to run inside a transaction block: it would fail after the
-        // workers had left.
-        if rename || !pg_sys::IsTransactionBlock() {
+        // DROP DATABASE refuses to run inside a transaction block or a function: it would fail
+        // after the workers had left.
+        let top_level = context == pg_sys::ProcessUtilityContext::PROCESS_UTILITY_TOPLEVEL;
+        if rename || (top_level && !pg_sys::IsTransactionBlock()) {
             release_database(name, rename);
         }
         if (*stmt).type_ == pg_sys::NodeTag::T_TransactionStmt
@@ -158,7 +159,7 @@ unsafe extern "C-unwind" fn utility_hook(
     qc: *mut pg_sys::QueryCompletion,
 ) {
     unsafe {
-        before((*pstmt).utilityStmt);
+        before((*pstmt).utilityStmt, context);
         match PREV_UTILITY {
             // A hook further down the chain is C: guard its ERRORs like any call into PostgreSQL.
             Some(prev) => pg_sys::ffi::pg_guard_ffi_boundary(|| {
@@ -190,7 +191,7 @@ unsafe extern "C-unwind" fn utility_hook(
     qc: *mut pg_sys::QueryCompletion,
 ) {
     unsafe {
-        before((*pstmt).utilityStmt);
+        before((*pstmt).utilityStmt, context);
         match PREV_UTILITY {
             Some(prev) => pg_sys::ffi::pg_guard_ffi_boundary(|| {
                 prev(pstmt, query, context, params, env, dest, qc)

@@ -1,10 +1,10 @@
 //! Claim: lease a batch of pending changes, whole resources at a time, in one short
 //! transaction.
 //!
-//! Claims are serialised per database by a lock on `fhir_claim_lock`, a table of the
-//! extension's that no role is granted (the worker's role gets UPDATE on it, which LOCK needs),
-//! so two workers can never lease the same resource — and no ordinary role can take that lock
-//! and stall delivery, as it could an advisory lock key (pg_advisory_lock is open to all): a resource is claimable only when none of its pending
+//! Claims are serialised per database by a lock no SQL statement can name ([`lock_claims`]), so
+//! two workers can never lease the same resource — and no ordinary role can take that lock and
+//! stall delivery, as it could an advisory lock key (pg_advisory_lock is open to all) or a lock
+//! on a table (several statements lock a table they name before checking the privilege): a resource is claimable only when none of its pending
 //! changes is leased by another live worker or waiting for a retry. All its pending changes are
 //! leased together and settled by one request (the resource as it stands now).
 //!
@@ -191,6 +191,36 @@ fn lease_sql(schema: &str) -> String {
     )
 }
 
+/// Takes this database's claim lock until the end of the transaction. An advisory-type lock tag
+/// with a fourth field of 3: SQL's advisory functions build only 1 (one bigint key) and 2 (two
+/// integers), and no other statement builds advisory tags, so no role can hold it; it still shows
+/// in pg_locks (advisory, objsubid 3), waits under lock_timeout and joins deadlock detection.
+fn lock_claims() {
+    let tag = pg_sys::LOCKTAG {
+        // SAFETY: MyDatabaseId is set once the worker is connected, which it is here.
+        locktag_field1: unsafe { pg_sys::MyDatabaseId }.to_u32(),
+        locktag_field2: 0x6668_6972, // "fhir"
+        locktag_field3: 0x5f73_796e, // "_syn"
+        locktag_field4: CLAIM_LOCK_FIELD4,
+        locktag_type: pg_sys::LockTagType::LOCKTAG_ADVISORY as u8,
+        locktag_lockmethodid: pg_sys::USER_LOCKMETHOD as u8,
+    };
+    // SAFETY: a transaction-level lock (sessionLock = false) on a tag built above; it is released
+    // with the transaction, committed or aborted; waiting is interruptible and bounded by
+    // lock_timeout.
+    unsafe {
+        pg_sys::LockAcquire(
+            &tag,
+            pg_sys::ExclusiveLock as pg_sys::LOCKMODE,
+            false,
+            false,
+        );
+    }
+}
+
+/// The fourth field of the claim lock's tag: one no SQL function uses.
+pub const CLAIM_LOCK_FIELD4: u16 = 3;
+
 /// Resources this worker has in flight: a claim made while they are out must pass them over.
 /// (The busy check cannot see them: this worker's own leases count as free, so that a cycle
 /// that failed after its claim can take its resources up again at once.)
@@ -213,16 +243,7 @@ pub fn claim_with(
     let from = floor.start(now, crate::gucs::poll_interval());
     let sequence = crate::outbox_write::sequence(schema)?;
     Spi::connect_mut(|client| {
-        // SHARE UPDATE EXCLUSIVE conflicts with itself, and not with the three modes any role
-        // can hold without a privilege check, for as long as it keeps a transaction open:
-        // ACCESS SHARE, ROW SHARE and ROW EXCLUSIVE, which parse analysis takes for a statement
-        // naming the table (`PREPARE p AS DELETE FROM fhir_claim_lock` never reaches the check).
-        // The stronger modes need ownership, checked before the lock is taken.
-        client.update(
-            format!("LOCK TABLE {schema}.fhir_claim_lock IN SHARE UPDATE EXCLUSIVE MODE").as_str(),
-            None,
-            &[],
-        )?;
+        lock_claims();
         client.update(PLAN_GUARDS, None, &[])?;
         if let Some(plans) = explain.as_mut() {
             let sql = format!("EXPLAIN (ANALYZE, BUFFERS) {}", candidates_sql(schema));

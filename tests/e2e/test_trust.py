@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gzip
 import threading
+import time
 
 
 import psycopg
@@ -222,13 +223,16 @@ def test_a_mapping_function_swapped_after_tracking_is_refused_not_run(make_clust
     owner.execute("INSERT INTO note VALUES (2, 're-owned')")
     app.wait_drained()
     assert "owned by a role other than the table's owner" in app.one("SELECT error FROM fhir_dlq WHERE record_id = '2'")
-    # Dropped and created again under the same name, with code that escalates: never called (by OID).
+    # Dropped and created again under the same name, with code that escalates and leaves a mark no
+    # rollback undoes (setval): never called (by OID).
     app.sql("DROP FUNCTION note_fhir(note)")
+    owner.execute("CREATE SEQUENCE ran")
     owner.execute(f"""CREATE FUNCTION note_fhir(n note) RETURNS jsonb LANGUAGE plpgsql AS $$ BEGIN
-        EXECUTE 'ALTER ROLE appowner SUPERUSER'; RETURN {NOTE_JSON}; END $$""")
+        PERFORM setval('ran', 42); EXECUTE 'ALTER ROLE appowner SUPERUSER'; RETURN {NOTE_JSON}; END $$""")
     owner.execute("INSERT INTO note VALUES (3, 'swapped')")
     app.wait_drained()
     assert "no longer exists" in app.one("SELECT error FROM fhir_dlq WHERE record_id = '3'")
+    assert app.one("SELECT last_value FROM ran") == 1, "the function swapped in under the same name ran"
     assert rolsuper(app, "appowner") is False
     assert basic_texts(faults) == {"tracked"}
     # Tracking again (the DBA looks at the new function) and requeueing delivers; the new function runs as
@@ -268,21 +272,31 @@ def test_fhir_track_checks_who_tracks_and_which_function(make_cluster, faults):
 
 
 # ------------------------------------------------------------------------------- no role can stall delivery
-def test_advisory_locks_and_the_claim_lock_are_no_lever_for_an_ordinary_role(make_cluster, faults):
+def test_no_lock_an_ordinary_role_can_take_stalls_the_claims(make_cluster, faults):
+    """The claims are serialised by a lock no SQL statement can name. An ordinary role holds every advisory lock
+    that looks like it (the 0.1.0 key, the same two halves as an int4 pair, small keys), and keeps
+    transactions open holding what it can on fhir_sync's tables without a privilege check (PREPARE of
+    statements that name them): changes still flow."""
     app = make_app(make_cluster, faults.base_url)
     app.sql("CREATE ROLE clerk LOGIN")
+    app.sql("GRANT USAGE ON SCHEMA public TO clerk")
     clerk = connect_as(app.cluster, "clerk")
     clerk.execute("SELECT pg_advisory_lock(%s)", (OLD_CLAIM_LOCK_KEY,))
+    clerk.execute("SELECT pg_advisory_lock(%s, %s)", (0x6668_6972, 0x5F73_796E))
     for k in range(16):
         clerk.execute("SELECT pg_advisory_lock(%s)", (k,))
-    for mode in ("ACCESS EXCLUSIVE", "EXCLUSIVE", "SHARE"):
-        with pytest.raises(psycopg.Error) as e, clerk.transaction():
-            clerk.execute(f"LOCK TABLE fhir_claim_lock IN {mode} MODE")
-        assert e.value.sqlstate == "42501", (mode, str(e.value))
-    for i in range(5):
-        app.add_patient(f"unlocked-{i}")
-    app.wait_drained(timeout=15)
-    assert all(faults.store.find("Patient", f"{MRN}|unlocked-{i}") for i in range(5))
+    holder = psycopg.connect(host="127.0.0.1", port=app.cluster.port, user="clerk", dbname=DB)
+    try:
+        for i, table in enumerate(("fhir_outbox", "fhir_dlq", "fhir_sync_state", "fhir_tracked")):
+            holder.execute(f"PREPARE p{i} AS DELETE FROM {table}")      # ROW EXCLUSIVE, held, unchecked
+        for i in range(5):
+            app.add_patient(f"unlocked-{i}")
+        app.wait_drained(timeout=15)
+        assert all(faults.store.find("Patient", f"{MRN}|unlocked-{i}") for i in range(5))
+    finally:
+        holder.rollback()
+        holder.close()
+    assert app.one("SELECT count(*) FROM fhir_dlq") == 0
 
 
 def test_a_drop_database_the_role_may_not_run_does_not_touch_delivery(make_cluster, faults):
@@ -376,36 +390,61 @@ def test_a_row_that_cannot_be_read_is_dead_lettered_alone_and_the_log_keeps_its_
     assert "r-bad" not in log and "r-slow" not in log
 
 
-def test_owners_code_that_catches_its_timeout_cannot_hold_the_worker(make_cluster, faults):
-    """A cast that catches query_canceled and goes on: past statement_timeout plus a grace period the worker
-    gets an interrupt no code can catch, exits and is restarted, and the log says whose code it was. Once the
-    data is fixed, the change is delivered."""
+@pytest.mark.parametrize("then", ["", "BEGIN PERFORM public.fhir_patient_json(n); EXCEPTION WHEN OTHERS THEN NULL; END;"],
+                         ids=["sleeps", "calls_fhir_sync_back"])
+def test_owners_code_that_catches_its_timeout_cannot_hold_the_worker(make_cluster, faults, then):
+    """A mapping function that catches query_canceled and sleeps again for an hour (or calls back into
+    fhir_sync, which must not extend its time): past statement_timeout plus a grace period the worker gets an
+    interrupt no code can catch - its sleep is woken - exits and is restarted, and the log says whose code it
+    was. Once the data is fixed, the change is delivered."""
     app = make_app(make_cluster, faults.base_url, conf={"fhir_sync.statement_timeout": "500ms"})
     owner = make_owner(app)
-    owner.execute("CREATE TYPE mood AS ENUM ('ok', 'stubborn')")
-    owner.execute("""CREATE FUNCTION mood_json(m mood) RETURNS json LANGUAGE plpgsql AS $$
-        BEGIN
-            WHILE m = 'stubborn' LOOP
-                BEGIN
-                    PERFORM pg_sleep(10);
-                EXCEPTION WHEN query_canceled THEN NULL;
-                END;
-            END LOOP;
-            RETURN to_json(m::text);
-        END $$""")
-    owner.execute("CREATE CAST (mood AS json) WITH FUNCTION mood_json(mood)")
-    owner.execute("CREATE TABLE clinic_patient (id int PRIMARY KEY, identifier_system text, identifier_value text,"
-                  " name_family text, m mood)")
-    app.sql("SELECT fhir_track('clinic_patient', 'Patient')")
+    _track_note(app, owner, f"""BEGIN
+        WHILE n.txt = 'stubborn' LOOP
+            BEGIN
+                PERFORM pg_sleep(3600);
+            EXCEPTION WHEN query_canceled THEN NULL;
+            END;
+            {then}
+        END LOOP;
+        RETURN {NOTE_JSON};
+    END""")
     pid = eventually(app.worker_pid, message="a worker")
-    owner.execute("INSERT INTO clinic_patient VALUES (1, %s, 'stubborn-1', 'Stub', 'stubborn')", (MRN,))
+    started = time.monotonic()
+    owner.execute("INSERT INTO note VALUES (1, 'stubborn')")
     wait_until(lambda: "went on past fhir_sync.statement_timeout" in worker_log(app.cluster), timeout=30,
                message="the watchdog's line")
+    print(f"\n  worker stopped {time.monotonic() - started:.1f} s after the change")
     eventually(lambda: (p := app.worker_pid()) and p != pid, timeout=30, message="a new worker")
-    owner.execute("UPDATE clinic_patient SET m = 'ok'")
+    owner.execute("UPDATE note SET txt = 'fine'")
     app.wait_drained(timeout=60)
-    assert faults.store.find("Patient", f"{MRN}|stubborn-1")
+    assert "fine" in basic_texts(faults)
     assert "terminated by signal" not in app.cluster.log_text()
+
+
+def test_owners_code_in_the_worker_reads_no_other_owners_rows_through_fhir_sync(make_cluster, faults):
+    """A mapping function calls fhir_map_row (public) on the patient table of another owner: inside the worker it
+    is the table owner's call, with that owner's rights - refused - not a read with the other owner's rights."""
+    app = make_app(make_cluster, faults.base_url)
+    victim = app.add_patient("victim")
+    app.sql("INSERT INTO patient_other_identifiers (patient_id, identifier_system, identifier_value)"
+            " VALUES (%s, 'urn:ssn', 'SECRET-SSN')", (victim,))
+    app.wait_drained()
+    owner = make_owner(app)
+    _track_note(app, owner, f"""BEGIN
+        RETURN jsonb_build_object('resourceType', 'Basic', 'code', jsonb_build_object('text',
+            public.fhir_map_row('patient', 'public.patient'::regtype::oid,
+                         jsonb_build_object('id', {victim}, 'identifier_system', '{MRN}',
+                                            'identifier_value', 'victim', 'name_family', 'V'))::text));
+    END""")
+    owner.execute("INSERT INTO note VALUES (1, 'snoop')")
+    app.wait_drained()
+    # (The victim's own Patient carries it, as it should; no Basic may.)
+    assert not any("SECRET-SSN" in r.body.decode(errors="replace") for r in faults.requests
+                   if r.url_path.strip("/").split("/")[0] == "Basic")
+    assert "snoop" not in str(basic_texts(faults))
+    err = app.one("SELECT error FROM fhir_dlq WHERE record_id = '1'")
+    assert err and "SQLSTATE 42501" in err, err
 
 
 def test_a_caller_without_the_owners_rights_reads_nothing_more_through_fhir_sync(make_cluster, faults):
