@@ -6,7 +6,7 @@
 ALTER TABLE @extschema@.fhir_tracked ADD COLUMN map_function_owner regrole;
 
 -- fhir_track checks who tracks and which mapping function; it gained an argument. The new one is
--- created first, given the grants the old one had, and the old one dropped.
+-- created next to the old, which is dropped at the end, once its grants are carried over.
 CREATE FUNCTION fhir_track(
     "table"           regclass,
     resource_type     text,
@@ -157,20 +157,6 @@ BEGIN
 END
 $fn$;
 
-DO $carry$
-DECLARE
-    g record;
-BEGIN
-    FOR g IN SELECT r.rolname FROM pg_catalog.pg_proc p, pg_catalog.aclexplode(p.proacl) a, pg_catalog.pg_roles r
-              WHERE p.oid OPERATOR(pg_catalog.=) '@extschema@.fhir_track(regclass, text, regprocedure, name, text, text)'::pg_catalog.regprocedure
-                AND a.privilege_type OPERATOR(pg_catalog.=) 'EXECUTE' AND r.oid OPERATOR(pg_catalog.=) a.grantee
-                AND a.grantee OPERATOR(pg_catalog.<>) p.proowner
-    LOOP
-        EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION @extschema@.fhir_track(regclass, text, regprocedure, name, text, text, boolean) TO %I', g.rolname);
-    END LOOP;
-END
-$carry$;
-DROP FUNCTION @extschema@.fhir_track(regclass, text, regprocedure, name, text, text);
 
 -- fhir_backfill reads keys through fhir_backfill_keys (as the table's owner, sandboxed).
 CREATE FUNCTION @extschema@."fhir_backfill_keys"(
@@ -272,20 +258,26 @@ REVOKE EXECUTE ON FUNCTION
     @extschema@.fhir_sync_grant_worker(regrole)
 FROM PUBLIC;
 
--- fhir_backfill now reads keys through fhir_backfill_keys: who may run the one may run the other.
+-- Grants a DBA gave carry over: the old fhir_track's to the new one, and fhir_backfill's to
+-- fhir_backfill_keys, which it now calls.
 DO $carry$
 DECLARE
     g record;
 BEGIN
-    FOR g IN SELECT r.rolname FROM pg_catalog.pg_proc p, pg_catalog.aclexplode(p.proacl) a, pg_catalog.pg_roles r
-              WHERE p.oid OPERATOR(pg_catalog.=) '@extschema@.fhir_backfill(regclass)'::pg_catalog.regprocedure
+    FOR g IN SELECT r.rolname, x.target
+               FROM (VALUES ('@extschema@.fhir_track(regclass, text, regprocedure, name, text, text)',
+                             '@extschema@.fhir_track(regclass, text, regprocedure, name, text, text, boolean)'),
+                            ('@extschema@.fhir_backfill(regclass)', '@extschema@.fhir_backfill_keys(oid)')) AS x(source, target),
+                    pg_catalog.pg_proc p, pg_catalog.aclexplode(p.proacl) a, pg_catalog.pg_roles r
+              WHERE p.oid OPERATOR(pg_catalog.=) x.source::pg_catalog.regprocedure
                 AND a.privilege_type OPERATOR(pg_catalog.=) 'EXECUTE' AND r.oid OPERATOR(pg_catalog.=) a.grantee
                 AND a.grantee OPERATOR(pg_catalog.<>) p.proowner
     LOOP
-        EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION @extschema@.fhir_backfill_keys(oid) TO %I', g.rolname);
+        EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO %I', g.target, g.rolname);
     END LOOP;
 END
 $carry$;
+DROP FUNCTION @extschema@.fhir_track(regclass, text, regprocedure, name, text, text);
 
 -- The worker role named by fhir_sync.username gets what it needs at once (also after a DROP
 -- and CREATE EXTENSION); another role can be given it later with fhir_sync_grant_worker.

@@ -62,17 +62,9 @@ fn fhir_observation_json(o: pgrx::AnyElement) -> JsonB {
 /// never with a superuser caller's rights, never with rights the caller does not have.
 fn map_record(mapper: &str, row: pgrx::AnyElement) -> JsonB {
     let rowtype = row.oid();
-    // SAFETY: an lsyscache lookup by OID; InvalidOid for a type that is not a table's row.
-    let relid = unsafe { pg_sys::get_typ_typrelid(rowtype) };
-    if relid == pg_sys::InvalidOid {
-        // Before the datum is touched: it is not a composite, and row_to_json would read it
-        // as one.
-        crate::error::raise(
-            PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
-            "fhir_sync mappers take a table row",
-            "Pass the row itself, as in SELECT fhir_patient_json(p) FROM patient p.",
-        );
-    }
+    // Before the datum is touched: anything but a table's row is not a composite datum, and
+    // row_to_json would read it as one.
+    let relid = table_of_row(rowtype);
     let run = || -> Result<Value, FhirSyncError> {
         let runner = crate::sandbox::runner_for(relation_owner(relid));
         // SAFETY: row_to_json(record) reads the row type from the composite datum itself; the
@@ -129,7 +121,9 @@ fn relation_owner(relid: pg_sys::Oid) -> pg_sys::Oid {
     }
 }
 
-fn map_row(mapper: &str, rowtype: pg_sys::Oid, row: Value) -> Result<Value, FhirSyncError> {
+/// The table whose row type `rowtype` is; an ERROR for any other type.
+fn table_of_row(rowtype: pg_sys::Oid) -> pg_sys::Oid {
+    // SAFETY: an lsyscache lookup by OID; InvalidOid for a type that is not a table's row.
     let relid = unsafe { pg_sys::get_typ_typrelid(rowtype) };
     if relid == pg_sys::InvalidOid {
         crate::error::raise(
@@ -138,6 +132,11 @@ fn map_row(mapper: &str, rowtype: pg_sys::Oid, row: Value) -> Result<Value, Fhir
             "Pass the row itself, as in SELECT fhir_patient_json(p) FROM patient p.",
         );
     }
+    relid
+}
+
+fn map_row(mapper: &str, rowtype: pg_sys::Oid, row: Value) -> Result<Value, FhirSyncError> {
+    let relid = table_of_row(rowtype);
     let table = source::one::<String>(
         "SELECT n.nspname::text || '.' || c.relname::text FROM pg_catalog.pg_class c
            JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1",

@@ -219,7 +219,7 @@ fn lock_claims() {
 }
 
 /// The fourth field of the claim lock's tag: one no SQL function uses.
-pub const CLAIM_LOCK_FIELD4: u16 = 3;
+const CLAIM_LOCK_FIELD4: u16 = 3;
 
 /// Resources this worker has in flight: a claim made while they are out must pass them over.
 /// (The busy check cannot see them: this worker's own leases count as free, so that a cycle

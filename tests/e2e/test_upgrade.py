@@ -96,10 +96,19 @@ def _update_and_compare(make_cluster, faults):
                       p.id::text, p.identifier_system, p.identifier_value, 'exhausted', 'HTTP 503', 5, now(), now()
                  FROM patient p WHERE p.identifier_value = 'upgrade-0'""")
     assert not faults.requests
+    # A DBA's grants on functions the update replaces carry over.
+    cluster.psql("CREATE ROLE ops")
+    app.sql("GRANT EXECUTE ON FUNCTION fhir_track(regclass, text, regprocedure, name, text, text),"
+            " fhir_backfill(regclass) TO ops")
 
     app.sql("ALTER EXTENSION fhir_sync UPDATE")
     assert app.one("SELECT extversion FROM pg_extension WHERE extname = 'fhir_sync'") != OLD
+    assert app.one("SELECT has_function_privilege('ops', 'fhir_track(regclass, text, regprocedure, name, text, text,"
+                   " boolean)', 'EXECUTE') AND has_function_privilege('ops', 'fhir_backfill_keys(oid)', 'EXECUTE')")
     cluster.query("CREATE EXTENSION fhir_sync", db="fresh")
+    # ... what a DBA gives the same role on a fresh install.
+    cluster.query("GRANT EXECUTE ON FUNCTION fhir_track(regclass, text, regprocedure, name, text, text, boolean),"
+                  " fhir_backfill(regclass), fhir_backfill_keys(oid) TO ops", db="fresh")
     old, new = surface(cluster, DB), surface(cluster, "fresh")
     assert old == new, "\n".join(["upgraded vs fresh:"] + [f"- {x}" for x in old if x not in new]
                                   + [f"+ {x}" for x in new if x not in old])
