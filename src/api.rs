@@ -106,19 +106,15 @@ fn relation_owner(relid: pg_sys::Oid) -> pg_sys::Oid {
     if relid == pg_sys::InvalidOid {
         return relid;
     }
-    // SAFETY: a syscache lookup by OID, released before returning; reads relowner only.
+    // SAFETY: pg_class's syscache by OID, read as FormData_pg_class.
     unsafe {
-        let tup = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::RELOID as _, relid.into());
-        if tup.is_null() {
-            return pg_sys::InvalidOid;
-        }
-        let header = (*tup).t_data;
-        let form = (header as *const u8).add((*header).t_hoff as usize)
-            as *const pg_sys::FormData_pg_class;
-        let owner = (*form).relowner;
-        pg_sys::ReleaseSysCache(tup);
-        owner
+        crate::catalog::row(
+            pg_sys::SysCacheIdentifier::RELOID,
+            relid.into(),
+            |c: &pg_sys::FormData_pg_class| c.relowner,
+        )
     }
+    .unwrap_or(pg_sys::InvalidOid)
 }
 
 /// The table whose row type `rowtype` is; an ERROR for any other type.

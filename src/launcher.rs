@@ -213,26 +213,20 @@ fn read_catalog(role: Option<&str>) -> (Vec<(String, pg_sys::Oid, bool)>, RoleSt
             None => RoleStatus::BootstrapSuperuser,
             Some(name) => {
                 let c = std::ffi::CString::new(name).unwrap_or_default();
-                let tup = pg_sys::SearchSysCache1(
-                    pg_sys::SysCacheIdentifier::AUTHNAME as _,
+                crate::catalog::row(
+                    pg_sys::SysCacheIdentifier::AUTHNAME,
                     pg_sys::Datum::from(c.as_ptr()),
-                );
-                if tup.is_null() {
-                    RoleStatus::Missing
-                } else {
-                    let header = (*tup).t_data;
-                    let form = (header as *const u8).add((*header).t_hoff as usize)
-                        as *const pg_sys::FormData_pg_authid;
-                    let s = if !(*form).rolcanlogin {
-                        RoleStatus::NoLogin
-                    } else if (*form).rolsuper {
-                        RoleStatus::Superuser
-                    } else {
-                        RoleStatus::Ordinary
-                    };
-                    pg_sys::ReleaseSysCache(tup);
-                    s
-                }
+                    |r: &pg_sys::FormData_pg_authid| {
+                        if !r.rolcanlogin {
+                            RoleStatus::NoLogin
+                        } else if r.rolsuper {
+                            RoleStatus::Superuser
+                        } else {
+                            RoleStatus::Ordinary
+                        }
+                    },
+                )
+                .unwrap_or(RoleStatus::Missing)
             }
         };
         let rel = pg_sys::table_open(

@@ -11,6 +11,7 @@ use pgrx::prelude::*;
 
 mod api;
 mod capture;
+mod catalog;
 mod error;
 mod gucs;
 mod http;

@@ -437,33 +437,22 @@ pub fn current_map_function(schema: &str, track: &Track) -> Result<Track, FhirSy
 /// table's owner or by the owner a superuser accepted at `fhir_track`. Checked before every run:
 /// `ALTER FUNCTION … OWNER TO` or a dropped-and-recreated function is refused, not run.
 pub fn check_map_function(track: &Track, function: pg_sys::Oid) -> Result<pg_sys::Oid, String> {
-    // SAFETY: a syscache lookup by OID; the tuple is released before returning and only its
-    // fixed-size part (FormData_pg_proc, and the first element of proargtypes) is read.
+    // SAFETY: pg_proc's syscache by OID, read as FormData_pg_proc (its fixed-size part, and the
+    // first element of proargtypes when there is one).
     let found = unsafe {
-        let tup =
-            pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::PROCOID as _, function.into());
-        if tup.is_null() {
-            None
-        } else {
-            let header = (*tup).t_data;
-            let form = (header as *const u8).add((*header).t_hoff as usize)
-                as *const pg_sys::FormData_pg_proc;
-            let nargs = (*form).pronargs as usize;
-            let arg = if nargs == 1 {
-                (*form).proargtypes.values.as_slice(1)[0]
-            } else {
-                pg_sys::InvalidOid
-            };
-            let r = (
-                (*form).proowner,
-                nargs,
-                arg,
-                (*form).prorettype,
-                (*form).proretset,
-            );
-            pg_sys::ReleaseSysCache(tup);
-            Some(r)
-        }
+        crate::catalog::row(
+            pg_sys::SysCacheIdentifier::PROCOID,
+            function.into(),
+            |p: &pg_sys::FormData_pg_proc| {
+                let nargs = p.pronargs as usize;
+                let arg = if nargs == 1 {
+                    p.proargtypes.values.as_slice(1)[0]
+                } else {
+                    pg_sys::InvalidOid
+                };
+                (p.proowner, nargs, arg, p.prorettype, p.proretset)
+            },
+        )
     };
     let Some((owner, nargs, arg, ret, retset)) = found else {
         return Err(format!(

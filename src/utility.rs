@@ -80,50 +80,35 @@ fn release_database(name: *const std::ffi::c_char, rename: bool) {
 /// to; for DROP it is not a template, for RENAME the user may create databases. Anything else
 /// fails the command anyway.
 fn may_drop_or_rename(db: pg_sys::Oid, rename: bool) -> bool {
-    // SAFETY: a syscache lookup by OID, released before returning; only the fixed-size part of
-    // pg_database's row (datdba, datistemplate) is read.
+    // SAFETY: pg_database's and pg_authid's syscaches by OID, read as their FormData structs;
+    // MyDatabaseId and GetUserId read backend-local state.
     unsafe {
         if db == pg_sys::MyDatabaseId {
             return false;
         }
-        let tup = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::DATABASEOID as _, db.into());
-        if tup.is_null() {
+        let Some((owner, template)) = crate::catalog::row(
+            pg_sys::SysCacheIdentifier::DATABASEOID,
+            db.into(),
+            |d: &pg_sys::FormData_pg_database| (d.datdba, d.datistemplate),
+        ) else {
             return false;
-        }
-        let header = (*tup).t_data;
-        let form = (header as *const u8).add((*header).t_hoff as usize)
-            as *const pg_sys::FormData_pg_database;
-        let (owner, template) = ((*form).datdba, (*form).datistemplate);
-        pg_sys::ReleaseSysCache(tup);
+        };
         let user = pg_sys::GetUserId();
         if !pg_sys::has_privs_of_role(user, owner) {
             return false;
         }
         if rename {
-            may_create_databases(user)
+            // CREATEDB, as ALTER DATABASE … RENAME demands (superusers have it).
+            pg_sys::superuser_arg(user)
+                || crate::catalog::row(
+                    pg_sys::SysCacheIdentifier::AUTHOID,
+                    user.into(),
+                    |r: &pg_sys::FormData_pg_authid| r.rolcreatedb,
+                )
+                .unwrap_or(false)
         } else {
             !template
         }
-    }
-}
-
-/// CREATEDB, as ALTER DATABASE … RENAME demands (superusers have it).
-fn may_create_databases(user: pg_sys::Oid) -> bool {
-    // SAFETY: a syscache lookup by OID, released before returning; reads rolcreatedb only.
-    unsafe {
-        if pg_sys::superuser_arg(user) {
-            return true;
-        }
-        let tup = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::AUTHOID as _, user.into());
-        if tup.is_null() {
-            return false;
-        }
-        let header = (*tup).t_data;
-        let form = (header as *const u8).add((*header).t_hoff as usize)
-            as *const pg_sys::FormData_pg_authid;
-        let createdb = (*form).rolcreatedb;
-        pg_sys::ReleaseSysCache(tup);
-        createdb
     }
 }
 
