@@ -57,8 +57,6 @@ DB = "bench"
 MRN = "urn:bench:mrn"
 DEFAULT_ENDPOINT = REPO / "target" / "bench-endpoint" / "release" / "fhir-bench-endpoint"
 
-# The session settings the worker gives itself (src/worker/mod.rs): plans depend on random_page_cost.
-WORKER_SESSION = "SET search_path = pg_catalog, pg_temp; SET random_page_cost = 1.1"
 
 SCENARIOS = ["steady", "burst20k", "burst100k", "slow20ms", "capture", "claim1m", "soak10m", "helios"]
 DEFAULT_SCENARIOS = [s for s in SCENARIOS if s != "soak10m"]
@@ -976,9 +974,8 @@ class Bench:
     # ---------------------------------------------------------------- claim1m
     def explain_claim(self, batch: int) -> tuple[list[str], str]:
         """EXPLAIN (ANALYZE, BUFFERS) of the worker's own claim statements (fhir_sync_explain_claim(), rolled
-        back), in a session set up as the worker sets up its own (src/sandbox.rs, src/worker/mod.rs)."""
+        back); the function applies the worker's session settings itself (src/worker/mod.rs)."""
         with psycopg.connect(self.cluster.dsn(DB), autocommit=True) as c:
-            c.execute(WORKER_SESSION)
             rows = c.execute("SELECT * FROM public.fhir_sync_explain_claim(%s)", (batch,)).fetchall()
         return [r[0] for r in rows], "fhir_sync_explain_claim(), worker session settings"
 

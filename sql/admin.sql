@@ -10,28 +10,23 @@ SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
-    ext_schema text := (SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
-                        WHERE e.extname = 'fhir_sync');
     d          record;
     new_id     bigint;
     n          bigint := 0;
 BEGIN
-    FOR d IN EXECUTE format('SELECT * FROM %I.fhir_dlq WHERE id = ANY ($1) AND NOT requeued ORDER BY id FOR UPDATE', ext_schema)
-             USING ids
+    FOR d IN SELECT * FROM @extschema@.fhir_dlq q WHERE q.id = ANY (ids) AND NOT q.requeued ORDER BY q.id FOR UPDATE
     LOOP
-        EXECUTE format($q$
-            INSERT INTO %I.fhir_outbox (txid, table_name, record_id, operation, resource_type, resource_table,
-                                        resource_key, payload_json, identifier_system, identifier_value)
-            VALUES (txid_current(), $1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id$q$, ext_schema)
-        USING d.table_name, d.record_id, d.operation, d.resource_type, d.resource_table, d.resource_key,
-              d.payload_json, d.identifier_system, d.identifier_value
-        INTO new_id;
-        EXECUTE format('UPDATE %I.fhir_dlq SET requeued = true, requeued_at = now(), requeued_outbox_id = $2 WHERE id = $1', ext_schema)
-        USING d.id, new_id;
+        INSERT INTO @extschema@.fhir_outbox (txid, table_name, record_id, operation, resource_type, resource_table,
+                                             resource_key, payload_json, identifier_system, identifier_value)
+        VALUES (txid_current(), d.table_name, d.record_id, d.operation, d.resource_type, d.resource_table,
+                d.resource_key, d.payload_json, d.identifier_system, d.identifier_value)
+        RETURNING id INTO new_id;
+        UPDATE @extschema@.fhir_dlq SET requeued = true, requeued_at = now(), requeued_outbox_id = new_id
+         WHERE id = d.id;
         n := n + 1;
     END LOOP;
     IF n > 0 THEN
-        EXECUTE format('SELECT %I.fhir_sync_wake()', ext_schema);
+        PERFORM @extschema@.fhir_sync_wake();
     END IF;
     RETURN n;
 END
@@ -57,20 +52,15 @@ SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
-    ext_schema text := (SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
-                        WHERE e.extname = 'fhir_sync');
     picked     bigint[];
     rel        regclass := CASE WHEN $1 IS NULL THEN NULL ELSE to_regclass($1) END;
 BEGIN
-    EXECUTE format($q$
-        SELECT coalesce(array_agg(d.id ORDER BY d.id), '{}') FROM %I.fhir_dlq d
-         WHERE NOT d.requeued
-           AND ($1::text IS NULL OR d.table_name = $1 OR d.resource_table = $2 OR d.table_name = $2::text)
-           AND ($3::int IS NULL OR d.http_status = $3)
-           AND ($4::text IS NULL OR d.error_class = $4)
-           AND ($5::timestamptz IS NULL OR d.last_failed_at >= $5)$q$, ext_schema)
-    USING $1, rel, $2, $3, $4
-    INTO picked;
+    SELECT coalesce(array_agg(d.id ORDER BY d.id), '{}') INTO picked FROM @extschema@.fhir_dlq d
+     WHERE NOT d.requeued
+       AND ($1 IS NULL OR d.table_name = $1 OR d.resource_table = rel OR d.table_name = rel::text)
+       AND ($2 IS NULL OR d.http_status = $2)
+       AND ($3 IS NULL OR d.error_class = $3)
+       AND ($4 IS NULL OR d.last_failed_at >= $4);
     RETURN @extschema@.fhir_requeue_dlq(picked);
 END
 $fn$;
@@ -84,18 +74,13 @@ LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $fn$
-DECLARE
-    ext_schema text := (SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
-                        WHERE e.extname = 'fhir_sync');
 BEGIN
     IF days IS NULL OR days < 0 THEN
         RAISE EXCEPTION 'days must be zero or more, not %', days USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    EXECUTE format('DELETE FROM %I.fhir_outbox WHERE processed AND processed_at < now() - make_interval(days => $1)', ext_schema)
-    USING days;
+    DELETE FROM @extschema@.fhir_outbox o WHERE o.processed AND o.processed_at < now() - make_interval(days => days);
     GET DIAGNOSTICS outbox_deleted = ROW_COUNT;
-    EXECUTE format('DELETE FROM %I.fhir_dlq WHERE last_failed_at < now() - make_interval(days => 3 * $1)', ext_schema)
-    USING days;
+    DELETE FROM @extschema@.fhir_dlq q WHERE q.last_failed_at < now() - make_interval(days => 3 * days);
     GET DIAGNOSTICS dlq_deleted = ROW_COUNT;
     RETURN NEXT;
 END

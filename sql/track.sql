@@ -2,6 +2,27 @@
 -- only decide how a table maps and install it. search_path is pinned and every name is
 -- qualified, so a planted function or operator cannot change what they do.
 
+-- fhir_tracked.mapper holds a name of the mapper registry (fhir_sync_core's mapping::registry).
+ALTER TABLE fhir_tracked ADD CONSTRAINT fhir_tracked_mapper_check
+    CHECK (mapper = ANY (@extschema@.fhir_mapper_names()));
+
+-- The table a reference column of "table" points at: the column's foreign key target, or else
+-- the tracked table of that mapper with the same owner (another owner's rows are not ours to
+-- point at). The one statement of this rule: fhir_track, the worker and the mappers use it.
+CREATE FUNCTION fhir_reference_target("table" regclass, "column" name, mapper text) RETURNS regclass
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+SELECT coalesce(
+    (SELECT c.confrelid::regclass
+       FROM pg_constraint c JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = c.conkey[1]
+      WHERE c.conrelid = $1 AND c.contype = 'f' AND a.attname = $2
+      ORDER BY c.oid LIMIT 1),
+    (SELECT min(x.table_name::oid)::regclass
+       FROM @extschema@.fhir_tracked x JOIN pg_class xc ON xc.oid = x.table_name
+      WHERE x.mapper = $3 AND xc.relowner = (SELECT r.relowner FROM pg_class r WHERE r.oid = $1)))
+$fn$;
+
 -- Who may track: a role that can act as the table's owner (the worker will run the owner's
 -- code as that owner). A mapping function must take exactly the table's row type, return jsonb
 -- (or json), and belong to the table's owner: its owner's code then runs with the table owner's
@@ -19,8 +40,8 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
-    ext_schema text := (SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
-                        WHERE e.extname = 'fhir_sync');
+    -- The capture trigger's first argument: the schema's name as it is, not quoted.
+    ext_schema name := (SELECT n.nspname FROM pg_namespace n WHERE n.oid = '@extschema@'::regnamespace);
     cols       text[];
     key_col    name;
     parent     regclass;
@@ -84,14 +105,7 @@ BEGIN
     IF map_function IS NOT NULL THEN
         chosen := 'function';
     ELSIF chosen IS NULL THEN
-        chosen := CASE
-            WHEN resource_type = 'Patient' AND cols @> ARRAY['identifier_value', 'identifier_system']
-                 AND cols && ARRAY['name_family', 'name_given', 'name_text', 'birth_date'] THEN 'patient'
-            WHEN resource_type = 'Patient' AND cols @> ARRAY['patient_id', 'identifier_value'] THEN 'patient_identifier'
-            WHEN resource_type = 'Encounter' AND cols @> ARRAY['patient_id', 'encounter_date'] THEN 'encounter'
-            WHEN resource_type = 'Observation' AND cols @> ARRAY['patient_id', 'systolic_pressure', 'diastolic_pressure'] THEN 'blood_pressure'
-            WHEN resource_type = 'Observation' AND cols @> ARRAY['patient_id', 'rate'] THEN 'pulse'
-        END;
+        chosen := @extschema@.fhir_builtin_mapper(resource_type, cols);
         IF chosen IS NULL THEN
             RAISE EXCEPTION 'table % has no built-in % mapping', "table", resource_type
                 USING ERRCODE = 'invalid_parameter_value',
@@ -99,9 +113,14 @@ BEGIN
                                     "table"::text, resource_type, "table"::text);
         END IF;
     END IF;
-    IF chosen NOT IN ('patient', 'patient_identifier', 'encounter', 'blood_pressure', 'pulse', 'function') THEN
+    IF NOT (chosen = ANY (@extschema@.fhir_mapper_names())) THEN
         RAISE EXCEPTION 'unknown mapper "%"', chosen USING ERRCODE = 'invalid_parameter_value',
-            HINT = 'Use patient, patient_identifier, encounter, blood_pressure, pulse, or pass map_function.';
+            HINT = format('Use one of %s, or pass map_function.',
+                          array_to_string(array_remove(@extschema@.fhir_mapper_names(), 'function'), ', '));
+    END IF;
+    IF chosen = 'function' AND map_function IS NULL THEN
+        RAISE EXCEPTION 'mapper "function" needs a map_function' USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Pass map_function => ''my_mapper(my_table)''::regprocedure.';
     END IF;
     IF identifier_column IS NOT NULL AND NOT (identifier_column::text = ANY (cols)) THEN
         RAISE EXCEPTION 'table % has no column "%"', "table", identifier_column USING ERRCODE = 'undefined_column';
@@ -110,16 +129,8 @@ BEGIN
     IF chosen = 'patient_identifier' THEN
         parent_col := 'patient_id';
         -- The foreign key says which table the identifiers belong to; without one, the tracked
-        -- Patient table does.
-        SELECT c.confrelid::regclass INTO parent
-          FROM pg_constraint c JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = c.conkey[1]
-         WHERE c.conrelid = "table" AND c.contype = 'f' AND a.attname = parent_col LIMIT 1;
-        IF parent IS NULL THEN
-            -- Only a patient table of the same owner: another owner's Patients are not ours to add to.
-            EXECUTE format('SELECT min(t.table_name::text)::regclass FROM %I.fhir_tracked t JOIN pg_class c ON c.oid = t.table_name
-                             WHERE t.mapper = ''patient'' AND c.relowner = $1', ext_schema)
-               USING owner INTO parent;
-        END IF;
+        -- Patient table of the same owner does.
+        parent := @extschema@.fhir_reference_target("table", parent_col, 'patient');
         IF parent IS NULL THEN
             RAISE EXCEPTION 'cannot find the patient table that % belongs to', "table"
                 USING ERRCODE = 'invalid_table_definition',
@@ -131,26 +142,24 @@ BEGIN
         END IF;
     END IF;
 
-    EXECUTE format($q$
-        INSERT INTO %I.fhir_tracked AS t (table_name, resource_type, mapper, key_column, parent_table,
-                                          parent_column, map_function, identifier_column, identifier_system,
-                                          map_function_owner)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-        ON CONFLICT (table_name) DO UPDATE SET
-            resource_type = excluded.resource_type, mapper = excluded.mapper, key_column = excluded.key_column,
-            parent_table = excluded.parent_table, parent_column = excluded.parent_column,
-            map_function = excluded.map_function, identifier_column = excluded.identifier_column,
-            identifier_system = excluded.identifier_system,
-            map_function_owner = excluded.map_function_owner$q$, ext_schema)
-    USING "table", resource_type, chosen, key_col, parent, parent_col, map_function, identifier_column, identifier_system,
-          fn_owner;
+    INSERT INTO @extschema@.fhir_tracked AS t (table_name, resource_type, mapper, key_column, parent_table,
+                                               parent_column, map_function, identifier_column, identifier_system,
+                                               map_function_owner)
+    VALUES ("table", fhir_track.resource_type, chosen, key_col, parent, parent_col, fhir_track.map_function,
+            fhir_track.identifier_column, fhir_track.identifier_system, fn_owner)
+    ON CONFLICT ON CONSTRAINT fhir_tracked_pkey DO UPDATE SET
+        resource_type = excluded.resource_type, mapper = excluded.mapper, key_column = excluded.key_column,
+        parent_table = excluded.parent_table, parent_column = excluded.parent_column,
+        map_function = excluded.map_function, identifier_column = excluded.identifier_column,
+        identifier_system = excluded.identifier_system,
+        map_function_owner = excluded.map_function_owner;
 
     IF EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = "table" AND tgname = 'fhir_sync_capture') THEN
         EXECUTE format('DROP TRIGGER fhir_sync_capture ON %s', "table");
     END IF;
     EXECUTE format('CREATE TRIGGER fhir_sync_capture AFTER INSERT OR UPDATE OR DELETE ON %s '
-                   'FOR EACH ROW EXECUTE FUNCTION %I.fhir_capture(%L, %L, %L, %L, %L, %L)',
-                   "table", ext_schema, ext_schema, resource_type, key_col,
+                   'FOR EACH ROW EXECUTE FUNCTION @extschema@.fhir_capture(%L, %L, %L, %L, %L, %L)',
+                   "table", ext_schema, resource_type, key_col,
                    coalesce(parent::oid::text, ''), coalesce(parent_col::text, ''), chosen);
     RETURN format('tracking %s as %s (%s)', "table", resource_type, chosen);
 END
@@ -161,20 +170,16 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
-    ext_schema text := (SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
-                        WHERE e.extname = 'fhir_sync');
     found_row  boolean;
     discarded  bigint := 0;
 BEGIN
-    EXECUTE format('DELETE FROM %I.fhir_tracked WHERE table_name = $1 RETURNING true', ext_schema)
-       USING "table" INTO found_row;
+    DELETE FROM @extschema@.fhir_tracked t WHERE t.table_name = "table" RETURNING true INTO found_row;
     IF found_row IS NULL THEN
         RAISE EXCEPTION 'table % is not tracked by fhir_sync', "table" USING ERRCODE = 'no_data_found';
     END IF;
     EXECUTE format('DROP TRIGGER IF EXISTS fhir_sync_capture ON %s', "table");
     IF discard_pending THEN
-        EXECUTE format('DELETE FROM %I.fhir_outbox WHERE NOT processed AND resource_table = $1', ext_schema)
-           USING "table";
+        DELETE FROM @extschema@.fhir_outbox o WHERE NOT o.processed AND o.resource_table = "table";
         GET DIAGNOSTICS discarded = ROW_COUNT;
     END IF;
     RETURN format('stopped tracking %s%s', "table",
@@ -189,12 +194,10 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
-    ext_schema text := (SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
-                        WHERE e.extname = 'fhir_sync');
     t          record;
     n          bigint;
 BEGIN
-    EXECUTE format('SELECT * FROM %I.fhir_tracked WHERE table_name = $1', ext_schema) USING "table" INTO t;
+    SELECT * INTO t FROM @extschema@.fhir_tracked x WHERE x.table_name = "table";
     IF t IS NULL THEN
         RAISE EXCEPTION 'table % is not tracked by fhir_sync', "table" USING ERRCODE = 'no_data_found',
             HINT = 'Start tracking it with SELECT fhir_track(''table'', ''ResourceType'').';
@@ -202,21 +205,18 @@ BEGIN
     -- The keys are read by fhir_backfill_keys: as the table's owner, sandboxed (rendering a
     -- key as text runs its type's code), never with the caller's rights.
     IF t.parent_table IS NULL THEN
-        EXECUTE format($q$
-            INSERT INTO %I.fhir_outbox (table_name, record_id, operation, resource_type, resource_table,
-                                        resource_key, identifier_system, identifier_value)
-            SELECT $1, k.record_id, 'U', $2, $3, k.resource_key, k.identifier_system, k.identifier_value
-              FROM %I.fhir_backfill_keys($3::pg_catalog.oid) k$q$, ext_schema, ext_schema)
-        USING "table"::text, t.resource_type, "table";
+        INSERT INTO @extschema@.fhir_outbox (table_name, record_id, operation, resource_type, resource_table,
+                                             resource_key, identifier_system, identifier_value)
+        SELECT "table"::text, k.record_id, 'U', t.resource_type, "table", k.resource_key, k.identifier_system,
+               k.identifier_value
+          FROM @extschema@.fhir_backfill_keys("table"::oid) k;
     ELSE
-        EXECUTE format($q$
-            INSERT INTO %I.fhir_outbox (table_name, record_id, operation, resource_type, resource_table, resource_key)
-            SELECT $1, k.record_id, 'U', $2, $3, k.resource_key FROM %I.fhir_backfill_keys($4::pg_catalog.oid) k$q$,
-            ext_schema, ext_schema)
-        USING "table"::text, t.resource_type, t.parent_table, "table";
+        INSERT INTO @extschema@.fhir_outbox (table_name, record_id, operation, resource_type, resource_table, resource_key)
+        SELECT "table"::text, k.record_id, 'U', t.resource_type, t.parent_table, k.resource_key
+          FROM @extschema@.fhir_backfill_keys("table"::oid) k;
     END IF;
     GET DIAGNOSTICS n = ROW_COUNT;
-    EXECUTE format('SELECT %I.fhir_sync_wake()', ext_schema);
+    PERFORM @extschema@.fhir_sync_wake();
     RETURN n;
 END
 $fn$;

@@ -3,7 +3,7 @@
 
 CREATE VIEW fhir_sync_workers AS
 SELECT w.pid, d.datname AS database, w.state, w.current_batch, w.started_at, w.last_success_at,
-       w.last_error_class, w.last_error_at
+       w.last_error_class, w.last_error_at, w.cycles
   FROM @extschema@.fhir_sync_worker_slots() w
   LEFT JOIN pg_catalog.pg_database d ON d.oid = w.database_oid;
 

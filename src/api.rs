@@ -2,7 +2,7 @@
 //! shared counters behind the metrics views. (The rest of the SQL surface is in sql/*.sql.)
 
 use crate::error::FhirSyncError;
-use crate::mapping::{self, Ctx, Refs};
+use crate::mapping::{self, registry, Ctx, Refs};
 use crate::metrics;
 use crate::shmem::{self, WorkerState, N_BUCKETS};
 use crate::source::{self, Mapper};
@@ -68,8 +68,8 @@ fn map_record(mapper: &str, row: pgrx::AnyElement) -> JsonB {
     let run = || -> Result<Value, FhirSyncError> {
         let runner = crate::sandbox::runner_for(relation_owner(relid));
         // SAFETY: row_to_json(record) reads the row type from the composite datum itself; the
-        // datum is the caller's argument, of a table's row type (checked above), valid for this
-        // call.
+        // datum is the caller's non-null (strict) argument, of a type with a pg_class row
+        // (table_of_row above), so a composite datum, valid for this call; copied out as String.
         let json = crate::sandbox::as_owner(runner, || unsafe {
             const ROW_TO_JSON: u32 = 3155;
             let d = pg_sys::OidFunctionCall1Coll(
@@ -106,7 +106,8 @@ fn relation_owner(relid: pg_sys::Oid) -> pg_sys::Oid {
     if relid == pg_sys::InvalidOid {
         return relid;
     }
-    // SAFETY: pg_class's syscache by OID, read as FormData_pg_class.
+    // SAFETY: pg_class's syscache by OID, read as FormData_pg_class, in the SQL function's
+    // transaction.
     unsafe {
         crate::catalog::row(
             pg_sys::SysCacheIdentifier::RELOID,
@@ -119,7 +120,8 @@ fn relation_owner(relid: pg_sys::Oid) -> pg_sys::Oid {
 
 /// The table whose row type `rowtype` is; an ERROR for any other type.
 fn table_of_row(rowtype: pg_sys::Oid) -> pg_sys::Oid {
-    // SAFETY: an lsyscache lookup by OID; InvalidOid for a type that is not a table's row.
+    // SAFETY: an lsyscache lookup by OID in the SQL function's transaction; InvalidOid for a
+    // type that has no pg_class row (not a composite).
     let relid = unsafe { pg_sys::get_typ_typrelid(rowtype) };
     if relid == pg_sys::InvalidOid {
         crate::error::raise(
@@ -167,17 +169,25 @@ fn map_row(mapper: &str, rowtype: pg_sys::Oid, row: Value) -> Result<Value, Fhir
     };
     let refs = || -> Result<Refs, FhirSyncError> {
         Ok(Refs {
-            subject: display_ref(relid, &row, "patient_id", "Patient")?,
-            encounter: display_ref(relid, &row, "form_id", "Encounter")?,
+            subject: display_ref(relid, &row, &registry::PATIENT_REF)?,
+            encounter: display_ref(relid, &row, &registry::ENCOUNTER_REF)?,
         })
     };
-    let mapped = match mapper {
-        "patient" => mapping::patient::map(&row, &other_identifiers(relid, &key)?, &ctx),
-        "encounter" => mapping::encounter::map(&row, &ctx, &refs()?),
-        _ if row.contains_key("systolic_pressure") => {
-            mapping::observation::blood_pressure(&row, &ctx, &refs()?)
+    // fhir_observation_json maps blood pressure or pulse, as the row's columns say.
+    let chosen = match mapper {
+        "observation" => {
+            let columns: Vec<&str> = row.keys().map(String::as_str).collect();
+            registry::detect("Observation", &columns)
         }
-        _ if row.contains_key("rate") => mapping::observation::pulse(&row, &ctx, &refs()?),
+        name => Mapper::parse(name),
+    };
+    let mapped = match chosen {
+        Some(Mapper::Patient) => {
+            mapping::patient::map(&row, &other_identifiers(relid, &key)?, &ctx)
+        }
+        Some(Mapper::Encounter) => mapping::encounter::map(&row, &ctx, &refs()?),
+        Some(Mapper::BloodPressure) => mapping::observation::blood_pressure(&row, &ctx, &refs()?),
+        Some(Mapper::Pulse) => mapping::observation::pulse(&row, &ctx, &refs()?),
         _ => {
             return Err(FhirSyncError::NoBuiltInMapper {
                 table,
@@ -246,9 +256,9 @@ fn other_identifiers(patient: pg_sys::Oid, key: &str) -> Result<Vec<mapping::Row
 fn display_ref(
     relid: pg_sys::Oid,
     row: &mapping::Row,
-    column: &str,
-    kind: &str,
+    reference: &registry::Reference,
 ) -> Result<Option<Value>, FhirSyncError> {
+    let (column, kind) = (reference.column, reference.resource_type);
     let key = match row.get(column) {
         Some(Value::Number(n)) => n.to_string(),
         Some(Value::String(s)) => s.clone(),
@@ -268,22 +278,18 @@ fn display_ref(
     if !readable {
         return Ok(Some(unknown()));
     }
-    let mapper = if kind == "Patient" {
-        "patient"
-    } else {
-        "encounter"
-    };
     let id = source::one::<String>(
         &format!(
             "SELECT s.fhir_id FROM {schema}.fhir_sync_state s
-              WHERE s.resource_table = coalesce(
-                      (SELECT c.confrelid FROM pg_catalog.pg_constraint c
-                         JOIN pg_catalog.pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = c.conkey[1]
-                        WHERE c.conrelid = $1 AND c.contype = 'f' AND a.attname = $2 LIMIT 1),
-                      (SELECT pg_catalog.min(t.table_name::pg_catalog.oid) FROM {schema}.fhir_tracked t WHERE t.mapper = $3))::pg_catalog.regclass
+              WHERE s.resource_table = {schema}.fhir_reference_target($1::pg_catalog.regclass, $2::pg_catalog.name, $3)
                 AND s.resource_key = $4 AND NOT s.deleted"
         ),
-        &[relid.into(), column.into(), mapper.into(), key.clone().into()],
+        &[
+            relid.into(),
+            column.into(),
+            reference.mapper.name().into(),
+            key.clone().into(),
+        ],
     )?;
     Ok(Some(match id {
         Some(id) => json!({"reference": format!("{kind}/{id}")}),
@@ -505,6 +511,7 @@ fn fhir_sync_worker_slots() -> TableIterator<
         name!(last_success_at, Option<pgrx::datum::TimestampWithTimeZone>),
         name!(last_error_class, Option<String>),
         name!(last_error_at, Option<pgrx::datum::TimestampWithTimeZone>),
+        name!(cycles, i64),
     ),
 > {
     let Some(s) = shmem::shared() else {
@@ -531,6 +538,7 @@ fn fhir_sync_worker_slots() -> TableIterator<
                     })
                     .flatten(),
                 to_timestamp(w.last_error_ms.load(Ordering::Relaxed)),
+                w.cycles.load(Ordering::Relaxed) as i64,
             )
         })
         .collect();
@@ -554,6 +562,7 @@ fn explain_claim(batch: i32) -> TableIterator<'static, (name!(plan, String),)> {
     };
     let mut plans = Vec::new();
     let run = crate::subxact::rolled_back(|| {
+        crate::worker::apply_session_settings(true)?;
         crate::worker::claim::claim_with(
             &schema,
             batch as i64,
@@ -644,4 +653,17 @@ fn backfill_keys(table: pg_sys::Oid) -> Result<Vec<KeyRow>, FhirSyncError> {
         error: Box::new(error),
     })?
     .map_err(Into::into)
+}
+
+/// Every mapper name fhir_tracked.mapper may hold (the registry's, in fhir_sync_core).
+#[pg_extern(immutable, parallel_safe)]
+fn fhir_mapper_names() -> Vec<&'static str> {
+    registry::names()
+}
+
+/// The built-in mapper `fhir_track` picks for a table of `resource_type` with these columns,
+/// or NULL when none fits.
+#[pg_extern(immutable, parallel_safe)]
+fn fhir_builtin_mapper(resource_type: &str, columns: Vec<String>) -> Option<&'static str> {
+    registry::detect(resource_type, &columns).map(Mapper::name)
 }

@@ -56,6 +56,9 @@ thread_local! {
 /// Set when this transaction captured a change; read and cleared at commit or abort.
 static mut CAPTURED_IN_XACT: bool = false;
 
+/// The capture trigger. Correct only as the AFTER ROW INSERT/UPDATE/DELETE trigger `fhir_track`
+/// creates, and nothing here checks that: fired BEFORE ROW, its NULL result would skip the row
+/// while the outbox row is written; fired per statement both tuples are null (a NullKey error).
 #[pg_trigger]
 fn fhir_capture<'a>(
     trigger: &'a PgTrigger<'a>,
@@ -73,7 +76,10 @@ fn fhir_capture<'a>(
         _ => return Ok(None),
     };
     let rel = data.tg_relation;
+    // SAFETY: #[pg_trigger] runs this only when fcinfo->context is TriggerData, whose
+    // tg_relation is the relation the trigger fired on, open and locked for this whole call.
     let (relid, tupdesc) = unsafe { ((*rel).rd_id, (*rel).rd_att) };
+    // SAFETY: the same open relation; a transaction is in progress, as for every trigger call.
     let table_name = unsafe { qualified_name(rel) };
     // INSERT and DELETE carry their row in trigtuple; UPDATE has the old row there and the new
     // one in newtuple.
@@ -83,10 +89,13 @@ fn fhir_capture<'a>(
         _ => (Some(data.tg_trigtuple), None),
     };
     let current = new.or(old).unwrap_or(std::ptr::null_mut());
+    // SAFETY: for a row trigger tg_trigtuple (and, for UPDATE, tg_newtuple) are rows of
+    // tg_relation, valid for this call; null (a statement trigger) is checked in column_text.
     let record_id = unsafe { column_text(current, tupdesc, &args.key_column) }
         .ok_or(FhirSyncError::NullKey(table_name.clone()))?;
 
     let payload = if crate::gucs::capture_payload() {
+        // SAFETY: `current` as above: a row of tg_relation shaped by its tupdesc, or null.
         unsafe { row_json(current, tupdesc) }
     } else {
         None
@@ -98,6 +107,7 @@ fn fhir_capture<'a>(
         Some((parent_rel, parent_col)) => {
             // A child row that moves from one parent to another changes both parents.
             for tuple in [old, new].into_iter().flatten() {
+                // SAFETY: the trigger's own old/new rows, described by tupdesc, or null.
                 if let Some(key) = unsafe { column_text(tuple, tupdesc, parent_col) } {
                     if !targets.iter().any(|(_, k)| *k == key) {
                         targets.push((*parent_rel, key));
@@ -109,6 +119,8 @@ fn fhir_capture<'a>(
     let (identifier_system, identifier_value) = if args.captures_identifier {
         // For a DELETE the old row is all that is left of the resource's identity.
         let tuple = old.filter(|_| op == 'D').unwrap_or(current);
+        // SAFETY: both calls read the trigger's own row (tg_trigtuple or tg_newtuple, or null)
+        // through tg_relation's tupdesc, all valid for this call.
         unsafe {
             (
                 column_text(tuple, tupdesc, c"identifier_system"),
@@ -137,12 +149,19 @@ fn fhir_capture<'a>(
             },
         )?;
     }
+    // SAFETY: CAPTURED_IN_XACT is touched only on the backend's main thread (this trigger,
+    // announce_changes, on_xact_event), so there is no concurrent access.
     unsafe { CAPTURED_IN_XACT = true };
     register_commit_callback();
     Ok(None)
 }
 
 /// A column of a tuple in its text form (whatever its type), or None when NULL or absent.
+///
+/// # Safety
+/// `tuple` is null or a valid heap tuple described by `tupdesc`; a transaction is in progress
+/// (the column's output function runs).
+// SAFETY: its callers, all in fhir_capture, pass the trigger's own rows and tupdesc.
 unsafe fn column_text(
     tuple: *mut pg_sys::HeapTupleData,
     tupdesc: pg_sys::TupleDesc,
@@ -151,6 +170,8 @@ unsafe fn column_text(
     if tuple.is_null() {
         return None;
     }
+    // SAFETY: tuple and tupdesc per the contract; SPI_fnumber/SPI_getvalue need no SPI
+    // connection, and the palloc'd text from SPI_getvalue is copied out before it is freed.
     unsafe {
         let attnum = pg_sys::SPI_fnumber(tupdesc, column.as_ptr());
         if attnum <= 0 {
@@ -167,6 +188,11 @@ unsafe fn column_text(
 }
 
 /// The row as JSON text, for the optional payload_json copy.
+///
+/// # Safety
+/// As for `column_text`: `tuple` is null or a heap tuple described by `tupdesc`, in a
+/// transaction.
+// SAFETY: its one caller, fhir_capture, passes the trigger's own row and tupdesc.
 unsafe fn row_json(
     tuple: *mut pg_sys::HeapTupleData,
     tupdesc: pg_sys::TupleDesc,
@@ -174,6 +200,8 @@ unsafe fn row_json(
     if tuple.is_null() {
         return None;
     }
+    // SAFETY: heap_copy_tuple_as_datum makes a self-describing composite datum (type id
+    // stamped, toasted fields inlined), which is what row_to_json(record) reads.
     unsafe {
         let datum = pg_sys::heap_copy_tuple_as_datum(tuple, tupdesc);
         // row_to_json(record), by OID: it reads the row type from the datum itself.
@@ -184,7 +212,11 @@ unsafe fn row_json(
     }
 }
 
+/// # Safety
+/// `rel` is an open relation; a transaction is in progress (pg_namespace syscache lookup).
+// SAFETY: its one caller passes the trigger's tg_relation.
 unsafe fn qualified_name(rel: pg_sys::Relation) -> String {
+    // SAFETY: per the contract; get_namespace_name returns a palloc'd name or null (checked).
     unsafe {
         let nsp = pg_sys::get_namespace_name((*(*rel).rd_rel).relnamespace);
         let name = CStr::from_ptr((*(*rel).rd_rel).relname.data.as_ptr()).to_string_lossy();
@@ -199,6 +231,8 @@ unsafe fn qualified_name(rel: pg_sys::Relation) -> String {
 fn register_commit_callback() {
     CALLBACK_REGISTERED.with(|done| {
         if !done.get() {
+            // SAFETY: once per backend (the thread-local flag), on its main thread; the callback
+            // is a static fn, kept by RegisterXactCallback in TopMemoryContext.
             unsafe { pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut()) };
             done.set(true);
         }
@@ -207,11 +241,17 @@ fn register_commit_callback() {
 
 /// Wakes the workers once the changes are visible to them. A rollback or a PREPARE clears the
 /// flag: COMMIT PREPARED wakes the workers itself (utility.rs).
+///
+/// Not #[pg_guard]ed: it must not panic (it would unwind into xact.c), and nothing in it can.
+// SAFETY: called only by PostgreSQL's CallXactCallbacks, on the main thread; at COMMIT the
+// transaction is already committed, so it may not fail: it only touches atomics and SetLatch.
 unsafe extern "C-unwind" fn on_xact_event(
     event: pg_sys::XactEvent::Type,
     _arg: *mut std::ffi::c_void,
 ) {
     use pg_sys::XactEvent::*;
+    // SAFETY: CAPTURED_IN_XACT and MyDatabaseId are main-thread backend state, and this runs
+    // on the main thread.
     unsafe {
         match event {
             XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT if CAPTURED_IN_XACT => {
@@ -228,6 +268,7 @@ unsafe extern "C-unwind" fn on_xact_event(
 
 /// Makes the current transaction wake the workers at commit, as a capture does.
 pub fn announce_changes() {
+    // SAFETY: main-thread only, like every access to CAPTURED_IN_XACT (the utility hook).
     unsafe { CAPTURED_IN_XACT = true };
     register_commit_callback();
 }

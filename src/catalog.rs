@@ -10,12 +10,16 @@ use pgrx::pg_sys;
 /// `T` must be the `FormData_*` struct of `cache`'s catalog, and `key` a datum of the cache's key
 /// type; a transaction must be in progress. `read` must copy out what it needs: the tuple is
 /// released when it returns.
+// SAFETY: each caller names the FormData struct of the cache it looks up, with an OID key (or,
+// for AUTHNAME, a C string, as PostgreSQL's own lookups pass), inside its transaction.
 pub unsafe fn row<T, R>(
     cache: pg_sys::SysCacheIdentifier::Type,
     key: pg_sys::Datum,
     read: impl FnOnce(&T) -> R,
 ) -> Option<R> {
-    // SAFETY: per the contract above; a heap tuple's data begins t_hoff bytes into its header.
+    // SAFETY: per the contract; the tuple is pinned until ReleaseSysCache, and its data begins
+    // t_hoff (MAXALIGNed) bytes into its header; `R` cannot hold a reference into it (its type
+    // does not name the borrow), and a panic in `read` leaves the pin to the resource owner.
     unsafe {
         let tup = pg_sys::SearchSysCache1(cache as _, key);
         if tup.is_null() {

@@ -14,7 +14,11 @@ use pgrx::PgSqlErrorCode;
 pub enum FhirSyncError {
     BadTrigger(usize),
     NullKey(String),
-    Spi(String),
+    /// Something that cannot happen did (an SPI call refused): a bug, SQLSTATE XX000.
+    Internal(String),
+    /// The extension's own objects are missing or altered (dropped under a running session,
+    /// edited by hand): SQLSTATE 55000, object_not_in_prerequisite_state.
+    Broken(String),
     NotTracked(String),
     NoPrimaryKey(String),
     NoBuiltInMapper {
@@ -140,7 +144,8 @@ impl std::fmt::Display for FhirSyncError {
         match self {
             BadTrigger(n) => write!(f, "fhir_capture trigger has {n} arguments, expected 6"),
             NullKey(t) => write!(f, "row of tracked table {t} has a null primary key"),
-            Spi(e) => write!(f, "fhir_sync internal query failed: {e}"),
+            Internal(e) => write!(f, "fhir_sync internal error: {e}"),
+            Broken(e) => write!(f, "fhir_sync's own objects are not as it made them: {e}"),
             NotTracked(t) => write!(f, "table {t} is not tracked by fhir_sync"),
             NoPrimaryKey(t) => write!(f, "table {t} has no single-column primary key"),
             NoBuiltInMapper {
@@ -177,7 +182,8 @@ impl FhirSyncError {
         match self {
             BadTrigger(_) => PgSqlErrorCode::ERRCODE_TRIGGERED_ACTION_EXCEPTION,
             NullKey(_) => PgSqlErrorCode::ERRCODE_NOT_NULL_VIOLATION,
-            Spi(_) => PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+            Internal(_) => PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+            Broken(_) => PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             NotTracked(_) | RowNotFound { .. } => PgSqlErrorCode::ERRCODE_NO_DATA_FOUND,
             NoPrimaryKey(_) => PgSqlErrorCode::ERRCODE_INVALID_TABLE_DEFINITION,
             NoBuiltInMapper { .. } => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
@@ -194,6 +200,7 @@ impl FhirSyncError {
             BadTrigger(_) => Some("Recreate the trigger with SELECT fhir_untrack(...) and SELECT fhir_track(...)."),
             NotTracked(_) => Some("Start tracking it with SELECT fhir_track('table', 'ResourceType')."),
             NoPrimaryKey(_) => Some("Add a primary key on one column: fhir_sync addresses rows by it."),
+            Broken(_) => Some("Undo the change to fhir_sync's objects; the installed SQL and fhir_sync.so must be of one version (ALTER EXTENSION fhir_sync UPDATE)."),
             NoBuiltInMapper { .. } => Some(
                 "Pass a mapping function: SELECT fhir_track('table', 'Type', map_function => 'my_fn(my_table)'::regprocedure).",
             ),
@@ -247,7 +254,7 @@ impl From<PgError> for FhirSyncError {
 
 impl From<pgrx::spi::SpiError> for FhirSyncError {
     fn from(e: pgrx::spi::SpiError) -> Self {
-        FhirSyncError::Spi(e.to_string())
+        FhirSyncError::Internal(e.to_string())
     }
 }
 

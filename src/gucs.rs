@@ -6,6 +6,7 @@
 //! holds it: PostgreSQL logs a setting's new value when a reload changes it, so a secret set
 //! with ALTER SYSTEM reaches the log; a file's content never does.
 
+use fhir_sync_core::send::BundleType;
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
 use std::ffi::CString;
 
@@ -65,17 +66,8 @@ pub static MAX_IN_FLIGHT: GucSetting<i32> = GucSetting::<i32>::new(4);
 /// Entries per Bundle; 0 or 1 sends one request per resource.
 pub static BUNDLE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(0);
 
-#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
-pub enum BundleKind {
-    #[name = c"batch"]
-    Batch,
-    #[name = c"transaction"]
-    Transaction,
-}
-
-/// Bundle type: batch (entries succeed or fail one by one) or transaction (all or nothing;
-/// a failed transaction is re-sent entry by entry to find the bad one).
-pub static BUNDLE_TYPE: GucSetting<BundleKind> = GucSetting::<BundleKind>::new(BundleKind::Batch);
+/// Bundle type (the enum is `send::BundleType`, shared with the sending code).
+pub static BUNDLE_TYPE: GucSetting<BundleType> = GucSetting::<BundleType>::new(BundleType::Batch);
 
 /// Base URI for identifiers derived from table and primary key.
 pub static IDENTIFIER_SYSTEM: GucSetting<Option<CString>> =
@@ -546,18 +538,11 @@ pub fn ca_file() -> Option<String> {
     string(&CA_FILE)
 }
 
-pub fn grouping() -> crate::worker::send::Grouping {
-    crate::worker::send::Grouping {
-        bundle_size: BUNDLE_SIZE.get().max(0) as usize,
-        bundle_type: match BUNDLE_TYPE.get() {
-            BundleKind::Batch => crate::worker::send::BundleType::Batch,
-            BundleKind::Transaction => crate::worker::send::BundleType::Transaction,
-        },
-        in_flight: max_in_flight(),
-        // Half the lease: a request started before this ends (http_timeout) well within it.
-        deadline: std::time::Instant::now()
-            + std::time::Duration::from_millis(lease_time_ms() as u64 / 2),
-    }
+pub fn bundle_size() -> usize {
+    BUNDLE_SIZE.get().max(0) as usize
+}
+pub fn bundle_type() -> BundleType {
+    BUNDLE_TYPE.get()
 }
 
 #[cfg(test)]

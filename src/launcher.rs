@@ -135,6 +135,8 @@ pub extern "C-unwind" fn fhir_sync_launcher_main(_arg: pg_sys::Datum) {
     for (_, r) in running {
         let _ = r.handle.terminate();
     }
+    // SAFETY: the main thread, outside any transaction; proc_exit never returns, and what is
+    // left on this frame is plain Rust memory the exit reclaims (the handles were used up).
     unsafe { pg_sys::proc_exit(1) };
 }
 
@@ -156,6 +158,7 @@ fn start_worker(db: &str, i: usize, slot: usize) -> Option<DynamicBackgroundWork
         .enable_spi_access()
         .set_start_time(BgWorkerStartTime::RecoveryFinished)
         .set_restart_time(None)
+        // SAFETY: MyProcPid is set once at process start and never written again.
         .set_notify_pid(unsafe { pg_sys::MyProcPid })
         .load_dynamic()
         .ok()
@@ -204,8 +207,9 @@ impl RoleStatus {
 fn read_catalog(role: Option<&str>) -> (Vec<(String, pg_sys::Oid, bool)>, RoleStatus) {
     let mut out = Vec::new();
     // SAFETY: the launcher's main loop, outside any transaction: the transaction begun here
-    // is committed below; the catalog scan and the syscache tuple are closed and released
-    // before that, and only fixed-size fields of their rows are read.
+    // is committed below; pg_database and pg_authid are shared catalogs, readable with no
+    // database connected; heap_getnext's tuple is read before the next call, the scan ended and
+    // the syscache tuple released before commit, and only fixed-size fields are read.
     unsafe {
         pg_sys::StartTransactionCommand();
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());

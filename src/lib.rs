@@ -14,9 +14,7 @@ mod capture;
 mod catalog;
 mod error;
 mod gucs;
-mod http;
 mod launcher;
-mod mapping;
 mod metrics;
 mod outbox_write;
 mod plans;
@@ -24,9 +22,11 @@ mod sandbox;
 mod shmem;
 mod source;
 mod subxact;
-mod threads;
 mod utility;
 mod worker;
+
+// The pure layer, under its old paths: `crate::mapping`, `crate::http`, `crate::threads`.
+use fhir_sync_core::{http, mapping, threads};
 
 pgrx::pg_module_magic!(name, version);
 
@@ -36,7 +36,11 @@ pgrx::pg_module_magic!(name, version);
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
-extension_sql_file!("../sql/track.sql", name = "track", requires = ["schema"]);
+extension_sql_file!(
+    "../sql/track.sql",
+    name = "track",
+    requires = ["schema", api::fhir_mapper_names]
+);
 extension_sql_file!("../sql/admin.sql", name = "admin", requires = ["schema"]);
 extension_sql_file!(
     "../sql/views.sql",
@@ -47,6 +51,8 @@ extension_sql_file!("../sql/privileges.sql", name = "privileges", finalize);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
+    // SAFETY: a plain read of a bool PostgreSQL sets around loading shared_preload_libraries,
+    // on the one thread that loads libraries.
     if unsafe { !pg_sys::process_shared_preload_libraries_in_progress } {
         error::raise(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,

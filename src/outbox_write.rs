@@ -62,6 +62,9 @@ struct Outbox {
     sequence: pg_sys::Oid,
     owner: pg_sys::Oid,
     natts: usize,
+    /// Each attribute's type (InvalidOid for a dropped one): a cached layout is used only while
+    /// the table's descriptor still has exactly these (ALTER COLUMN … TYPE keeps natts).
+    types: Vec<pg_sys::Oid>,
     columns: Columns,
 }
 
@@ -71,22 +74,30 @@ thread_local! {
 }
 
 /// Writes one outbox row in the current transaction.
+///
+/// Only from the capture trigger (an AFTER ROW trigger, so inside a running query of a
+/// writable transaction, on the main thread): it inserts at the current command id, and an
+/// AFTER trigger on the outbox could only be queued inside a query.
 pub fn insert(schema: &str, change: &Change) -> Result<(), FhirSyncError> {
     let outbox = cached(schema)?;
+    // SAFETY: called from the capture trigger (see above); `outbox` was resolved from the
+    // catalogs, and `write` re-checks it against the relation it opens (natts only: see write).
     if unsafe { write_as_owner(&outbox, change) } {
         return Ok(());
     }
     // Dropped and created again, or altered, since it was resolved: once more, afresh.
     let outbox = resolve(schema)?;
+    // SAFETY: as above, with the outbox just resolved in this transaction.
     if unsafe { write_as_owner(&outbox, change) } {
         return Ok(());
     }
-    Err(FhirSyncError::Spi(
+    Err(FhirSyncError::Broken(
         "fhir_outbox does not have the shape fhir_sync writes".into(),
     ))
 }
 
 /// The outbox's identity sequence: the claim reads how far ids have been handed out.
+/// Only inside a transaction (it may resolve the outbox through the catalogs; unchecked).
 pub fn sequence(schema: &str) -> Result<pg_sys::Oid, FhirSyncError> {
     Ok(cached(schema)?.sequence)
 }
@@ -102,8 +113,14 @@ fn cached(schema: &str) -> Result<Outbox, FhirSyncError> {
 
 /// Writes as the extension owner: the caller may write the tracked table but has no right to
 /// the outbox's sequence. Transaction abort restores the identity on error.
+///
+/// # Safety
+/// As for `write`.
+// SAFETY: upheld by `insert`, its only caller.
 unsafe fn write_as_owner(outbox: &Outbox, change: &Change) -> bool {
     let (mut user, mut sec) = (pg_sys::InvalidOid, 0i32);
+    // SAFETY: the user id is backend-local; restored below, and on ERROR by the (sub)transaction
+    // abort, which resets it to the identity saved when that (sub)transaction began.
     unsafe {
         pg_sys::GetUserIdAndSecContext(&mut user, &mut sec);
         pg_sys::SetUserIdAndSecContext(
@@ -120,9 +137,18 @@ fn text(s: &str) -> Option<pg_sys::Datum> {
     s.into_datum()
 }
 
-/// Returns false, having written nothing, when the table is gone or its columns are not the
-/// ones resolved.
+/// Returns false, having written nothing, when the table is gone or its number of columns is
+/// not the one resolved (the only check of the columns: see below).
+///
+/// # Safety
+/// A writable transaction, inside a running query (the capture trigger), on the main thread;
+/// `outbox` resolved by `resolve` (its layout is checked against the open table here).
+// SAFETY: upheld by write_as_owner's caller, `insert`.
 unsafe fn write(outbox: &Outbox, change: &Change) -> bool {
+    // SAFETY: the table is opened (RowExclusiveLock) before its descriptor is read; the slot's
+    // arrays have natts entries (checked equal to outbox.natts); every datum is formed in
+    // es_query_cxt and copied by the heap insert before FreeExecutorState. The cached positions
+    // are used only while every attribute still has the type resolved (attribute_types).
     unsafe {
         let rel =
             pg_sys::try_table_open(outbox.relid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
@@ -130,7 +156,7 @@ unsafe fn write(outbox: &Outbox, change: &Change) -> bool {
             return false;
         }
         let desc = (*rel).rd_att;
-        if (*desc).natts as usize != outbox.natts {
+        if (*desc).natts as usize != outbox.natts || attribute_types(desc) != outbox.types {
             pg_sys::table_close(rel, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
             return false;
         }
@@ -206,12 +232,15 @@ unsafe fn write(outbox: &Outbox, change: &Change) -> bool {
 /// Finds the outbox, its owner and its identity sequence by catalog lookups in C: this runs in
 /// the writer's session, under the writer's search_path, so it runs no SQL at all (an operator
 /// planted ahead of pg_catalog on that path would otherwise run with the writer's rights).
+/// Only inside a transaction, on the main thread: not checked here.
 fn resolve(schema: &str) -> Result<Outbox, FhirSyncError> {
     register_invalidation();
-    let gone = || FhirSyncError::Spi(format!("{schema}.fhir_outbox does not exist"));
+    let gone = || FhirSyncError::Broken(format!("{schema}.fhir_outbox does not exist"));
     let nsp_name = std::ffi::CString::new(schema).map_err(|_| gone())?;
-    // SAFETY: catalog lookups by name and OID with missing_ok; the relation opened below is
-    // closed before returning, and only its tuple descriptor and pg_class row are read.
+    // SAFETY: a transaction is in progress (trigger or worker transaction); name lookups return
+    // InvalidOid when missing (checked), and table_open raises an ERROR, never returns null.
+    // Only the open relation's descriptor and pg_class row are read, and the `find(..)?` returns
+    // below leave it open: no UB (the resource owner closes it; a commit warns of the leak).
     unsafe {
         let nsp = pg_sys::get_namespace_oid(nsp_name.as_ptr(), true);
         if nsp == pg_sys::InvalidOid {
@@ -225,6 +254,7 @@ fn resolve(schema: &str) -> Result<Outbox, FhirSyncError> {
         let owner = (*(*rel).rd_rel).relowner;
         let desc = (*rel).rd_att;
         let natts = (*desc).natts as usize;
+        let types = attribute_types(desc);
         let attrs = (*desc).attrs.as_slice(natts);
         let find = |name: &str| {
             attrs
@@ -233,7 +263,9 @@ fn resolve(schema: &str) -> Result<Outbox, FhirSyncError> {
                     !a.attisdropped
                         && CStr::from_ptr(a.attname.data.as_ptr()).to_bytes() == name.as_bytes()
                 })
-                .ok_or_else(|| FhirSyncError::Spi(format!("fhir_outbox has no column \"{name}\"")))
+                .ok_or_else(|| {
+                    FhirSyncError::Broken(format!("fhir_outbox has no column \"{name}\""))
+                })
         };
         let id_attnum = match find("id") {
             Ok(i) => (i + 1) as pg_sys::AttrNumber,
@@ -248,33 +280,38 @@ fn resolve(schema: &str) -> Result<Outbox, FhirSyncError> {
         let sequence = pg_sys::getIdentitySequence(rel, id_attnum, true);
         if sequence == pg_sys::InvalidOid {
             pg_sys::table_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-            return Err(FhirSyncError::Spi(
+            return Err(FhirSyncError::Broken(
                 "fhir_outbox.id has no identity sequence".into(),
             ));
         }
-        let columns = Columns {
-            id: find("id")?,
-            txid: find("txid")?,
-            table_name: find("table_name")?,
-            record_id: find("record_id")?,
-            operation: find("operation")?,
-            resource_type: find("resource_type")?,
-            resource_table: find("resource_table")?,
-            resource_key: find("resource_key")?,
-            payload_json: find("payload_json")?,
-            identifier_system: find("identifier_system")?,
-            identifier_value: find("identifier_value")?,
-            created_at: find("created_at")?,
-            processed: find("processed")?,
-            attempts: find("attempts")?,
-        };
+        let columns = (|| {
+            Ok::<_, FhirSyncError>(Columns {
+                id: find("id")?,
+                txid: find("txid")?,
+                table_name: find("table_name")?,
+                record_id: find("record_id")?,
+                operation: find("operation")?,
+                resource_type: find("resource_type")?,
+                resource_table: find("resource_table")?,
+                resource_key: find("resource_key")?,
+                payload_json: find("payload_json")?,
+                identifier_system: find("identifier_system")?,
+                identifier_value: find("identifier_value")?,
+                created_at: find("created_at")?,
+                processed: find("processed")?,
+                attempts: find("attempts")?,
+            })
+        })();
+        // Closed before a missing column is reported: an early return would leak the reference.
         pg_sys::table_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let columns = columns?;
         let outbox = Outbox {
             schema: schema.to_string(),
             relid,
             sequence,
             owner,
             natts,
+            types,
             columns,
         };
         OUTBOX.with(|cell| *cell.borrow_mut() = Some(outbox.clone()));
@@ -282,9 +319,33 @@ fn resolve(schema: &str) -> Result<Outbox, FhirSyncError> {
     }
 }
 
+/// The type of each attribute of `desc` (InvalidOid for a dropped one).
+///
+/// # Safety
+/// `desc` is the descriptor of a relation this backend holds open.
+unsafe fn attribute_types(desc: pg_sys::TupleDesc) -> Vec<pg_sys::Oid> {
+    // SAFETY: the caller holds the relation open, so its descriptor has natts attributes.
+    unsafe {
+        (*desc)
+            .attrs
+            .as_slice((*desc).natts as usize)
+            .iter()
+            .map(|a| {
+                if a.attisdropped {
+                    pg_sys::InvalidOid
+                } else {
+                    a.atttypid
+                }
+            })
+            .collect()
+    }
+}
+
 fn register_invalidation() {
     CALLBACK_REGISTERED.with(|done| {
         if !done.get() {
+            // SAFETY: once per backend (the thread-local flag), so at most one of the
+            // MAX_RELCACHE_CALLBACKS slots; `forget` is a static fn.
             unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(forget), pg_sys::Datum::from(0)) };
             done.set(true);
         }
@@ -292,6 +353,11 @@ fn register_invalidation() {
 }
 
 /// Relcache invalidation: the outbox changed (or every relation did); resolve it again.
+///
+/// Not #[pg_guard]ed: it must not panic. Its borrow_mut cannot fail, as OUTBOX is never
+/// borrowed across a PostgreSQL call, the only place invalidations are processed.
+// SAFETY: called only by PostgreSQL's invalidation processing, on the main thread; it reads
+// its arguments by value and touches only the thread-local cache.
 unsafe extern "C-unwind" fn forget(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
     OUTBOX.with(|cell| {
         let mut cell = cell.borrow_mut();

@@ -47,11 +47,13 @@ fn mono_ms() -> i64 {
         + 1
 }
 
-/// Marks this process as a delivery worker, and starts the watchdog.
+/// Marks this process as a delivery worker, and starts the watchdog. Once per process, from
+/// the worker's main thread (each call registers an exit callback and starts a thread).
 pub fn enter_worker() {
     IN_WORKER.with(|w| w.set(true));
     mono_ms();
-    // SAFETY: registered once, in the worker's main thread; the callback only logs.
+    // SAFETY: registered once per worker process (one of on_proc_exit's 20 slots), on its main
+    // thread; the callback is a static fn that only logs at LOG level.
     unsafe { pg_sys::on_proc_exit(Some(explain_exit), pg_sys::Datum::from(0)) };
     crate::threads::block_signals_around(|| {
         std::thread::spawn(watchdog);
@@ -81,13 +83,17 @@ fn watchdog() {
                 .compare_exchange(deadline, 0, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
         {
-            // SAFETY: the writes die() makes from a signal handler: sig_atomic_t flags the main
-            // thread reads at its next interrupt check. No PostgreSQL function is called from this
-            // thread (pgrx refuses that): SIGUSR1 makes the main thread's own handler set the
-            // process latch, so a wait (pg_sleep, a lock) ends and the interrupt is seen.
+            // SAFETY: what die() would set, written atomically (sequentially consistent, the die
+            // flag before the interrupt flag) because the main thread reads and clears them at
+            // the same time: PostgreSQL declares them volatile sig_atomic_t, aligned ints that
+            // AtomicI32 may view. kill() calls no PostgreSQL code; the SIGUSR1 handler runs on the
+            // main thread (this one blocks every signal) and sets the latch, ending a wait.
             unsafe {
-                pg_sys::ProcDiePending = 1;
-                pg_sys::InterruptPending = 1;
+                let die = std::sync::atomic::AtomicI32::from_ptr(&raw mut pg_sys::ProcDiePending);
+                let pending =
+                    std::sync::atomic::AtomicI32::from_ptr(&raw mut pg_sys::InterruptPending);
+                die.store(1, Ordering::SeqCst);
+                pending.store(1, Ordering::SeqCst);
                 libc::kill(libc::getpid(), libc::SIGUSR1);
             }
         }
@@ -96,6 +102,9 @@ fn watchdog() {
 
 /// on_proc_exit: when the watchdog ended the worker, say why (the FATAL line before it is
 /// PostgreSQL's generic "terminating background worker … due to administrator command").
+///
+/// Not #[pg_guard]ed: it must not panic or raise (it runs inside proc_exit); LOG does neither.
+// SAFETY: called only by proc_exit on the main thread, arguments by value; it reads an atomic.
 unsafe extern "C-unwind" fn explain_exit(_code: std::ffi::c_int, _arg: pg_sys::Datum) {
     let role = OVERRAN.load(Ordering::Acquire);
     if role != 0 {
@@ -153,8 +162,9 @@ fn search_path_is_pinned() -> bool {
 fn arm_statement_timeout() {
     let ms = crate::gucs::statement_timeout_ms();
     // SAFETY: STATEMENT_TIMEOUT is registered by InitPostgres in every backend with a database
-    // connection (workers included); its handler sends SIGINT to this process, whose handler
-    // (StatementCancelHandler) only sets flags: the ERROR comes at the next interrupt check.
+    // connection (workers included); its handler SIGINTs this process, whose handler only sets
+    // flags: the ERROR comes at the next interrupt check. Called unguarded, on the main thread:
+    // both raise nothing below FATAL (a bad index, a failed setitimer), which exits, no longjmp.
     unsafe {
         if ms > 0 {
             enable_timeout_after(STATEMENT_TIMEOUT, ms);
@@ -182,9 +192,10 @@ pub fn worker_transaction_end() {
     if !in_worker() {
         return;
     }
-    // SAFETY: disarming a timeout that is not armed is a no-op; USER_LOCKMETHOD (advisory
-    // locks) is the only lock method with session locks the worker could hold, and it takes
-    // none itself: what is there was left by owners' code.
+    // SAFETY: main thread; disarming a timeout that is not armed is a no-op (and raises at most
+    // FATAL); QueryCancelPending's only other writer is a signal handler on this thread.
+    // USER_LOCKMETHOD (advisory locks) is the only lock method with session locks the worker
+    // could hold, and it takes none itself: what is there was left by owners' code.
     unsafe {
         disable_timeout(STATEMENT_TIMEOUT, false);
         // A timeout that fired after the transaction's last interrupt check must not cancel the
@@ -202,6 +213,8 @@ pub fn pinned<R>(f: impl FnOnce() -> R) -> R {
     let nest = unsafe { pg_sys::NewGUCNestLevel() };
     set_guc(c"search_path", PINNED_SEARCH_PATH, true);
     let r = f();
+    // SAFETY: `nest` is the level opened above and still the innermost: inner levels (the
+    // sandbox's, subtransactions') are closed before their code returns. Restores the SAVEd path.
     unsafe { pg_sys::AtEOXact_GUC(true, nest) };
     r
 }
@@ -217,7 +230,8 @@ pub fn runner_for(owner: pg_sys::Oid) -> pg_sys::Oid {
     if owner == pg_sys::InvalidOid || (in_worker() && DEPTH.with(|d| d.get()) == 0) {
         return owner;
     }
-    // SAFETY: catalog lookups for the current user; has_privs_of_role raises no error.
+    // SAFETY: GetUserId reads backend state; has_privs_of_role reads pg_authid through the
+    // syscache, which needs the transaction every caller runs in (unchecked).
     unsafe {
         let user = pg_sys::GetUserId();
         if pg_sys::has_privs_of_role(user, owner) {
@@ -265,6 +279,8 @@ pub fn as_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> Result<R, PgErr
             }
         }
         let out = f();
+        // SAFETY: `nest` is the level opened above, still innermost (f's own levels and
+        // subtransactions are closed when it returns); user and sec are those saved above.
         unsafe {
             pg_sys::AtEOXact_GUC(false, nest);
             pg_sys::SetUserIdAndSecContext(user, sec);

@@ -27,6 +27,8 @@ pub struct WorkerSlot {
     pub last_error_class: AtomicU32,
     pub last_error_ms: AtomicI64,
     pub started_ms: AtomicI64,
+    /// Passes of the worker's loop since it started (tests wait on it instead of sleeping).
+    pub cycles: AtomicU64,
     /// Set by DROP DATABASE (and RENAME): the worker must disconnect now.
     pub leave: std::sync::atomic::AtomicBool,
 }
@@ -56,7 +58,10 @@ static mut PREV_STARTUP: pg_sys::shmem_startup_hook_type = None;
 #[cfg(not(any(feature = "pg13", feature = "pg14")))]
 static mut PREV_REQUEST: pg_sys::shmem_request_hook_type = None;
 
+/// Only from _PG_init while shared_preload_libraries is being processed (lib.rs checks).
 pub fn init() {
+    // SAFETY: _PG_init in the postmaster, single-threaded, before shared memory exists: the hook
+    // chain is written once here and inherited by every child; on 13/14 the request is legal now.
     unsafe {
         #[cfg(any(feature = "pg13", feature = "pg14"))]
         pg_sys::RequestAddinShmemSpace(std::mem::size_of::<Shared>());
@@ -72,7 +77,10 @@ pub fn init() {
 
 #[cfg(not(any(feature = "pg13", feature = "pg14")))]
 #[pgrx::pg_guard]
+// SAFETY: PostgreSQL calls it only as the shmem_request_hook, once, in the postmaster.
 unsafe extern "C-unwind" fn request() {
+    // SAFETY: PREV_REQUEST was set in init() before this hook could run; requesting space is
+    // what this hook exists for.
     unsafe {
         if let Some(prev) = PREV_REQUEST {
             prev();
@@ -82,7 +90,11 @@ unsafe extern "C-unwind" fn request() {
 }
 
 #[pgrx::pg_guard]
+// SAFETY: PostgreSQL calls it only as the shmem_startup_hook, after the space was requested,
+// in the postmaster (and, under EXEC_BACKEND, in each child before it runs anything else).
 unsafe extern "C-unwind" fn startup() {
+    // SAFETY: MainLWLockArray[21] is AddinShmemInitLock on every supported major; under it the
+    // struct is found or created and zeroed exactly once. SHARED is written before any thread.
     unsafe {
         if let Some(prev) = PREV_STARTUP {
             prev();
@@ -109,6 +121,9 @@ unsafe extern "C-unwind" fn startup() {
 
 /// The shared state, or None in a process that did not preload the library.
 pub fn shared() -> Option<&'static Shared> {
+    // SAFETY: SHARED is written only by startup(), before any backend or thread exists, so this
+    // read (from any thread) races with nothing; the segment lives as long as the process, and
+    // every field is an atomic, so a shared reference to memory other processes write is sound.
     unsafe { (&raw const SHARED).read().as_ref() }
 }
 
@@ -120,7 +135,8 @@ pub fn now_ms() -> i64 {
 }
 
 /// Wakes the workers serving `db`. Called from the commit callback: touches only atomics and
-/// latches, which cannot fail.
+/// latches, which cannot fail. Main thread only: pgrx's guard on SetLatch panics elsewhere, and
+/// a panic in the (unguarded) commit callback would unwind into xact.c.
 pub fn wake_database(db: pg_sys::Oid) {
     let Some(shared) = shared() else { return };
     for slot in &shared.workers {
@@ -141,6 +157,9 @@ pub fn wake_database(db: pg_sys::Oid) {
         {
             let latch = slot.latch.load(Ordering::Acquire);
             if latch != 0 {
+                // SAFETY: a worker's MyLatch is its PGPROC's procLatch, in shared memory at the
+                // same address in every process and never freed: if the worker has gone (or the
+                // PGPROC is reused), SetLatch only wakes nobody or someone spuriously.
                 unsafe { pg_sys::SetLatch(latch as *mut pg_sys::Latch) };
             }
         }
@@ -179,15 +198,21 @@ impl WorkerState {
 }
 
 impl WorkerSlot {
+    /// Only from a worker's main thread once it has a PGPROC (as every shmem-attached
+    /// background worker has when its main function runs): other processes set its latch.
     pub fn claim(&self, db: pg_sys::Oid) {
         self.db_oid.store(db.to_u32(), Ordering::Release);
+        // SAFETY: a plain read of a backend global on its main thread; with a PGPROC, MyLatch is
+        // its shared procLatch (before InitProcess it would be a process-local latch: unchecked).
         self.latch
             .store(unsafe { pg_sys::MyLatch } as usize, Ordering::Release);
         self.started_ms.store(now_ms(), Ordering::Relaxed);
         self.batch.store(0, Ordering::Relaxed);
+        self.cycles.store(0, Ordering::Relaxed);
         self.leave.store(false, Ordering::Relaxed);
         self.state
             .store(WorkerState::Starting as u32, Ordering::Relaxed);
+        // SAFETY: MyProcPid is set once at process start and never written again.
         self.pid
             .store(unsafe { pg_sys::MyProcPid }, Ordering::Release);
     }
@@ -231,5 +256,12 @@ impl Shared {
             .chain(self.latency_buckets.iter())
             .for_each(|c| c.store(0, Ordering::Relaxed));
         self.stats_reset_ms.store(now_ms(), Ordering::Relaxed);
+    }
+}
+
+/// Counts one answered call in the shared metrics; safe from the sending threads (atomics only).
+pub fn record_call(seconds: f64) {
+    if let Some(s) = shared() {
+        s.record_call(seconds);
     }
 }

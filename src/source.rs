@@ -13,39 +13,7 @@ use pgrx::prelude::*;
 use pgrx::spi::quote_identifier;
 use std::collections::HashMap;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mapper {
-    Patient,
-    PatientIdentifier,
-    Encounter,
-    BloodPressure,
-    Pulse,
-    Function,
-}
-
-impl Mapper {
-    fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "patient" => Mapper::Patient,
-            "patient_identifier" => Mapper::PatientIdentifier,
-            "encounter" => Mapper::Encounter,
-            "blood_pressure" => Mapper::BloodPressure,
-            "pulse" => Mapper::Pulse,
-            "function" => Mapper::Function,
-            _ => return None,
-        })
-    }
-
-    /// Send order inside one batch: a Patient before the Encounters that point at it, those
-    /// before the Observations that point at both.
-    pub fn tier(self) -> usize {
-        match self {
-            Mapper::Patient | Mapper::PatientIdentifier | Mapper::Function => 0,
-            Mapper::Encounter => 1,
-            Mapper::BloodPressure | Mapper::Pulse => 2,
-        }
-    }
-}
+pub use crate::mapping::registry::Mapper;
 
 #[derive(Clone, Debug)]
 pub struct Track {
@@ -122,8 +90,8 @@ pub fn load_tracks(schema: &str) -> Result<HashMap<pg_sys::Oid, Track>, FhirSync
                 t.map_function::pg_catalog.oid, t.identifier_column::text, t.identifier_system,
                 {patient_ref}, {encounter_ref}, t.relowner, t.reltype, t.map_function_owner::pg_catalog.oid
            FROM t",
-        patient_ref = ref_target(schema, "patient_id", "patient"),
-        encounter_ref = ref_target(schema, "form_id", "encounter"),
+        patient_ref = ref_target(schema, &crate::mapping::registry::PATIENT_REF),
+        encounter_ref = ref_target(schema, &crate::mapping::registry::ENCOUNTER_REF),
     );
     Spi::connect(|client| {
         let mut out = HashMap::new();
@@ -169,15 +137,13 @@ pub fn load_tracks(schema: &str) -> Result<HashMap<pg_sys::Oid, Track>, FhirSync
     })
 }
 
-fn ref_target(schema: &str, column: &str, mapper: &str) -> String {
+/// The table a reference column points at, by the one rule (sql/track.sql,
+/// fhir_reference_target).
+fn ref_target(schema: &str, r: &crate::mapping::registry::Reference) -> String {
     format!(
-        "coalesce((SELECT c.confrelid FROM pg_catalog.pg_constraint c
-                     JOIN pg_catalog.pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = c.conkey[1]
-                    WHERE c.conrelid = t.table_name AND c.contype = 'f' AND a.attname = '{column}'
-                    LIMIT 1),
-                  (SELECT pg_catalog.min(x.table_name::pg_catalog.oid) FROM {schema}.fhir_tracked x
-                     JOIN pg_catalog.pg_class xc ON xc.oid = x.table_name
-                    WHERE x.mapper = '{mapper}' AND xc.relowner = t.relowner))"
+        "{schema}.fhir_reference_target(t.table_name, '{}', '{}')::pg_catalog.oid",
+        r.column,
+        r.mapper.name()
     )
 }
 
@@ -195,8 +161,8 @@ fn read_as_owner<R>(track: &Track, f: impl FnOnce() -> R) -> Result<R, FhirSyncE
 
 /// The caller may SELECT from `relid`, or gets the error PostgreSQL would give.
 pub fn require_select(relid: pg_sys::Oid, name: &str) -> Result<(), FhirSyncError> {
-    // SAFETY: a plain catalog lookup for the current user; it raises no error for a missing
-    // relation (returns ACLCHECK_NO_PRIV), which the caller reports.
+    // SAFETY: a catalog lookup for the current user, in the caller's transaction. For a missing
+    // relation pg_class_aclcheck raises an ERROR (a panic through pgrx's guard), not NO_PRIV.
     let ok = unsafe {
         pg_sys::pg_class_aclcheck(relid, pg_sys::GetUserId(), pg_sys::ACL_SELECT as _)
             == pg_sys::AclResult::ACLCHECK_OK
@@ -437,8 +403,9 @@ pub fn current_map_function(schema: &str, track: &Track) -> Result<Track, FhirSy
 /// table's owner or by the owner a superuser accepted at `fhir_track`. Checked before every run:
 /// `ALTER FUNCTION … OWNER TO` or a dropped-and-recreated function is refused, not run.
 pub fn check_map_function(track: &Track, function: pg_sys::Oid) -> Result<pg_sys::Oid, String> {
-    // SAFETY: pg_proc's syscache by OID, read as FormData_pg_proc (its fixed-size part, and the
-    // first element of proargtypes when there is one).
+    // SAFETY: pg_proc's syscache by OID, in the caller's transaction, read as FormData_pg_proc:
+    // its fixed part, and proargtypes.values[0] when pronargs is 1 (proargtypes is the first
+    // variable-length field, at its fixed offset, as PostgreSQL's own code reads it).
     let found = unsafe {
         crate::catalog::row(
             pg_sys::SysCacheIdentifier::PROCOID,
@@ -527,7 +494,8 @@ pub fn run_map_function(
             out.insert(key.clone(), Err(deferred()));
             continue;
         }
-        // SAFETY: runs inside the sandbox's subtransaction; see call_on_row.
+        // SAFETY: call_on_row's contract: read_as_owner runs it in the sandbox's subtransaction,
+        // and check_map_function above vetted `function` and gave `rettype`.
         let result = read_as_owner(track, || unsafe {
             call_on_row(&sql, key, function, rettype)
         });
@@ -564,6 +532,7 @@ pub fn run_map_function(
 /// # Safety
 /// Must run inside a transaction (the sandbox's subtransaction); `function` must have passed
 /// `check_map_function` (one argument of the row type, returning `rettype`, jsonb or json).
+// SAFETY: upheld by its one caller, run_map_function.
 unsafe fn call_on_row(
     sql: &std::ffi::CStr,
     key: &str,
@@ -571,9 +540,11 @@ unsafe fn call_on_row(
     rettype: pg_sys::Oid,
 ) -> Option<Result<serde_json::Value, FhirSyncError>> {
     use pgrx::{FromDatum, IntoDatum};
+    // SAFETY: per the contract. The row datum and the result live in SPI's context and are
+    // copied into serde values before SPI_finish; an ERROR leaves SPI to the subxact's abort.
     unsafe {
         if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
-            return Some(Err(FhirSyncError::Spi("SPI_connect failed".into())));
+            return Some(Err(FhirSyncError::Internal("SPI_connect failed".into())));
         }
         let mut argtypes = [pg_sys::TEXTOID];
         let mut values = [key.into_datum().expect("text is never null")];
@@ -618,7 +589,7 @@ unsafe fn call_on_row(
             };
             out = Some(Ok(value.unwrap_or(serde_json::Value::Null)));
         } else if rc != pg_sys::SPI_OK_SELECT as i32 {
-            out = Some(Err(FhirSyncError::Spi(format!(
+            out = Some(Err(FhirSyncError::Internal(format!(
                 "reading a row failed (SPI {rc})"
             ))));
         }

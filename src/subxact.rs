@@ -16,9 +16,13 @@ use std::panic::AssertUnwindSafe;
 ///
 /// Every worker transaction starts from the worker's own session settings (`sandbox::worker`):
 /// a pinned search_path, lock_timeout and a statement timeout, whatever ran before it.
+///
+/// Only from a worker's main thread, outside any transaction (unchecked: inside one it would
+/// raise an ERROR or end the caller's transaction). An ERROR raised by the commit itself (a
+/// deferred constraint, a serialization failure) is not caught: it escapes as a panic.
 pub fn transaction<R>(f: impl FnOnce() -> R) -> Result<R, PgError> {
-    // SAFETY: called from the worker's main thread between transactions, never inside one;
-    // StartTransactionCommand/PushActiveSnapshot are paired with the commit or abort below.
+    // SAFETY: the worker's main thread between transactions (see above; every caller is the
+    // worker loop); StartTransactionCommand/PushActiveSnapshot are paired with the end below.
     unsafe {
         pg_sys::SetCurrentStatementStartTimestamp();
         pg_sys::StartTransactionCommand();
@@ -32,8 +36,8 @@ pub fn transaction<R>(f: impl FnOnce() -> R) -> Result<R, PgError> {
     .catch_others(|e| Err(PgError::from_caught(e)))
     .execute();
     crate::sandbox::worker_transaction_end();
-    // SAFETY: the transaction started above is still current (an error inside was caught by
-    // PgTryBuilder, which leaves the transaction in its aborted state for us to clean up).
+    // SAFETY: the transaction started above is still current: an ERROR inside was caught by
+    // pgrx's guard, which flushed the error state and left the transaction for us to abort.
     unsafe {
         match result {
             Ok(_) => {
@@ -62,7 +66,8 @@ pub fn transaction_flat<R>(
 }
 
 /// Runs `f` in a subtransaction that is always rolled back: what it wrote, the locks it took and
-/// the settings it changed are undone.
+/// the settings it changed are undone. Only inside a transaction, on the main thread
+/// (unchecked; every caller runs in a worker transaction or an SQL function).
 pub fn rolled_back<R>(f: impl FnOnce() -> R) -> Result<R, PgError> {
     in_subtransaction(f, true)
 }

@@ -15,14 +15,22 @@ use std::time::Duration;
 
 static mut PREV_UTILITY: pg_sys::ProcessUtility_hook_type = None;
 
+/// Only from _PG_init (through launcher::register), in the postmaster.
 pub fn install() {
+    // SAFETY: _PG_init runs single-threaded in the postmaster before any backend exists: the
+    // chain is linked once and inherited by every child.
     unsafe {
         PREV_UTILITY = pg_sys::ProcessUtility_hook;
         pg_sys::ProcessUtility_hook = Some(utility_hook);
     }
 }
 
+/// # Safety
+/// `stmt` is null or a valid parse node; a transaction is in progress, as ProcessUtility always
+/// runs in one (in an aborted one only COMMIT, ROLLBACK or PREPARE get here: no lookups).
+// SAFETY: upheld by utility_hook, which passes PostgreSQL's own utilityStmt.
 unsafe fn before(stmt: *mut pg_sys::Node, context: pg_sys::ProcessUtilityContext::Type) {
+    // SAFETY: per the contract; each cast follows the node's tag.
     unsafe {
         if stmt.is_null() {
             return;
@@ -45,11 +53,14 @@ unsafe fn before(stmt: *mut pg_sys::Node, context: pg_sys::ProcessUtilityContext
 
 /// Asks the workers of a database that is about to be dropped or renamed to leave it, so the
 /// command does not fail with "database is being accessed by other users".
+/// `name` must be null or a NUL-terminated string (the parse tree's): a safe fn that does not
+/// enforce it, so only `before` may call it. Inside ProcessUtility's transaction.
 fn release_database(name: *const std::ffi::c_char, rename: bool) {
     if name.is_null() {
         return;
     }
-    // SAFETY: name is the parse tree's NUL-terminated database name; missing_ok = true.
+    // SAFETY: name is the parse tree's NUL-terminated database name; missing_ok = true; inside
+    // ProcessUtility's transaction, which the pg_database lookup needs.
     let oid = unsafe { pg_sys::get_database_oid(name, true) };
     if oid == pg_sys::InvalidOid || !may_drop_or_rename(oid, rename) {
         return;
@@ -80,8 +91,8 @@ fn release_database(name: *const std::ffi::c_char, rename: bool) {
 /// to; for DROP it is not a template, for RENAME the user may create databases. Anything else
 /// fails the command anyway.
 fn may_drop_or_rename(db: pg_sys::Oid, rename: bool) -> bool {
-    // SAFETY: pg_database's and pg_authid's syscaches by OID, read as their FormData structs;
-    // MyDatabaseId and GetUserId read backend-local state.
+    // SAFETY: pg_database's and pg_authid's syscaches by OID, read as their FormData structs,
+    // in ProcessUtility's transaction; MyDatabaseId and GetUserId read backend-local state.
     unsafe {
         if db == pg_sys::MyDatabaseId {
             return false;
@@ -113,7 +124,12 @@ fn may_drop_or_rename(db: pg_sys::Oid, rename: bool) -> bool {
 }
 
 /// The database a DROP DATABASE or ALTER DATABASE … RENAME names, and whether it is a rename.
+///
+/// # Safety
+/// `stmt` is a valid, non-null parse node; the name returned lives as long as the parse tree.
+// SAFETY: its one caller, `before`, has checked stmt for null.
 unsafe fn database_named_by(stmt: *mut pg_sys::Node) -> (*const std::ffi::c_char, bool) {
+    // SAFETY: per the contract; each node is read as the struct its tag names.
     unsafe {
         match (*stmt).type_ {
             pg_sys::NodeTag::T_DropdbStmt => ((*(stmt as *mut pg_sys::DropdbStmt)).dbname, false),
@@ -133,6 +149,8 @@ unsafe fn database_named_by(stmt: *mut pg_sys::Node) -> (*const std::ffi::c_char
 #[cfg(not(feature = "pg13"))]
 #[pg_guard]
 #[allow(clippy::too_many_arguments)]
+// SAFETY: PostgreSQL calls it only as ProcessUtility_hook, on the main thread, with the
+// arguments ProcessUtility itself received (pstmt non-null).
 unsafe extern "C-unwind" fn utility_hook(
     pstmt: *mut pg_sys::PlannedStmt,
     query: *const std::ffi::c_char,
@@ -143,6 +161,8 @@ unsafe extern "C-unwind" fn utility_hook(
     dest: *mut pg_sys::DestReceiver,
     qc: *mut pg_sys::QueryCompletion,
 ) {
+    // SAFETY: pstmt is ProcessUtility's own; PREV_UTILITY was written once in install(), before
+    // any backend; the arguments are passed down the chain unchanged.
     unsafe {
         before((*pstmt).utilityStmt, context);
         match PREV_UTILITY {
@@ -166,6 +186,8 @@ unsafe extern "C-unwind" fn utility_hook(
 
 #[cfg(feature = "pg13")]
 #[pg_guard]
+// SAFETY: PostgreSQL calls it only as ProcessUtility_hook, on the main thread, with the
+// arguments ProcessUtility itself received (pstmt non-null).
 unsafe extern "C-unwind" fn utility_hook(
     pstmt: *mut pg_sys::PlannedStmt,
     query: *const std::ffi::c_char,
@@ -175,6 +197,8 @@ unsafe extern "C-unwind" fn utility_hook(
     dest: *mut pg_sys::DestReceiver,
     qc: *mut pg_sys::QueryCompletion,
 ) {
+    // SAFETY: pstmt is ProcessUtility's own; PREV_UTILITY was written once in install(), before
+    // any backend; the arguments are passed down the chain unchanged.
     unsafe {
         before((*pstmt).utilityStmt, context);
         match PREV_UTILITY {

@@ -1,16 +1,39 @@
 #!/usr/bin/env bash
-# The whole fhir_sync test suite, from a fresh Debian 12 machine (as root):
-#   1. tests/setup.sh installs what is missing (apt packages, cargo-pgrx, Helios, Python venv);
-#   2. `cargo pgrx test pg15`: unit tests of the pure modules and in-database tests;
-#   3. the extension is installed into PostgreSQL 15 and tests/e2e (pytest) runs real clusters,
-#      a real FHIR server (Helios), a fault-injecting server and postgres_exporter.
-# Extra arguments go to pytest (e.g. `bash tests/run.sh -k requeue`).
+# The whole fhir_sync test suite, from a fresh Debian 12 machine (as root), tier by tier:
+#   0. tests/setup.sh installs what is missing (apt packages, cargo-pgrx, Helios, Python venv);
+#   1. pure: `cargo test -p fhir_sync_core` (: mapping, HTTP, policy, verdicts; no PostgreSQL) and the
+#      benchmark endpoint's own test;
+#   2. lint: tests/lint (dashboards, alert rules, compose and Dockerfiles checked as files);
+#   3. db: `cargo pgrx test pg15`, the in-database tests;
+#   4. e2e: the extension is installed into PostgreSQL 15 and tests/e2e (pytest) runs real
+#      clusters, a real FHIR server (Helios), a fault-injecting server and postgres_exporter
+#      (markers db, e2e, fault, deploy: `bash tests/run.sh -m fault`).
+# Extra arguments go to the e2e pytest (e.g. `bash tests/run.sh -k requeue`). Each tier's time is
+# printed at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export USER=${USER:-root}
 export FHIR_SYNC_CACHE=${FHIR_SYNC_CACHE:-$HOME/.cache/fhir_sync}
 
-bash tests/setup.sh
+TIMES=()
+tier() {  # tier NAME COMMAND...: runs it and records how long it took
+    local name=$1 start=$SECONDS
+    shift
+    echo "== tier $name"
+    "$@"
+    TIMES+=("$name $((SECONDS - start)) s")
+}
+report() { printf '== tier times: %s\n' "${TIMES[@]}"; }
+trap report EXIT
+
+tier setup bash tests/setup.sh
+
+pure() {
+    cargo test -p fhir_sync_core
+    cargo test --release --locked --manifest-path benches/endpoint/Cargo.toml --target-dir target/bench-endpoint
+}
+tier pure pure
+tier lint "$FHIR_SYNC_CACHE/venv/bin/pytest" tests/lint -q
 
 # In-database tests share one database; their DDL must not race.
 export RUST_TEST_THREADS=1
@@ -19,8 +42,8 @@ PGRX_DATA=$PWD/target/pgrx-test-data
 runuser -u postgres -- test -x "$PWD" || PGRX_DATA=/tmp/fhir_sync-pgrx-test-data
 mkdir -p "$PGRX_DATA"
 chown postgres "$PGRX_DATA"
-cargo pgrx test pg15 --runas postgres --pgdata "$PGRX_DATA"
+tier db cargo pgrx test pg15 --runas postgres --pgdata "$PGRX_DATA"
 
 # The pg_test build carries test functions; install the plain extension for the e2e tests.
 cargo pgrx install --pg-config /usr/lib/postgresql/15/bin/pg_config >/dev/null
-"$FHIR_SYNC_CACHE/venv/bin/pytest" tests/e2e "$@"
+tier e2e "$FHIR_SYNC_CACHE/venv/bin/pytest" tests/e2e "$@"

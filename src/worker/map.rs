@@ -8,7 +8,7 @@
 use super::claim::Claimed;
 use super::policy::Class;
 use crate::error::FhirSyncError;
-use crate::http::identifier_query;
+use crate::http::{identifier_query, weak_etag};
 use crate::mapping::{self, Ctx, Refs, Row};
 use crate::source::{self, Mapper, Synced, Track};
 use pgrx::pg_sys;
@@ -279,11 +279,6 @@ fn plan_put(
         identifier,
         if_match: None,
     }
-}
-
-/// `W/"<version>"`: FHIR servers compare versions as weak entity tags.
-pub fn weak_etag(version: &str) -> String {
-    format!("W/\"{}\"", version.trim_matches('"'))
 }
 
 fn plan_delete(track: &Track, c: &Claimed, state: &Synced, base: &str) -> Action {

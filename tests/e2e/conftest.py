@@ -8,6 +8,9 @@
 
 The extension must be installed system-wide before pytest runs (cargo pgrx install) for clusters that preload it.
 Run:  $FHIR_SYNC_CACHE/venv/bin/pytest tests/e2e        (FHIR_SYNC_CACHE defaults to ~/.cache/fhir_sync)
+
+Tiers (pytest.ini): every test is marked with exactly one of db, e2e, fault, deploy; `-m db` etc. runs one.
+Checks that read files only are in tests/lint (no cluster, none of these fixtures).
 """
 from __future__ import annotations
 
@@ -23,6 +26,29 @@ from harness.cluster import Cluster  # noqa: E402
 from harness.faults import FaultServer  # noqa: E402
 from harness.helios import Helios  # noqa: E402
 from harness.util import E2E_DIR, REPO_ROOT  # noqa: E402
+
+
+TIERS = ("db", "e2e", "fault", "deploy")
+# Fixtures that start a FHIR server: a `db` test may use neither.
+SERVER_FIXTURES = {"helios", "faults"}
+_HERE = Path(__file__).resolve().parent
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Before -m/-k deselect anything: each test of this directory has exactly one tier marker."""
+    wrong = []
+    for item in items:
+        if _HERE not in Path(str(item.fspath)).resolve().parents:
+            continue
+        tiers = [t for t in TIERS if item.get_closest_marker(t)]
+        if len(tiers) != 1:
+            wrong.append(f"{item.nodeid}: {', '.join(tiers) or 'no tier marker'}")
+        elif tiers == ["db"] and SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            wrong.append(f"{item.nodeid}: marked db but uses {sorted(SERVER_FIXTURES & set(item.fixturenames))}")
+    if wrong:
+        raise pytest.UsageError(f"each test needs exactly one of the markers {', '.join(TIERS)} "
+                                "(see tests/e2e/pytest.ini):\n  " + "\n  ".join(wrong))
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

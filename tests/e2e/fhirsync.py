@@ -3,16 +3,18 @@ tables tracked, and a way to wait for the worker."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
-from harness.util import REPO_ROOT, wait_until
-
-FIXTURES = REPO_ROOT / "tests" / "fixtures"
+from harness.util import FIXTURES, wait_until
 MRN = "http://hospital.example.org/mrn"
 DB = "app"
 # The role the workers connect as (fhir_sync.username): an ordinary LOGIN role with only what
 # fhir_sync_grant_worker gives it, as the README's setup makes it.
 WORKER_ROLE = "fhir_worker"
+# Passes of its main loop each worker of this database has made (the `cycles` column, reset when a worker
+# restarts). fhir_sync_worker_slots() is the set-returning function with database_oid under the
+# fhir_sync_workers view (which names the database instead).
+WORKER_CYCLES_SQL = ("SELECT pid, coalesce(cycles, 0) FROM fhir_sync_worker_slots()"
+                     " WHERE database_oid = (SELECT oid FROM pg_database WHERE datname = current_database())")
 
 
 class App:
@@ -44,6 +46,30 @@ class App:
     def wait_drained(self, timeout: float = 60):
         """Until every change is settled (delivered, or moved to the DLQ)."""
         wait_until(lambda: self.pending() == 0, timeout=timeout, message="outbox drained")
+
+    def worker_cycles(self) -> dict[int, int]:
+        """pid -> passes of its main loop, for each worker of this database."""
+        return dict(self.sql(WORKER_CYCLES_SQL))
+
+    def wait_cycles(self, n: int = 2, timeout: float = 30) -> None:
+        """Until a worker of this database has made at least n more passes of its main loop.
+
+        A pass ends after claiming and delivering, after finding nothing to do, while paused, or when the
+        extension is missing; SIGHUP (a reload) is taken at the top of the next one. The pass under way
+        when the wait starts may be the first of the n: n = 2 means at least one whole pass after the
+        call. A worker with a new pid (restarted) counts its passes from 0.
+
+        For "nothing happens while X" checks: n passes give the worker n real chances to do it. While
+        paused a pass lasts at most poll_interval; with no client (settings refused, no server_url) or no
+        extension, up to max(poll_interval, 5 s).
+        """
+        before = self.worker_cycles()
+
+        def progressed():
+            return any(c - before.get(pid, 0) >= n for pid, c in self.worker_cycles().items())
+
+        wait_until(progressed, timeout=timeout, interval=0.05,
+                   message=f"{n} more passes of the worker's loop (from {before})")
 
     def worker_pid(self) -> int | None:
         return self.one("SELECT pid FROM fhir_sync_workers LIMIT 1")

@@ -162,7 +162,7 @@ class Writer(threading.Thread):
             except Mismatch:
                 self._resync()
             if self.pace:
-                time.sleep(self.pace)
+                time.sleep(self.pace)      # paces the writer (not a wait)
 
     def _plan(self) -> list[Op]:
         self.txn += 1
@@ -229,7 +229,7 @@ class Writer(threading.Thread):
             except psycopg.Error:
                 if time.monotonic() > deadline or self.stop_event.is_set():
                     raise
-                time.sleep(0.2)
+                time.sleep(0.2)            # paces reconnection attempts while the cluster is down (not a wait)
 
     def _resync(self):
         rows = self._conn.execute(

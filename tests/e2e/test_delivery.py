@@ -16,6 +16,7 @@ def patient_on(helios, mrn):
     return found[0] if len(found) == 1 else None
 
 
+@pytest.mark.e2e
 def test_insert_update_delete_reach_the_server(make_cluster, helios):
     app = make_app(make_cluster, helios.base_url)
     mrn = unique("mrn")
@@ -40,6 +41,7 @@ def test_insert_update_delete_reach_the_server(make_cluster, helios):
     assert app.one("SELECT count(*) FROM fhir_dlq") == 0
 
 
+@pytest.mark.e2e
 def test_child_row_change_sends_the_whole_patient(make_cluster, helios):
     app = make_app(make_cluster, helios.base_url)
     mrn = unique("mrn")
@@ -60,6 +62,7 @@ def test_child_row_change_sends_the_whole_patient(make_cluster, helios):
     assert {i["system"] for i in p["identifier"]} == {MRN, "http://hl7.org/fhir/sid/us-ssn"}
 
 
+@pytest.mark.e2e
 def test_encounter_and_observations_reference_their_patient(make_cluster, helios):
     app = make_app(make_cluster, helios.base_url)
     mrn = unique("mrn")
@@ -86,6 +89,7 @@ def test_encounter_and_observations_reference_their_patient(make_cluster, helios
     assert app.one("SELECT count(*) FROM fhir_dlq") == 0
 
 
+@pytest.mark.e2e
 def test_a_rolled_back_transaction_sends_nothing(make_cluster, faults):
     app = make_app(make_cluster, faults.base_url)
     with pytest.raises(psycopg.errors.RaiseException):
@@ -99,6 +103,7 @@ def test_a_rolled_back_transaction_sends_nothing(make_cluster, faults):
     assert app.one("SELECT count(*) FROM fhir_outbox") == 1
 
 
+@pytest.mark.e2e
 def test_a_change_committed_long_after_later_ones_is_still_delivered(make_cluster, faults):
     """The claim starts its scan past the changes it has delivered (claim::Floor). A transaction
     that captured a change early and commits late, after many later changes were delivered and
@@ -113,7 +118,7 @@ def test_a_change_committed_long_after_later_ones_is_still_delivered(make_cluste
         # again, and its floor trails the ids handed out by a second.
         for i in range(30):
             app.add_patient(f"mrn-early-{i}")
-            time.sleep(0.1)
+            time.sleep(0.1)     # paces the writer (not a wait): 30 commits spread over 3 s, past FLOOR_LAG (1 s)
         faults.wait_for_requests(30, predicate=lambda r: "mrn-early-" in r.path)
         assert not any("mrn-late" in r.path for r in faults.requests)
     faults.wait_for_requests(1, predicate=lambda r: "mrn-late" in r.path)
@@ -122,6 +127,7 @@ def test_a_change_committed_long_after_later_ones_is_still_delivered(make_cluste
     assert app.one("SELECT count(*) FROM fhir_dlq") == 0
 
 
+@pytest.mark.e2e
 def test_twenty_quick_updates_collapse_to_the_last_commit(make_cluster, faults):
     app = make_app(make_cluster, faults.base_url)
     pid = app.add_patient("mrn-busy")
@@ -135,6 +141,7 @@ def test_twenty_quick_updates_collapse_to_the_last_commit(make_cluster, faults):
     assert faults.store.items[("Patient", ids[0])]["resource"]["name"][0]["given"] == ["v19"]
 
 
+@pytest.mark.e2e
 def test_a_rejected_row_is_dead_lettered_and_requeued_once_fixed(make_cluster, helios):
     app = make_app(make_cluster, helios.base_url)
     # A table with its own mapping function; the server rejects what it makes of a bad row.
@@ -177,6 +184,7 @@ def test_a_rejected_row_is_dead_lettered_and_requeued_once_fixed(make_cluster, h
     assert app.one("SELECT count(*) FROM fhir_dlq WHERE requeued") == 1
 
 
+@pytest.mark.fault
 def test_server_down_then_up_delivers_everything_without_spending_attempts(make_cluster, faults):
     app = make_app(make_cluster, faults.base_url)
     faults.refuse()
@@ -191,6 +199,7 @@ def test_server_down_then_up_delivers_everything_without_spending_attempts(make_
     assert len({rid for (t, rid), it in faults.store.items.items() if t == "Patient" and not it["deleted"]}) == 30
 
 
+@pytest.mark.fault
 def test_retry_after_is_honoured(make_cluster, faults):
     app = make_app(make_cluster, faults.base_url)
     faults.respond(429, times=1, retry_after=3)
@@ -202,6 +211,7 @@ def test_retry_after_is_honoured(make_cluster, faults):
     assert faults.store.find("Patient", f"{MRN}|throttled")
 
 
+@pytest.mark.fault
 def test_transient_errors_are_retried_then_dead_lettered(make_cluster, faults):
     app = make_app(make_cluster, faults.base_url, conf={"fhir_sync.max_retries": 2})
     faults.respond(503, times=None, match={"contains": "flaky"})
@@ -213,6 +223,7 @@ def test_transient_errors_are_retried_then_dead_lettered(make_cluster, faults):
     assert row == [("exhausted", 503, 2)]
 
 
+@pytest.mark.fault
 def test_kill_9_of_the_worker_loses_nothing(make_cluster, faults):
     app = make_app(make_cluster, faults.base_url)
     faults.delay(0.02, times=None)   # a slow server keeps the worker mid-run
@@ -220,9 +231,10 @@ def test_kill_9_of_the_worker_loses_nothing(make_cluster, faults):
             " SELECT %s, 'k9-' || g, 'K' FROM generate_series(1, 400) g", (MRN,))
     faults.wait_for_requests(20)
     pid = app.worker_pid()
+    log_at = len(app.cluster.log_text())
     app.cluster.kill9_pid(pid)
     # The postmaster restarts the cluster after a child is killed; the worker comes back.
-    time.sleep(1)
+    app.cluster.wait_for_log("all server processes terminated; reinitializing", timeout=30, start=log_at)
     eventually(lambda: _try(lambda: (app.reconnect(), app.worker_pid())[1] not in (None, pid)), timeout=60,
                message="a new worker")
     faults.clear_rules()
@@ -239,6 +251,7 @@ def _try(fn):
         return None
 
 
+@pytest.mark.fault
 def test_batch_bundles_settle_each_entry_on_its_own(make_cluster, faults):
     app = make_app(make_cluster, faults.base_url, conf={"fhir_sync.bundle_size": 10, "fhir_sync.workers": 1})
     faults.respond(422, entry=True, match={"contains": "bundle-bad"})
@@ -256,6 +269,7 @@ def test_batch_bundles_settle_each_entry_on_its_own(make_cluster, faults):
     assert app.sql("SELECT identifier_value, error_class, http_status FROM fhir_dlq") == [("bundle-bad", "rejected", 422)]
 
 
+@pytest.mark.fault
 def test_a_failed_transaction_bundle_is_retried_entry_by_entry(make_cluster, faults):
     app = make_app(make_cluster, faults.base_url,
                    conf={"fhir_sync.bundle_size": 10, "fhir_sync.bundle_type": "transaction"})
@@ -273,6 +287,7 @@ def test_a_failed_transaction_bundle_is_retried_entry_by_entry(make_cluster, fau
     assert tx and all(r.json()["type"] == "transaction" for r in tx)
 
 
+@pytest.mark.e2e
 def test_bundles_against_helios(make_cluster, helios):
     app = make_app(make_cluster, helios.base_url, conf={"fhir_sync.bundle_size": 25})
     tag = unique("hb")

@@ -14,6 +14,7 @@ from harness.util import unique, wait_until
 
 
 # ---------------------------------------------------------------------------------------------- Cluster
+@pytest.mark.db
 def test_cluster_select_1(make_cluster):
     c = make_cluster(preload="", conf={"work_mem": "8MB"})
     assert c.psql("SELECT 1") == "1"
@@ -44,6 +45,7 @@ def test_cluster_select_1(make_cluster):
 
 
 # ---------------------------------------------------------------------------------------------- Helios
+@pytest.mark.e2e
 def test_helios_conditional_put_twice(helios):
     system, value = "urn:fhir-sync-test", unique("p")
     url = f"Patient?{identifier_query(system, value)}"
@@ -64,6 +66,7 @@ def test_helios_conditional_put_twice(helios):
 
 
 # ---------------------------------------------------------------------------------------------- FaultServer
+@pytest.mark.fault
 def test_faultserver_503_then_recovers(faults):
     faults.respond(503, times=1, retry_after=2)
     url = f"{faults.base_url}/Patient?{identifier_query('urn:s', 'v1')}"
@@ -84,6 +87,7 @@ def test_faultserver_503_then_recovers(faults):
     assert reqs[0].time < reqs[1].time < reqs[2].time
 
 
+@pytest.mark.fault
 def test_faultserver_keepalive_reset_refuse(faults):
     conn = httpc.HTTPConnection("127.0.0.1", faults.port, timeout=5)
     for _ in range(2):
@@ -107,6 +111,7 @@ def test_faultserver_keepalive_reset_refuse(faults):
     assert http("GET", faults.base_url + "/metadata").status == 200
 
 
+@pytest.mark.fault
 def test_faultserver_hang_delay_garbage_redirect(faults):
     faults.hang()
     t0 = time.monotonic()
@@ -135,6 +140,7 @@ def test_faultserver_hang_delay_garbage_redirect(faults):
     assert faults.pending_rules == []
 
 
+@pytest.mark.fault
 def test_faultserver_bundles(faults):
     def entry(v):
         return {"resource": {"resourceType": "Patient", "identifier": [{"system": "urn:s", "value": v}]},

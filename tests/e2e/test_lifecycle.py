@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from fhirsync import DB, MRN, eventually, make_app
 
 
+@pytest.mark.fault
 def test_drop_extension_while_busy_completes_quickly(make_cluster, faults):
     app = make_app(make_cluster, faults.base_url)
     faults.delay(0.05, times=None)
@@ -23,6 +26,7 @@ def test_drop_extension_while_busy_completes_quickly(make_cluster, faults):
     assert "terminated by signal" not in app.cluster.log_text()
 
 
+@pytest.mark.fault
 def test_drop_database_while_busy_completes_and_the_worker_does_not_crash_loop(make_cluster, faults):
     app = make_app(make_cluster, faults.base_url)
     faults.delay(0.05, times=None)
@@ -31,10 +35,13 @@ def test_drop_database_while_busy_completes_and_the_worker_does_not_crash_loop(m
     faults.wait_for_requests(5)
     app.conn.close()
     app.cluster.close_connections()
+    log_at = len(app.cluster.log_text())
     started = time.monotonic()
     app.cluster.psql(f"DROP DATABASE {DB}")
     assert time.monotonic() - started < 10
-    time.sleep(3)
+    # The launcher has looked at pg_database since the drop: whatever worker it would (wrongly) start for
+    # the dropped database it has started by now.
+    app.cluster.wait_for_log(f'fhir_sync launcher: database "{DB}" does not exist', timeout=30, start=log_at)
     log = app.cluster.log_text()
     assert 'FATAL:  database "app" does not exist' not in log, "no worker may try to connect to a dropped database"
     # Recreated, it is served again.
@@ -43,8 +50,12 @@ def test_drop_database_while_busy_completes_and_the_worker_does_not_crash_loop(m
     conn.execute("CREATE EXTENSION fhir_sync")
     eventually(lambda: conn.execute("SELECT count(*) FROM fhir_sync_workers WHERE database = %s AND state = 'idle'",
                                     (DB,)).fetchone()[0] == 1, timeout=30, message="worker back on the new database")
+    # Again, over the whole time since the drop (a late attempt would have been logged by now).
+    log = app.cluster.log_text()
+    assert 'FATAL:  database "app" does not exist' not in log, "no worker may try to connect to a dropped database"
 
 
+@pytest.mark.e2e
 def test_pg_terminate_backend_brings_a_new_worker(make_cluster, faults):
     app = make_app(make_cluster, faults.base_url)
     for round_ in range(3):
@@ -57,6 +68,7 @@ def test_pg_terminate_backend_brings_a_new_worker(make_cluster, faults):
                                                for (t, _), it in faults.store.items.items() if t == "Patient"}
 
 
+@pytest.mark.e2e
 def test_settings_reload_without_restart(make_cluster, faults):
     from harness.faults import FaultServer
     app = make_app(make_cluster, "http://127.0.0.1:9")   # nothing listens there
@@ -70,11 +82,17 @@ def test_settings_reload_without_restart(make_cluster, faults):
     assert app.one("SELECT max(attempts) FROM fhir_outbox") == 0
 
 
+@pytest.mark.e2e
 def test_a_database_without_the_extension_is_waited_on_quietly(make_cluster, faults):
     cluster = make_cluster(conf={"fhir_sync.database": "app, nosuchdb", "fhir_sync.server_url": faults.base_url})
     cluster.create_db("app")
     conn = cluster.connect("app")
-    time.sleep(2)
+    # (No extension anywhere: fhir_sync's views cannot say how far the worker is; the log and
+    # pg_stat_activity can.) The launcher's pass that finds nosuchdb missing is the one that would start a
+    # worker for it; the worker for app is connected, so its first pass, without the extension, is under way.
+    cluster.wait_for_log('launcher: database "nosuchdb" does not exist', timeout=30)
+    eventually(lambda: cluster.query("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'fhir_sync worker'",
+                                     db="app")[0][0] >= 1, message="the worker for app")
     log = cluster.log_text()
     assert 'launcher: database "nosuchdb" does not exist' in log
     assert 'FATAL:  database "nosuchdb" does not exist' not in log
@@ -84,8 +102,14 @@ def test_a_database_without_the_extension_is_waited_on_quietly(make_cluster, fau
     conn.execute("CREATE EXTENSION fhir_sync")
     eventually(lambda: conn.execute("SELECT state FROM fhir_sync_workers").fetchone()[0] == "idle",
                message="worker idle once the extension exists")
+    # The worker went idle only after its wait without the extension (a pass, then up to 5 s asleep): the
+    # same checks again, now that the time without the extension is over.
+    log = cluster.log_text()
+    assert 'FATAL:  database "nosuchdb" does not exist' not in log
+    assert "terminated by signal" not in log
 
 
+@pytest.mark.db
 def test_create_extension_without_preload_is_refused_with_a_hint(make_cluster):
     import psycopg
     import pytest

@@ -82,6 +82,7 @@ def no_crash(cluster, allow_signal_9: bool = False):
 
 
 # ---------------------------------------------------------------------------------------------- crashes
+@pytest.mark.fault
 @pytest.mark.parametrize("bundle_size", [0, 10], ids=["requests", "bundles"])
 def test_kill_9_of_the_worker_again_and_again_loses_nothing(make_cluster, faults, bundle_size):
     """kill -9 of the worker process, several times mid-run: the postmaster restarts the cluster, the
@@ -108,6 +109,7 @@ def test_kill_9_of_the_worker_again_and_again_loses_nothing(make_cluster, faults
     no_crash(app.cluster, allow_signal_9=True)
 
 
+@pytest.mark.fault
 def test_immediate_shutdown_mid_run_loses_nothing(make_cluster, faults):
     """pg_ctl stop -m immediate, then start, while the writer commits and the worker sends."""
     changes, stops = size(2000, 20000), size(3, 10)
@@ -127,6 +129,7 @@ def test_immediate_shutdown_mid_run_loses_nothing(make_cluster, faults):
     no_crash(app.cluster)
 
 
+@pytest.mark.fault
 def test_pg_terminate_backend_again_and_again_loses_nothing(make_cluster, faults):
     """pg_terminate_backend on the worker, repeatedly: the launcher starts a new one each time."""
     changes, terms = size(2000, 20000), size(5, 20)
@@ -147,6 +150,7 @@ def test_pg_terminate_backend_again_and_again_loses_nothing(make_cluster, faults
 
 
 # ---------------------------------------------------------------------------------------------- the server
+@pytest.mark.fault
 def test_fhir_server_killed_and_restarted_mid_run_loses_nothing(make_cluster, faults):
     """The FHIR server goes away mid-run (listening socket and open connections closed; its store
     survives) and comes back: the worker pauses, probes, resumes, and sends what it could not."""
@@ -159,7 +163,7 @@ def test_fhir_server_killed_and_restarted_mid_run_loses_nothing(make_cluster, fa
         wait_until(lambda: app.cluster.query("SELECT paused_reason FROM fhir_sync_status", db=DB)
                    == [("server unreachable",)], timeout=30, message="worker paused as unreachable")
         paused_seen.append(True)
-        time.sleep(0.5)            # the writer keeps committing into the outage
+        time.sleep(0.5)            # the outage's length (not a wait): the writer keeps committing into it
         faults.accept()
 
     rep = run(app, faults, changes, outages, strike, seed=33, pace=PACE)
@@ -171,6 +175,7 @@ def test_fhir_server_killed_and_restarted_mid_run_loses_nothing(make_cluster, fa
     no_crash(app.cluster)
 
 
+@pytest.mark.fault
 def test_resets_hangs_503s_and_slow_responses_lose_nothing(make_cluster, faults):
     """A flaky server: connections reset (RST and FIN) before an answer, requests that hang until the
     worker's http_timeout, 503s, and slow answers (well under the timeout), at random.
@@ -203,6 +208,7 @@ def test_resets_hangs_503s_and_slow_responses_lose_nothing(make_cluster, faults)
     no_crash(app.cluster)
 
 
+@pytest.mark.fault
 def test_a_late_timed_out_write_does_not_overwrite_a_newer_state(make_cluster, faults):
     """Per-resource order across a timeout. v2 is sent; the server sits on it for 5 s; the worker gives up
     after 1 s (http_timeout). v3 was committed while v2 was in flight, so the retry (due 0.75-1.25 s
@@ -238,6 +244,7 @@ def test_a_late_timed_out_write_does_not_overwrite_a_newer_state(make_cluster, f
     assert app.one("SELECT count(*) FROM fhir_dlq") == 0
 
 
+@pytest.mark.e2e
 def test_an_update_overwrites_a_version_written_by_someone_else(make_cluster, faults):
     """The database is the source of truth: when another client changed the resource on the server, the
     next update's If-Match fails; the worker re-reads the version and sends the row's state on it."""
@@ -261,6 +268,7 @@ def test_an_update_overwrites_a_version_written_by_someone_else(make_cluster, fa
 
 
 # ---------------------------------------------------------------------------------------------- backlog storm
+@pytest.mark.fault
 def test_backlog_storm_drains_fully_without_crash_loop_in_bounded_memory(make_cluster, faults):
     """The server is down while N rows queue; then it comes back. The worker must not crash-loop or spam
     the log while it waits, must drain everything, and its memory must stay bounded while it does."""
@@ -278,14 +286,16 @@ def test_backlog_storm_drains_fully_without_crash_loop_in_bounded_memory(make_cl
                timeout=30, message="worker paused")
     queued = time.monotonic() - started
     assert app.pending() == n
-    time.sleep(3)   # a few probes while down
+    # A few probes while down: while paused a pass of the worker's loop lasts at most poll_interval (1 s),
+    # a failed probe is a pass of its own, and the probes come at 0.5, 1, 2 ... s of backoff.
+    app.wait_cycles(4)
     faults.accept()
     samples = []
     drain_started = time.monotonic()
     while app.pending() > 0:
         assert time.monotonic() - drain_started < size(300, 1800), f"not drained: {app.pending()} pending"
         samples.append(proc_status(pid))
-        time.sleep(0.25)
+        time.sleep(0.25)       # the memory sampler's interval (not a wait; the loop ends when drained)
     drained = time.monotonic() - drain_started
     peak = max(s["VmRSS"] for s in samples) // 1024 if samples else 0
     anon = max(s["RssAnon"] for s in samples) // 1024 if samples else 0
@@ -312,6 +322,7 @@ def test_backlog_storm_drains_fully_without_crash_loop_in_bounded_memory(make_cl
 
 
 # ---------------------------------------------------------------------------------------------- transactions
+@pytest.mark.e2e
 def test_rolled_back_and_prepared_transactions(make_cluster, faults):
     """Rolled back (whole or to a savepoint) and PREPAREd-then-ROLLBACK PREPARED changes send nothing; a
     prepared transaction sends nothing until COMMIT PREPARED, then it is delivered (found by the poll,
@@ -343,7 +354,7 @@ def test_rolled_back_and_prepared_transactions(make_cluster, faults):
         if gid == "gid-rb":
             conn.execute("ROLLBACK PREPARED 'gid-rb'")
     eventually(lambda: any("tx-kept" in r.path for r in faults.requests), message="tx-kept delivered")
-    time.sleep(2)          # two polls: a prepared transaction's changes are invisible to the worker
+    app.wait_cycles(2)     # two polls: a prepared transaction's changes are invisible to the worker
     assert not any("tx-prepared" in r.path for r in faults.requests)
     assert app.one("SELECT count(*) FROM pg_prepared_xacts") == 1
     conn.execute("COMMIT PREPARED 'gid-ok'")
@@ -363,6 +374,7 @@ def test_rolled_back_and_prepared_transactions(make_cluster, faults):
 
 
 # ---------------------------------------------------------------------------------------------- lifecycle
+@pytest.mark.fault
 def test_drop_extension_while_a_request_hangs_completes_quickly(make_cluster, faults):
     """DROP EXTENSION while the worker waits on a hung request (default http_timeout, 10 s): the worker
     holds no lock during HTTP, so the DROP does not wait; the worker then fails its settle quietly."""
@@ -385,6 +397,7 @@ def test_drop_extension_while_a_request_hangs_completes_quickly(make_cluster, fa
     no_crash(app.cluster)
 
 
+@pytest.mark.fault
 def test_drop_database_while_a_request_hangs_completes_quickly(make_cluster, faults):
     """DROP DATABASE while every request hangs (default http_timeout, 10 s): the hook asks the worker to
     leave, which it must do at once - DROP DATABASE gives other sessions 5 s, and a batch of hung
@@ -410,6 +423,7 @@ def test_drop_database_while_a_request_hangs_completes_quickly(make_cluster, fau
     no_crash(app.cluster)
 
 
+@pytest.mark.fault
 def test_fast_shutdown_while_a_request_hangs_completes_quickly(make_cluster, faults):
     """pg_ctl stop -m fast while every request hangs: the worker must not wait for its requests (a batch
     of 20 hung requests, 4 in flight, 10 s timeout would hold the shutdown for 50 s)."""
@@ -428,6 +442,7 @@ def test_fast_shutdown_while_a_request_hangs_completes_quickly(make_cluster, fau
     assert took < 5
 
 
+@pytest.mark.e2e
 def test_a_hot_standby_runs_no_worker_and_sends_nothing(make_cluster, faults):
     """A streaming standby made with pg_basebackup -R has the same settings (shared_preload_libraries,
     server_url) and replays the outbox, but while it is in recovery neither the launcher nor a worker
@@ -461,10 +476,12 @@ def test_a_hot_standby_runs_no_worker_and_sends_nothing(make_cluster, faults):
         # The standby replays the outbox, delivered marks included.
         wait_until(lambda: standby.query("SELECT count(*) FILTER (WHERE processed), count(*) FROM fhir_outbox",
                                          db=DB) == [(50, 50)], timeout=30, message="standby caught up")
+        # Watched for 3 s rather than waited on: in recovery nothing of fhir_sync runs on the standby, so
+        # there is no pass of a loop to count; this is how long a launcher started there would have had.
         deadline = time.monotonic() + 3
         while time.monotonic() < deadline:
             assert standby.query("SELECT backend_type FROM pg_stat_activity WHERE backend_type LIKE 'fhir_sync%%'") == []
-            time.sleep(0.2)
+            time.sleep(0.2)    # the watch's interval
         assert standby.query("SELECT count(*) FROM fhir_sync_workers", db=DB) == [(0,)]
         assert standby.query("SHOW fhir_sync.server_url") == [(standby_fs.base_url,)]
         assert standby.query("SHOW fhir_sync.database") == [(DB,)]
@@ -486,6 +503,7 @@ def test_a_hot_standby_runs_no_worker_and_sends_nothing(make_cluster, faults):
         standby_fs.stop()
 
 
+@pytest.mark.db
 def test_the_utility_hook_leaves_other_statements_errors_alone(make_cluster):
     """fhir_sync's ProcessUtility hook sees every utility statement of every session: an error passing
     through it must reach the client as PostgreSQL made it (SQLSTATE, DETAIL) - not with a Rust backtrace
@@ -504,6 +522,7 @@ def test_the_utility_hook_leaves_other_statements_errors_alone(make_cluster):
 
 
 # ---------------------------------------------------------------------------------------------- bad input
+@pytest.mark.fault
 def test_hostile_server_responses_are_handled_with_a_clear_error(make_cluster, faults):
     """Each patient meets one kind of broken or hostile answer, every time it is sent. The worker must
     settle each one with a clear error (2xx answers count as delivered whatever their body), follow no
@@ -581,6 +600,7 @@ def test_hostile_server_responses_are_handled_with_a_clear_error(make_cluster, f
 HOSTILE_TEXT = "Zoë 李 🩺 \"quoted\" \\back\\slash {json: [1]} <b>&amp;</b> \t tab\nline two ' ; DROP TABLE patient; --"
 
 
+@pytest.mark.e2e
 def test_hostile_rows_dead_letter_with_a_reason_and_the_rows_around_them_are_delivered(make_cluster, faults):
     """Rows with nulls everywhere, huge text, unicode and control characters, and dates and numbers out of
     range, written through the real capture trigger and worker: each bad row lands in fhir_dlq as
@@ -674,6 +694,7 @@ def test_hostile_rows_dead_letter_with_a_reason_and_the_rows_around_them_are_del
     no_crash(app.cluster)
 
 
+@pytest.mark.e2e
 def test_hostile_identifiers_are_idempotent_on_helios(make_cluster, helios):
     """Identifier values with the characters that matter in a FHIR token search (comma = OR, backslash =
     escape, later pipes), URL syntax, and unicode: on a real server, each must be created once and updated
@@ -702,6 +723,7 @@ def test_hostile_identifiers_are_idempotent_on_helios(make_cluster, helios):
         assert int(found[0]["meta"]["versionId"]) >= 3, found[0]["meta"]
 
 
+@pytest.mark.e2e
 def test_an_identifier_system_with_a_pipe_is_not_duplicated_on_helios(make_cluster, helios):
     from harness.util import unique
 

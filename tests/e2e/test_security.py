@@ -10,7 +10,6 @@ import os
 import shutil
 import ssl
 import subprocess
-import time
 import uuid
 from pathlib import Path
 
@@ -79,6 +78,7 @@ def make_clerk(app, name: str = "clerk") -> None:
 
 
 # ---------------------------------------------------------------------------------------------- secrets
+@pytest.mark.e2e
 def test_an_ordinary_role_cannot_read_the_secrets(make_cluster, faults):
     app = make_app(make_cluster, faults.base_url, conf=HTTP_AUTH)
     secrets = set_secrets(app)
@@ -139,6 +139,7 @@ def secret_file(app, name: str, value: str, mode: int = 0o600) -> Path:
     return path
 
 
+@pytest.mark.e2e
 def test_setting_a_secret_the_documented_way_keeps_it_out_of_the_log(make_cluster, faults):
     """The README's way: the secret in a file only the server's OS user reads, named by the *_file
     setting, then a reload. The worker uses it; the log, which shows every changed setting's new value
@@ -154,7 +155,7 @@ def test_setting_a_secret_the_documented_way_keeps_it_out_of_the_log(make_cluste
     rotated = f"tok-{uuid.uuid4().hex}"
     path.write_text(rotated + "\n")
     app.sql("SELECT pg_reload_conf()")
-    time.sleep(1)                       # the postmaster passes the reload on to the worker
+    app.wait_cycles(2)                  # the worker takes the reload (re-reads the file) at the top of a pass
     app.add_patient("file-rotated")
     req = faults.wait_for_requests(1, predicate=lambda r: "file-rotated" in r.path)[0]
     assert req.headers["authorization"] == f"Bearer {rotated}"
@@ -164,6 +165,7 @@ def test_setting_a_secret_the_documented_way_keeps_it_out_of_the_log(make_cluste
         assert value not in log, "a secret is in the PostgreSQL log"
 
 
+@pytest.mark.e2e
 def test_a_secret_file_others_can_read_is_refused_until_fixed(make_cluster, faults):
     """As PostgreSQL refuses an ssl_key_file with group or world access: the worker sends nothing (with
     a log line naming the file, not its content), loses nothing, and delivers once the mode is fixed."""
@@ -173,7 +175,7 @@ def test_a_secret_file_others_can_read_is_refused_until_fixed(make_cluster, faul
     reload_and_wait(app, {"fhir_sync.auth": "bearer", "fhir_sync.auth_token_file": str(path)})
     app.add_patient("open-file")
     eventually(lambda: "has group or world access" in app.cluster.log_text(), message="refusal logged")
-    time.sleep(1)
+    app.wait_cycles(2)                  # passes in which the worker could have sent it (each up to 5 s: no client)
     assert not [r for r in faults.requests if "open-file" in r.path], "nothing is sent with a readable secret"
     assert app.one("SELECT count(*) FROM fhir_outbox WHERE NOT processed") == 1
     path.chmod(0o600)
@@ -185,6 +187,7 @@ def test_a_secret_file_others_can_read_is_refused_until_fixed(make_cluster, faul
     assert app.one("SELECT count(*) FROM fhir_dlq") == 0
 
 
+@pytest.mark.e2e
 def test_an_ordinary_role_cannot_read_or_set_the_secret_file_settings(make_cluster, faults):
     app = make_app(make_cluster, faults.base_url)
     make_clerk(app)
@@ -195,6 +198,7 @@ def test_an_ordinary_role_cannot_read_or_set_the_secret_file_settings(make_clust
         denied(clerk, f"ALTER SYSTEM SET {name} = '/tmp/mine'")
 
 
+@pytest.mark.e2e
 def test_the_exporter_role_cannot_read_the_secrets(make_cluster, faults):
     """The role docker/postgres_exporter/grants.sql sets up reads the metrics views, not the FHIR
     credentials (pg_monitor would: it includes pg_read_all_settings, which may read SUPERUSER_ONLY
@@ -210,6 +214,7 @@ def test_the_exporter_role_cannot_read_the_secrets(make_cluster, faults):
             assert value != secrets[name], f"{name} is readable by the exporter role"
 
 
+@pytest.mark.e2e
 def test_an_ordinary_role_cannot_touch_the_queues_or_call_admin_functions(make_cluster, faults):
     """Without grants an ordinary role can write the tracked tables (and is captured) but can read or
     write none of fhir_sync's tables and views and call none of its admin functions; with the README's
@@ -258,6 +263,7 @@ def test_an_ordinary_role_cannot_touch_the_queues_or_call_admin_functions(make_c
     denied(clerk, "SELECT fhir_sync_reset_stats()")
 
 
+@pytest.mark.e2e
 def test_an_ordinary_role_cannot_point_the_worker_elsewhere(make_cluster, faults):
     """server_url and the credentials are reloadable settings: no SET, no per-database or per-role
     setting (which the worker's own connection would pick up), no ALTER SYSTEM for an ordinary role,
@@ -320,6 +326,7 @@ def _json_cast(app, owner):
     owner.execute("INSERT INTO clinic_patient VALUES (2, %s, 'owned-2', 'After')", (MRN,))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("vector", [_map_function, _json_cast], ids=["map_function", "json_cast"])
 def test_code_owned_by_an_ordinary_role_runs_without_the_workers_rights(make_cluster, faults, vector):
     """The worker is a superuser; code an ordinary role owns - a tracked table's mapping function, or a
@@ -336,6 +343,7 @@ def test_code_owned_by_an_ordinary_role_runs_without_the_workers_rights(make_clu
 
 
 # ---------------------------------------------------------------------------------------------- credentials on the wire
+@pytest.mark.fault
 def test_bearer_and_basic_credentials_reach_the_server_in_the_authorization_header(make_cluster, faults):
     app = make_app(make_cluster, faults.base_url, conf=HTTP_AUTH)
     app.add_patient("auth-none")
@@ -369,6 +377,7 @@ def test_bearer_and_basic_credentials_reach_the_server_in_the_authorization_head
     assert token not in log and password not in log
 
 
+@pytest.mark.fault
 def test_oauth2_token_is_fetched_once_reused_and_fetched_again_after_a_401(make_cluster, faults):
     """Client credentials grant against a token endpoint on a second server: one token request (client
     id and secret in HTTP Basic, grant_type and scope in the form) for many FHIR requests; after the FHIR
@@ -472,6 +481,7 @@ def _point(app, url, ca=None):
 needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
 
 
+@pytest.mark.fault
 @needs_openssl
 def test_tls_is_verified_by_default_and_ca_file_trusts_a_private_ca(make_cluster):
     """An HTTPS server with a certificate from a private CA is refused (handshake aborted, nothing sent)
@@ -502,6 +512,7 @@ def test_tls_is_verified_by_default_and_ca_file_trusts_a_private_ca(make_cluster
         wrong.stop()
 
 
+@pytest.mark.fault
 @needs_openssl
 def test_an_untrusted_certificate_pauses_delivery_without_spending_attempts(make_cluster):
     """An untrusted certificate is a configuration problem, like a wrong host: delivery pauses as 'server
@@ -514,7 +525,7 @@ def test_an_untrusted_certificate_pauses_delivery_without_spending_attempts(make
         _point(app, server.base_url)
         app.add_patient("tls-pause")
         eventually(lambda: server.handshake_failures >= 2, message="refused handshakes")
-        time.sleep(2)
+        app.wait_cycles(2)              # the worker has taken in the failures, and had passes to spend attempts in
         state = app.sql("SELECT attempts, error_class FROM fhir_outbox")
         assert app.one("SELECT paused_reason FROM fhir_sync_status") == "server unreachable", state
         assert state == [(0, None)], state
@@ -523,6 +534,7 @@ def test_an_untrusted_certificate_pauses_delivery_without_spending_attempts(make
 
 
 # ---------------------------------------------------------------------------------------------- only the configured server
+@pytest.mark.fault
 def test_the_worker_contacts_only_the_configured_server(make_cluster, faults):
     """Redirects of every kind to another host, and a Location header naming another host, send nothing
     there; every request the worker makes goes to the configured host and port."""
@@ -551,6 +563,7 @@ def test_the_worker_contacts_only_the_configured_server(make_cluster, faults):
 
 
 # ---------------------------------------------------------------------------------------------- the log
+@pytest.mark.fault
 def test_the_log_carries_ids_and_error_classes_but_no_patient_data(make_cluster, faults):
     """Traffic with distinctive patient data through every path that logs: delivered, rejected with an
     OperationOutcome that echoes the data (422), transient failures whose bodies echo it (500, then
@@ -604,7 +617,8 @@ def test_the_log_carries_ids_and_error_classes_but_no_patient_data(make_cluster,
     lines = [line for line in log.splitlines() if "dead-lettered" in line]
     for i in outbox_ids:
         assert any(f"[{i}]" in line for line in lines), f"outbox row {i} is not named in the log"
-    for what in ("(unmappable)", "(transient)", "HTTP 422", "HTTP 302"):
+    for what in ("(unmappable): no request was made", "(exhausted after ", "(rejected): HTTP 422",
+                 "(rejected): HTTP 302", "): no HTTP answer"):
         assert any(what in line for line in lines), what
     # ... but none of the data.
     for name, value in phi.items():

@@ -12,6 +12,8 @@ import pytest
 
 from harness.util import REPO_ROOT
 
+pytestmark = pytest.mark.db
+
 SQL_DIR = REPO_ROOT / "tests" / "sql"
 CASES = sorted(p.stem for p in SQL_DIR.glob("*.sql"))
 

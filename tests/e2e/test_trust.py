@@ -72,6 +72,7 @@ def basic_texts(faults) -> set[str]:
 
 
 # ------------------------------------------------------------------------------------------ least privilege
+@pytest.mark.e2e
 def test_the_workers_connect_as_the_configured_ordinary_role_with_no_right_on_tracked_tables(make_cluster, faults):
     app = make_app(make_cluster, faults.base_url)
     pid = eventually(app.worker_pid, message="a worker")
@@ -89,6 +90,7 @@ def test_the_workers_connect_as_the_configured_ordinary_role_with_no_right_on_tr
     assert f'connect as role "{WORKER_ROLE}"' in worker_log(app.cluster)
 
 
+@pytest.mark.e2e
 def test_the_launcher_warns_about_a_superuser_worker_and_waits_for_a_missing_role(make_cluster, faults):
     app = make_app(make_cluster, faults.base_url, worker_role=None, conf={"log_min_messages": "warning"})
     wait_until(lambda: "connect as the bootstrap superuser" in worker_log(app.cluster), timeout=20,
@@ -145,6 +147,7 @@ def _leaks_search_path_through_json_cast(app, owner):
     return None
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("vector", [_leaks_search_path_through_map_function, _leaks_search_path_through_json_cast],
                          ids=["map_function", "json_cast"])
 def test_settings_made_by_owners_code_do_not_outlive_it_in_the_worker(make_cluster, faults, vector):
@@ -167,6 +170,7 @@ def test_settings_made_by_owners_code_do_not_outlive_it_in_the_worker(make_clust
     assert faults.store.find("Patient", f"{MRN}|after-the-trap")
 
 
+@pytest.mark.e2e
 def test_a_superusers_fhir_preview_keeps_its_session_clean(make_cluster, faults):
     app = make_app(make_cluster, faults.base_url)
     owner = make_owner(app)
@@ -182,6 +186,7 @@ def test_a_superusers_fhir_preview_keeps_its_session_clean(make_cluster, faults)
     assert rolsuper(app, "appowner") is False
 
 
+@pytest.mark.e2e
 def test_owners_code_cannot_take_on_another_identity(make_cluster, faults):
     """SET SESSION AUTHORIZATION / SET ROLE inside the owner's mapping function, in a superuser worker: refused
     (a security-restricted operation); the row is dead-lettered with the reason, the others delivered."""
@@ -211,6 +216,7 @@ def test_owners_code_cannot_take_on_another_identity(make_cluster, faults):
     assert app.one("SELECT array_agg(DISTINCT error_class) FROM fhir_dlq") == ["unmappable"]
 
 
+@pytest.mark.e2e
 def test_a_mapping_function_swapped_after_tracking_is_refused_not_run(make_cluster, faults):
     app = make_app(make_cluster, faults.base_url, worker_role=None)
     owner = make_owner(app)
@@ -244,6 +250,7 @@ def test_a_mapping_function_swapped_after_tracking_is_refused_not_run(make_clust
     assert basic_texts(faults) == {"tracked", "re-owned", "swapped"}
 
 
+@pytest.mark.e2e
 def test_fhir_track_checks_who_tracks_and_which_function(make_cluster, faults):
     app = make_app(make_cluster, faults.base_url)
     owner = make_owner(app)
@@ -272,6 +279,7 @@ def test_fhir_track_checks_who_tracks_and_which_function(make_cluster, faults):
 
 
 # ------------------------------------------------------------------------------- no role can stall delivery
+@pytest.mark.e2e
 def test_no_lock_an_ordinary_role_can_take_stalls_the_claims(make_cluster, faults):
     """The claims are serialised by a lock no SQL statement can name. An ordinary role holds every advisory lock
     that looks like it (the 0.1.0 key, the same two halves as an int4 pair, small keys), and keeps
@@ -299,6 +307,7 @@ def test_no_lock_an_ordinary_role_can_take_stalls_the_claims(make_cluster, fault
     assert app.one("SELECT count(*) FROM fhir_dlq") == 0
 
 
+@pytest.mark.e2e
 def test_a_drop_database_the_role_may_not_run_does_not_touch_delivery(make_cluster, faults):
     app = make_app(make_cluster, faults.base_url)
     app.sql("CREATE ROLE clerk LOGIN")
@@ -330,6 +339,7 @@ def test_a_drop_database_the_role_may_not_run_does_not_touch_delivery(make_clust
     assert all(faults.store.find("Patient", f"{MRN}|while-dropping-{i}") for i in range(20))
 
 
+@pytest.mark.fault
 def test_a_locked_tracked_table_holds_back_only_its_own_changes(make_cluster, faults):
     app = make_app(make_cluster, faults.base_url, conf={"fhir_sync.lock_timeout": "300ms"})
     owner = make_owner(app)
@@ -358,6 +368,7 @@ def test_a_locked_tracked_table_holds_back_only_its_own_changes(make_cluster, fa
     assert app.one("SELECT count(*) FROM fhir_dlq") == 0, "a locked table is a reason to wait, not to give up"
 
 
+@pytest.mark.e2e
 def test_a_row_that_cannot_be_read_is_dead_lettered_alone_and_the_log_keeps_its_values(make_cluster, faults):
     """A column whose cast raises (quoting the value, as PostgreSQL's own messages do) and one whose cast sleeps
     past fhir_sync.statement_timeout: each row is dead-lettered on its own with its SQLSTATE, the others are
@@ -390,6 +401,7 @@ def test_a_row_that_cannot_be_read_is_dead_lettered_alone_and_the_log_keeps_its_
     assert "r-bad" not in log and "r-slow" not in log
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("then", ["", "BEGIN PERFORM public.fhir_patient_json(n); EXCEPTION WHEN OTHERS THEN NULL; END;"],
                          ids=["sleeps", "calls_fhir_sync_back"])
 def test_owners_code_that_catches_its_timeout_cannot_hold_the_worker(make_cluster, faults, then):
@@ -422,6 +434,7 @@ def test_owners_code_that_catches_its_timeout_cannot_hold_the_worker(make_cluste
     assert "terminated by signal" not in app.cluster.log_text()
 
 
+@pytest.mark.e2e
 def test_owners_code_in_the_worker_reads_no_other_owners_rows_through_fhir_sync(make_cluster, faults):
     """A mapping function calls fhir_map_row (public) on the patient table of another owner: inside the worker it
     is the table owner's call, with that owner's rights - refused - not a read with the other owner's rights."""
@@ -447,6 +460,7 @@ def test_owners_code_in_the_worker_reads_no_other_owners_rows_through_fhir_sync(
     assert err and "SQLSTATE 42501" in err, err
 
 
+@pytest.mark.e2e
 def test_a_caller_without_the_owners_rights_reads_nothing_more_through_fhir_sync(make_cluster, faults):
     """fhir_map_row is open to PUBLIC and reads a patient's identifier rows: for a caller that cannot read that
     table, it reads as the caller (refused), not as the table's owner. fhir_preview, granted, honours the
@@ -484,6 +498,7 @@ def _vm_hwm_kb(pid: int) -> int:
     raise AssertionError("no VmHWM")
 
 
+@pytest.mark.fault
 def test_a_gzip_bomb_costs_the_worker_one_mebibyte_not_its_memory(make_cluster, faults):
     bomb = gzip.compress(b" " * (512 << 20), compresslevel=1)
     assert len(bomb) < 4 << 20
@@ -501,6 +516,7 @@ def test_a_gzip_bomb_costs_the_worker_one_mebibyte_not_its_memory(make_cluster, 
     assert "terminated by signal" not in app.cluster.log_text()
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize("bad_id", ["../../metadata", "a/b", "p?x=1", ".."])
 def test_an_id_from_the_server_that_would_steer_a_url_is_refused(make_cluster, faults, bad_id):
     app = make_app(make_cluster, faults.base_url)
@@ -517,6 +533,7 @@ def test_an_id_from_the_server_that_would_steer_a_url_is_refused(make_cluster, f
     assert faults.store.find("Patient", f"{MRN}|steer")
 
 
+@pytest.mark.fault
 def test_a_token_that_never_expires_is_used_within_bounds(make_cluster, faults):
     """expires_in of 10^15 s would overflow the worker's clock arithmetic: it is clamped (to a day)."""
     tokens = FaultServer().start()
@@ -536,6 +553,7 @@ def test_a_token_that_never_expires_is_used_within_bounds(make_cluster, faults):
         tokens.stop()
 
 
+@pytest.mark.e2e
 def test_credentials_are_not_sent_over_plain_http_unless_allowed(make_cluster, faults):
     app = make_app(make_cluster, faults.base_url)
     token = secret_file(app, "token", "tok-in-clear")

@@ -464,7 +464,13 @@ fn split_url<'a>(shared: &Shared, url: &'a str) -> (&'a str, &'a str) {
 
 /// One write as the store sees it.
 enum Op {
-    Put { target: Target, resource: Value },
+    Put {
+        target: Target,
+        resource: Value,
+        /// The version the write is conditional on (If-Match, or a Bundle entry's ifMatch):
+        /// 412 unless it is the current one, as tests/e2e/harness/faults.py answers.
+        if_match: Option<String>,
+    },
     Delete { target: Target },
 }
 
@@ -502,7 +508,9 @@ fn ident_of_resource(r: &Value) -> Option<String> {
 /// The identifier a write is about (for arrivals and in-flight tracking).
 fn op_identity(store: &Store, op: &Op) -> (&'static str, String, String) {
     let (method, target, resource) = match op {
-        Op::Put { target, resource } => ("PUT", target, Some(resource)),
+        Op::Put {
+            target, resource, ..
+        } => ("PUT", target, Some(resource)),
         Op::Delete { target } => ("DELETE", target, None),
     };
     match target {
@@ -524,7 +532,9 @@ fn op_identity(store: &Store, op: &Op) -> (&'static str, String, String) {
 /// Checks a write before anything is applied (a transaction applies all or nothing).
 fn validate(op: &Op) -> Result<(), Box<Outcome>> {
     match op {
-        Op::Put { target, resource } => {
+        Op::Put {
+            target, resource, ..
+        } => {
             let rtype = match target {
                 Target::Conditional { rtype, .. } | Target::ById { rtype, .. } => rtype,
                 Target::Base | Target::Other => {
@@ -583,6 +593,7 @@ fn apply(store: &mut Store, stats: &mut Stats, op: Op, now: i64) -> Outcome {
         Op::Put {
             target,
             mut resource,
+            if_match,
         } => {
             let (rtype, key, by_id) = match &target {
                 Target::Conditional { rtype, ident } => {
@@ -599,6 +610,21 @@ fn apply(store: &mut Store, stats: &mut Stats, op: Op, now: i64) -> Outcome {
                 }
                 _ => unreachable!("validated"),
             };
+            if let Some(expected) = if_match {
+                let current = store
+                    .by_ident
+                    .get(&key)
+                    .filter(|r| !r.deleted)
+                    .map(|r| r.version.to_string());
+                let wanted = expected.trim().trim_start_matches("W/").trim_matches('"');
+                if current.as_deref() != Some(wanted) {
+                    return Outcome::fail(
+                        412,
+                        "conflict",
+                        &format!("If-Match {expected} does not match version {current:?}"),
+                    );
+                }
+            }
             store.next_id += 1;
             let fresh = format!("{:016x}", store.next_id.wrapping_mul(0x9E37_79B9_7F4A_7C15));
             let (status, id, version) = match store.by_ident.get_mut(&key) {
@@ -804,7 +830,15 @@ fn handle(shared: &Shared, req: Request) -> Reply {
         ("POST", Target::Base) => bundle(shared, &req.body, now),
         ("PUT", target @ (Target::Conditional { .. } | Target::ById { .. })) => {
             match serde_json::from_slice::<Value>(&req.body) {
-                Ok(resource) => single(shared, Op::Put { target, resource }, now),
+                Ok(resource) => single(
+                    shared,
+                    Op::Put {
+                        target,
+                        resource,
+                        if_match: req.header("If-Match").map(str::to_string),
+                    },
+                    now,
+                ),
                 Err(e) => Err(Reply::outcome(400, "invalid", &format!("Invalid JSON: {e}"))),
             }
         }
@@ -923,7 +957,14 @@ fn bundle(shared: &Shared, body: &[u8], now: i64) -> Result<Reply, Reply> {
         let target = parse_target(path, query);
         let op = match method.as_str() {
             "PUT" => match e.get_mut("resource").map(Value::take) {
-                Some(resource) => Ok(Op::Put { target, resource }),
+                Some(resource) => Ok(Op::Put {
+                    target,
+                    resource,
+                    if_match: e
+                        .pointer("/request/ifMatch")
+                        .and_then(|m| m.as_str())
+                        .map(str::to_string),
+                }),
                 None => Err(Box::new(Outcome::fail(
                     400,
                     "invalid",
@@ -1170,5 +1211,43 @@ fn main() {
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(target: Target, if_match: Option<&str>) -> Op {
+        Op::Put {
+            target,
+            resource: json!({"resourceType": "Patient",
+                             "identifier": [{"system": "urn:mrn", "value": "7"}]}),
+            if_match: if_match.map(str::to_string),
+        }
+    }
+
+    /// The fault server's semantics (tests/e2e/harness/faults.py): a PUT conditional on a version
+    /// that is not the current one is refused with 412, and changes nothing.
+    #[test]
+    fn a_stale_if_match_is_refused_and_a_current_one_applies() {
+        let (mut store, mut stats) = (Store::default(), Stats::default());
+        let cond = || Target::Conditional {
+            rtype: "Patient".into(),
+            ident: "urn:mrn|7".into(),
+        };
+        let created = apply(&mut store, &mut stats, put(cond(), None), 0);
+        assert_eq!((created.status, created.version), (201, 1));
+        let id = created.id.unwrap();
+        let by_id = || Target::ById {
+            rtype: "Patient".into(),
+            id: id.clone(),
+        };
+        let stale = apply(&mut store, &mut stats, put(by_id(), Some("W/\"0\"")), 0);
+        assert_eq!(stale.status, 412);
+        let ok = apply(&mut store, &mut stats, put(by_id(), Some("W/\"1\"")), 0);
+        assert_eq!((ok.status, ok.version), (200, 2));
+        let again = apply(&mut store, &mut stats, put(by_id(), Some("W/\"1\"")), 0);
+        assert_eq!(again.status, 412, "version 1 is no longer current");
     }
 }

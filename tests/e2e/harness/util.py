@@ -8,6 +8,7 @@ import uuid
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
+FIXTURES = REPO_ROOT / "tests" / "fixtures"
 FHIR_SYNC_CACHE = Path(os.environ.get("FHIR_SYNC_CACHE") or Path.home() / ".cache" / "fhir_sync")
 HFS_BIN = FHIR_SYNC_CACHE / "helios-0.2.7" / "bin" / "hfs"
 SEARCH_PARAMS = FHIR_SYNC_CACHE / "medplum-5.2.13" / "search-parameters-r4.json"

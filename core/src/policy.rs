@@ -4,6 +4,7 @@
 //! rejected credential or a throttle says nothing about the change, so the worker pauses and
 //! the change keeps its attempts.
 
+pub use crate::http::Transport;
 use std::time::Duration;
 
 /// How a delivery failed. The names are what DBAs see in fhir_outbox.error_class,
@@ -59,17 +60,6 @@ impl Class {
     }
 }
 
-/// The transport-level result of one request, as far as policy cares.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Transport {
-    /// The server answered with this status.
-    Status(u16),
-    /// No connection could be made (refused, no route, DNS, TLS handshake).
-    ConnectFailed,
-    /// Connected, but the exchange broke (timeout, reset, malformed response).
-    Broken,
-}
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
     Delivered,
@@ -122,6 +112,56 @@ pub fn backoff(attempts: i32, retry_after: Option<Duration>, jitter: f64) -> Dur
     }
 }
 
+/// How long delivery stops when the server refuses the credentials (401/403): long enough not
+/// to hammer an identity provider, short enough that a fixed secret is picked up without a reload.
+pub const AUTH_PAUSE: Duration = Duration::from_secs(60);
+
+/// How long delivery stops for any other pause the server asks for without saying how long.
+pub const SHORT_PAUSE: Duration = Duration::from_millis(500);
+
+/// How long delivery stops after a 429 without Retry-After.
+pub const THROTTLE_PAUSE: Duration = Duration::from_secs(1);
+
+/// The first and the longest interval between probes of an unreachable server (doubling).
+pub const PROBE_FIRST: Duration = Duration::from_millis(500);
+pub const PROBE_MAX: Duration = Duration::from_secs(30);
+
+/// How long a worker naps when there is nothing it may do (no server configured, settings
+/// refused, the extension not installed): only a reload or a CREATE EXTENSION changes that.
+pub const IDLE_NAP: Duration = Duration::from_secs(5);
+
+/// How long a worker waits after a cycle that failed (at least fhir_sync.poll_interval).
+pub const FAILED_CYCLE_NAP: Duration = Duration::from_secs(1);
+
+/// How often a problem that persists (the same step failing the same way) is logged again.
+pub const FAILURE_RELOG: Duration = Duration::from_secs(60);
+
+/// How long the worker trusts what it read of the catalog (tracked tables, the extension's
+/// schema) before reading it again: a join per cycle would cost more than the delivery.
+pub const CATALOG_TTL: Duration = Duration::from_secs(2);
+
+/// Whether an answer says the server is struggling (or serialises writes): the worker halves
+/// the requests it keeps in flight; any other answer lets it grow by one.
+pub fn overloaded(t: &Transport) -> bool {
+    matches!(t, Transport::Status(429 | 500 | 502 | 503 | 504))
+}
+
+/// How long a change that waits for a referenced resource (or a locked table) waits before it
+/// is looked at again: a tenth of its age, between 200 ms and 30 s, so that a long wait costs
+/// few claims.
+pub fn dependency_wait(age_s: f64) -> Duration {
+    Duration::from_millis((age_s * 100.0).clamp(200.0, 30_000.0) as u64)
+}
+
+/// How long to pause for a verdict of `Pause(class)`.
+pub fn pause_length(class: Class) -> Duration {
+    if class == Class::Auth {
+        AUTH_PAUSE
+    } else {
+        SHORT_PAUSE
+    }
+}
+
 /// How many immediate re-sends a 409 gets before it is treated as a transient failure.
 pub const CONFLICT_RESENDS: u32 = 3;
 
@@ -144,6 +184,50 @@ pub fn parse_retry_after(value: &str, now: chrono::DateTime<chrono::Utc>) -> Opt
 /// Whether a change that failed `attempts` times (this failure included) is out of retries.
 pub fn exhausted(attempts: i32, max_retries: i32) -> bool {
     attempts >= max_retries.max(1)
+}
+
+/// What a failed worker cycle means, told by the SQLSTATE of the PostgreSQL error behind it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Trouble {
+    /// The extension's objects are gone or changing (DROP EXTENSION, ALTER EXTENSION UPDATE, a
+    /// library newer than the installed SQL): wait for them.
+    ExtensionChanging,
+    /// Something held a lock, a statement ran out of time, or a transaction lost a
+    /// serialization race: it passes.
+    Busy,
+    /// The worker's role lacks a grant.
+    NoPrivilege,
+    /// A value could not be handled (class 22).
+    Data,
+    Other,
+}
+
+impl Trouble {
+    /// 55000 is what fhir_sync itself raises for its own objects altered (error.rs `Broken`).
+    pub fn of(sqlstate: &str) -> Trouble {
+        match sqlstate {
+            "42P01" | "42883" | "42703" | "3F000" | "42704" | "55000" => Trouble::ExtensionChanging,
+            "55P03" | "57014" | "40001" | "40P01" => Trouble::Busy,
+            "42501" => Trouble::NoPrivilege,
+            s if s.starts_with("22") => Trouble::Data,
+            _ => Trouble::Other,
+        }
+    }
+
+    /// What the log line adds: what it means, and what to do where someone must act.
+    pub fn explanation(self) -> &'static str {
+        match self {
+            Trouble::ExtensionChanging => "; fhir_sync's objects are missing or changing (DROP EXTENSION, ALTER EXTENSION UPDATE, or a library newer than the installed SQL: run ALTER EXTENSION fhir_sync UPDATE)",
+            Trouble::Busy => "; something held a lock or a statement ran out of time, retried",
+            Trouble::NoPrivilege => "; the worker's role lacks a grant: SELECT fhir_sync_grant_worker('<fhir_sync.username>')",
+            Trouble::Data | Trouble::Other => "",
+        }
+    }
+
+    /// Whether it is a problem for a DBA (WARNING) or one that passes by itself (LOG).
+    pub fn needs_a_dba(self) -> bool {
+        !matches!(self, Trouble::Busy)
+    }
 }
 
 #[cfg(test)]
@@ -250,6 +334,36 @@ mod tests {
             parse_retry_after("999999", now),
             Some(Duration::from_secs(3600))
         );
+    }
+
+    #[test]
+    fn waits_grow_with_age_within_bounds() {
+        assert_eq!(dependency_wait(0.0), Duration::from_millis(200));
+        assert_eq!(dependency_wait(10.0), Duration::from_secs(1));
+        assert_eq!(dependency_wait(1e9), Duration::from_secs(30));
+        assert!(overloaded(&Transport::Status(503)) && !overloaded(&Transport::Status(422)));
+        assert_eq!(pause_length(Class::Auth), AUTH_PAUSE);
+        assert_eq!(pause_length(Class::Unreachable), SHORT_PAUSE);
+    }
+
+    #[test]
+    fn a_failed_cycle_is_told_by_its_sqlstate() {
+        let cases = [
+            ("42P01", Trouble::ExtensionChanging), // undefined_table: DROP EXTENSION
+            ("42883", Trouble::ExtensionChanging), // undefined_function: SQL older than the library
+            ("55000", Trouble::ExtensionChanging),
+            ("55P03", Trouble::Busy), // lock_not_available (fhir_sync.lock_timeout)
+            ("57014", Trouble::Busy), // query_canceled (fhir_sync.statement_timeout)
+            ("40001", Trouble::Busy),
+            ("40P01", Trouble::Busy),
+            ("42501", Trouble::NoPrivilege),
+            ("22P02", Trouble::Data),
+            ("XX000", Trouble::Other),
+        ];
+        for (state, t) in cases {
+            assert_eq!(Trouble::of(state), t, "{state}");
+        }
+        assert!(!Trouble::Busy.needs_a_dba() && Trouble::NoPrivilege.needs_a_dba());
     }
 
     #[test]

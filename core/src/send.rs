@@ -6,8 +6,8 @@
 //! Each request is for a different resource (the claim guarantees it), so concurrency never
 //! puts two requests for one resource in flight, and a Bundle never holds one resource twice.
 
-use super::policy::{classify, Class, Transport, Verdict, CONFLICT_RESENDS};
-use crate::http::{Client, Method, Response};
+use crate::http::{weak_etag, Client, Method, Response, Transport};
+use crate::policy::{classify, Class, Verdict, CONFLICT_RESENDS};
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -20,9 +20,15 @@ pub struct Outgoing {
     pub if_match: Option<String>,
 }
 
+/// Bundle type: batch (entries succeed or fail one by one) or transaction (all or nothing; a
+/// failed transaction is re-sent entry by entry to find the bad one). Also the enum of the
+/// `fhir_sync.bundle_type` setting.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "guc", derive(pgrx::PostgresGucEnum))]
 pub enum BundleType {
+    #[cfg_attr(feature = "guc", name = c"batch")]
     Batch,
+    #[cfg_attr(feature = "guc", name = c"transaction")]
     Transaction,
 }
 
@@ -35,6 +41,9 @@ pub struct Grouping {
     /// No request starts after this: the claim's lease must outlive every request of the batch,
     /// or another worker could take a resource over while it is still in flight.
     pub deadline: std::time::Instant,
+    /// Counts one answered call and its duration in seconds (the shared metrics); called from
+    /// the sending threads, so it must not call into PostgreSQL.
+    pub record_call: fn(f64),
 }
 
 /// What the sending threads share with the worker's main thread.
@@ -78,7 +87,7 @@ pub fn start(client: &Arc<Client>, requests: Vec<Outgoing>, g: Grouping) -> InFl
     let main = std::thread::current();
     for _ in 0..threads {
         let (shared, client, main) = (shared.clone(), client.clone(), main.clone());
-        super::pool::run(move || {
+        crate::pool::run(move || {
             let _done = Done(&shared.done, main);
             work(&shared, &client);
         });
@@ -123,6 +132,10 @@ impl InFlight {
 }
 
 fn work(shared: &Shared, client: &Client) {
+    let client = &Conn {
+        client,
+        record_call: shared.grouping.record_call,
+    };
     loop {
         if shared.stop.load(Ordering::Acquire)
             || std::time::Instant::now() >= shared.grouping.deadline
@@ -154,7 +167,7 @@ fn work(shared: &Shared, client: &Client) {
 }
 
 fn call(
-    client: &Client,
+    client: &Conn,
     method: Method,
     path: &str,
     body: Option<&Value>,
@@ -165,29 +178,28 @@ fn call(
 }
 
 fn call_raw(
-    client: &Client,
+    client: &Conn,
     method: Method,
     path: &str,
     body: Option<&[u8]>,
     if_match: Option<&str>,
 ) -> Response {
-    let resp = client.request(method, path, body, if_match);
-    record(&resp);
+    let resp = client.client.request(method, path, body, if_match);
+    // A connection that could not be made is not a call: its near-zero duration would only
+    // drag the latency quantiles down during an outage.
+    if resp.transport != Transport::ConnectFailed {
+        (client.record_call)(resp.elapsed.as_secs_f64());
+    }
     resp
 }
 
-/// Counts the call in the shared metrics. A connection that could not be made is not a call:
-/// its near-zero duration would only drag the latency quantiles down during an outage.
-fn record(resp: &Response) {
-    let Some(shared) = crate::shmem::shared() else {
-        return;
-    };
-    if resp.transport != Transport::ConnectFailed {
-        shared.record_call(resp.elapsed.as_secs_f64());
-    }
+/// The client and the meter its calls are counted in.
+struct Conn<'a> {
+    client: &'a Client,
+    record_call: fn(f64),
 }
 
-fn send_one(client: &Client, req: &Outgoing) -> Response {
+fn send_one(client: &Conn, req: &Outgoing) -> Response {
     let mut if_match = req.if_match.clone();
     let mut resends = 0;
     loop {
@@ -221,15 +233,15 @@ fn send_one(client: &Client, req: &Outgoing) -> Response {
 }
 
 /// The version the server holds of `Type/id` as an If-Match value; None when it has none (gone).
-fn current_version(client: &Client, path: &str) -> Result<Option<String>, Box<Response>> {
+fn current_version(client: &Conn, path: &str) -> Result<Option<String>, Box<Response>> {
     let resp = call(client, Method::Get, path, None, None);
     match resp.transport {
         Transport::Status(404 | 410) => Ok(None),
         // A version that is not a FHIR id is not put in a header: send unconditionally.
-        Transport::Status(200) => Ok(super::response::resource_id(&resp)
+        Transport::Status(200) => Ok(crate::response::resource_id(&resp)
             .ok()
             .and_then(|ids| ids.1)
-            .map(|v| super::map::weak_etag(&v))),
+            .map(|v| weak_etag(&v))),
         _ => Err(Box::new(resp)),
     }
 }
@@ -237,7 +249,7 @@ fn current_version(client: &Client, path: &str) -> Result<Option<String>, Box<Re
 /// POSTs one Bundle and splits its answer into one response per entry. A transaction that
 /// fails as a whole does not say which entry was at fault: its entries are then sent one by
 /// one, so that only the bad one is dead-lettered.
-fn send_bundle(client: &Client, chunk: &[Outgoing], kind: BundleType) -> Vec<Response> {
+fn send_bundle(client: &Conn, chunk: &[Outgoing], kind: BundleType) -> Vec<Response> {
     let bundle = bundle_bytes(chunk, kind);
     let resp = call_raw(client, Method::Post, "", Some(&bundle), None);
     match resp.transport {
@@ -412,12 +424,13 @@ mod tests {
                 bundle_type: BundleType::Batch,
                 in_flight: 2,
                 deadline: std::time::Instant::now() + Duration::from_secs(60),
+                record_call: |_| {},
             },
         });
         let main = std::thread::current();
         for i in 0..2 {
             let (shared, main) = (shared.clone(), main.clone());
-            super::super::pool::run(move || {
+            crate::pool::run(move || {
                 let _done = Done(&shared.done, main);
                 if i == 0 {
                     panic!("a bug in a sending thread");

@@ -1,8 +1,7 @@
 //! Reading the server's answers: the id and version it gave a resource, its OperationOutcome,
 //! and the failure text kept in the protected tables (never logged).
 
-use super::policy::Transport;
-use crate::http::{is_fhir_id, Response};
+use crate::http::{is_fhir_id, Response, Transport};
 
 /// "HTTP 422" plus the server's first diagnostic, or the transport error. Kept in the
 /// protected tables only, never logged: a server may echo patient data in its diagnostics.
@@ -48,7 +47,7 @@ pub fn resource_id(r: &Response) -> Result<(Option<String>, Option<String>), &'s
 
 fn read_ids(r: &Response) -> (Option<String>, Option<String>) {
     // Typed: the stored resource's other fields are skipped, not built into values.
-    let body: Option<super::send::Stored> = serde_json::from_slice(&r.body).ok();
+    let body: Option<crate::send::Stored> = serde_json::from_slice(&r.body).ok();
     let (mut id, mut version) = match body {
         Some(b) => (b.id, b.meta.and_then(|m| m.version_id)),
         None => (None, None),

@@ -5,11 +5,26 @@
 //! only to the configured server) and verifies TLS against the web roots, or against
 //! fhir_sync.ca_file when set.
 
-use crate::worker::policy::Transport;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use ureq::Agent;
+
+/// The transport-level result of one request, as far as delivery policy cares.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// The server answered with this status.
+    Status(u16),
+    /// No connection could be made (refused, no route, DNS, TLS handshake).
+    ConnectFailed,
+    /// Connected, but the exchange broke (timeout, reset, malformed response).
+    Broken,
+}
+
+/// `W/"<version>"`: FHIR servers compare versions as weak entity tags.
+pub fn weak_etag(version: &str) -> String {
+    format!("W/\"{}\"", version.trim_matches('"'))
+}
 
 /// Responses are read up to this size, counted after decompression (a 1 MiB gzip body can
 /// inflate to a gigabyte); a larger body is cut (its status and headers still count).

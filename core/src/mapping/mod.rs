@@ -8,6 +8,7 @@ pub mod custom;
 pub mod encounter;
 pub mod observation;
 pub mod patient;
+pub mod registry;
 pub mod row;
 
 use serde_json::{json, Map, Value};

@@ -1,0 +1,168 @@
+//! Applying a tier's verdict: the one place where the worker's decisions (fhir_sync_core's
+//! `verdict::judge`) become a settlement to record, shared-memory counters, a pause and the
+//! concurrency used next. Nothing is decided here.
+
+use super::claim::Claimed;
+use super::map::Action;
+use super::policy::Class;
+use super::settle::{self, Settlement};
+use super::Worker;
+use crate::http::Response;
+use crate::shmem;
+use fhir_sync_core::verdict::{self, Case, Concurrency, Outcome, Planned};
+use pgrx::pg_sys;
+use std::sync::atomic::Ordering;
+
+fn planned(a: &Action) -> Planned<'_> {
+    match a {
+        Action::AlreadyGone => Planned::AlreadyGone,
+        Action::Wait(reason) => Planned::Wait(reason),
+        Action::Fail(class, error) => Planned::Fail(*class, error),
+        Action::Put { if_match, .. } => Planned::Put {
+            versioned: if_match.is_some(),
+        },
+        Action::Delete { .. } => Planned::Delete,
+    }
+}
+
+impl Worker {
+    /// Judges a tier's answers and applies what the verdict says to the worker; returns the
+    /// settlement to record.
+    pub(super) fn judge(
+        &mut self,
+        tier: &[Claimed],
+        actions: &[Action],
+        request_of: &[Option<usize>],
+        responses: &[Option<Response>],
+        deps: Vec<(pg_sys::Oid, String)>,
+    ) -> Settlement {
+        let cases: Vec<Case> = tier
+            .iter()
+            .zip(actions)
+            .zip(request_of)
+            .map(|((c, a), r)| Case {
+                planned: planned(a),
+                attempts: c.attempts,
+                age_s: c.age_s,
+                changes: c.outbox_ids.len(),
+                response: r.and_then(|r| responses.get(r)).and_then(|r| r.as_ref()),
+            })
+            .collect();
+        let j = verdict::judge(
+            &cases,
+            crate::gucs::max_retries(),
+            &mut || self.jitter(),
+            chrono::Utc::now(),
+        );
+        let mut s = Settlement {
+            dependencies: deps,
+            ..Default::default()
+        };
+        for ((c, a), o) in tier.iter().zip(actions).zip(j.outcomes) {
+            let ids = c.outbox_ids.clone();
+            match o {
+                Outcome::Delivered {
+                    fhir_id,
+                    version,
+                    deleted,
+                } => s.delivered.push(settle::Delivered {
+                    outbox_ids: ids,
+                    resource_table: c.resource_table,
+                    resource_key: c.resource_key.clone(),
+                    resource_type: c.resource_type.clone(),
+                    fhir_id,
+                    version,
+                    identifier: match a {
+                        Action::Put { identifier, .. } => Some(identifier.clone()),
+                        _ => None,
+                    },
+                    deleted,
+                }),
+                Outcome::Wait { delay, reason } => s.waits.push(settle::Wait {
+                    outbox_ids: ids,
+                    delay_ms: delay.as_millis() as i64,
+                    reason,
+                }),
+                Outcome::Retry {
+                    delay,
+                    class,
+                    error,
+                    http_status,
+                } => s.retries.push(settle::Retry {
+                    outbox_ids: ids,
+                    delay_ms: delay.as_millis() as i64,
+                    error,
+                    class: class.name(),
+                    http_status,
+                }),
+                Outcome::DeadLetter {
+                    class,
+                    error,
+                    http_status,
+                    outcome,
+                    attempted,
+                } => {
+                    // Ids, class and status only: the error may quote the server quoting the row.
+                    let after = match class {
+                        Class::Exhausted => format!(" after {} attempts", c.attempts + 1),
+                        _ => String::new(),
+                    };
+                    let how = match (attempted, http_status) {
+                        (false, _) => "no request was made".to_string(),
+                        (true, Some(st)) => format!("HTTP {st}"),
+                        (true, None) => "no HTTP answer".to_string(),
+                    };
+                    pgrx::warning!(
+                        "fhir_sync worker: outbox rows {:?} dead-lettered ({}{after}): {how}",
+                        c.outbox_ids,
+                        class.name(),
+                    );
+                    s.dead.push(settle::DeadLetter {
+                        outbox_ids: ids,
+                        class: class.name(),
+                        error,
+                        http_status,
+                        outcome,
+                        attempted,
+                    });
+                }
+                Outcome::Release => s.release.extend(ids),
+            }
+        }
+
+        let fx = j.effects;
+        let shared = self.shared;
+        shared
+            .processed_total
+            .fetch_add(fx.processed, Ordering::Relaxed);
+        shared.failed_total.fetch_add(fx.failed, Ordering::Relaxed);
+        shared
+            .dead_lettered_total
+            .fetch_add(fx.dead_lettered, Ordering::Relaxed);
+        for class in &fx.call_errors {
+            shared.record_call_error(class.index());
+        }
+        if let Some(class) = fx.call_errors.last() {
+            self.slot
+                .last_error_class
+                .store(class.index() as u32, Ordering::Relaxed);
+            self.slot
+                .last_error_ms
+                .store(shmem::now_ms(), Ordering::Relaxed);
+        }
+        if fx.succeeded {
+            self.slot
+                .last_success_ms
+                .store(shmem::now_ms(), Ordering::Relaxed);
+        }
+        match fx.concurrency {
+            Concurrency::Halve => self.in_flight = (self.in_flight / 2).max(1),
+            Concurrency::Grow => self.in_flight = self.in_flight.saturating_add(1),
+            Concurrency::Keep => {}
+        }
+        if let Some((class, wait)) = fx.pause {
+            self.pause_for(class, wait);
+        }
+        s
+    }
+}
