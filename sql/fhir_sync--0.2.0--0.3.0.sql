@@ -20,6 +20,15 @@ IMMUTABLE STRICT PARALLEL SAFE
 LANGUAGE c
 AS 'MODULE_PATHNAME', 'fhir_builtin_mapper_wrapper';
 
+-- Raises fhir_sync's own errors for its SQL functions (messages written once, in error.rs).
+CREATE FUNCTION @extschema@."fhir_raise"(
+	"error" TEXT,
+	"subject" TEXT,
+	"resource_type" TEXT DEFAULT NULL
+) RETURNS void
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'fhir_raise_wrapper';
+
 ALTER TABLE @extschema@.fhir_tracked DROP CONSTRAINT fhir_tracked_mapper_check;
 ALTER TABLE @extschema@.fhir_tracked ADD CONSTRAINT fhir_tracked_mapper_check
     CHECK (mapper = ANY (@extschema@.fhir_mapper_names()));
@@ -86,9 +95,7 @@ BEGIN
       FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
      WHERE i.indrelid = "table" AND i.indisprimary AND i.indnatts = 1;
     IF key_col IS NULL THEN
-        RAISE EXCEPTION 'table % has no single-column primary key', "table"
-            USING ERRCODE = 'invalid_table_definition',
-                  HINT = 'Add a primary key on one column: fhir_sync addresses rows by it.';
+        PERFORM @extschema@.fhir_raise('no_primary_key', "table"::text);
     END IF;
 
     IF map_function IS NOT NULL THEN
@@ -118,10 +125,7 @@ BEGIN
     ELSIF chosen IS NULL THEN
         chosen := @extschema@.fhir_builtin_mapper(resource_type, cols);
         IF chosen IS NULL THEN
-            RAISE EXCEPTION 'table % has no built-in % mapping', "table", resource_type
-                USING ERRCODE = 'invalid_parameter_value',
-                      HINT = format('Pass a function that turns a row into the resource: SELECT fhir_track(%L, %L, map_function => ''my_mapper(%s)''::regprocedure).',
-                                    "table"::text, resource_type, "table"::text);
+            PERFORM @extschema@.fhir_raise('no_builtin_mapper', "table"::text, resource_type);
         END IF;
     END IF;
     IF NOT (chosen = ANY (@extschema@.fhir_mapper_names())) THEN
@@ -186,7 +190,7 @@ DECLARE
 BEGIN
     DELETE FROM @extschema@.fhir_tracked t WHERE t.table_name = "table" RETURNING true INTO found_row;
     IF found_row IS NULL THEN
-        RAISE EXCEPTION 'table % is not tracked by fhir_sync', "table" USING ERRCODE = 'no_data_found';
+        PERFORM @extschema@.fhir_raise('not_tracked', "table"::text);
     END IF;
     EXECUTE format('DROP TRIGGER IF EXISTS fhir_sync_capture ON %s', "table");
     IF discard_pending THEN
@@ -208,8 +212,7 @@ DECLARE
 BEGIN
     SELECT * INTO t FROM @extschema@.fhir_tracked x WHERE x.table_name = "table";
     IF t IS NULL THEN
-        RAISE EXCEPTION 'table % is not tracked by fhir_sync', "table" USING ERRCODE = 'no_data_found',
-            HINT = 'Start tracking it with SELECT fhir_track(''table'', ''ResourceType'').';
+        PERFORM @extschema@.fhir_raise('not_tracked', "table"::text);
     END IF;
     -- The keys are read by fhir_backfill_keys: as the table's owner, sandboxed (rendering a
     -- key as text runs its type's code), never with the caller's rights.

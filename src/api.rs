@@ -572,10 +572,9 @@ fn explain_claim(batch: i32) -> TableIterator<'static, (name!(plan, String),)> {
             Some(&mut plans),
         )
     });
-    match run {
-        Ok(Ok(_)) => TableIterator::new(plans.into_iter().map(|p| (p,)).collect::<Vec<_>>()),
-        Ok(Err(e)) => e.report(),
-        Err(e) => FhirSyncError::from(e).report(),
+    match run.map_err(FhirSyncError::from).and_then(|claimed| claimed) {
+        Ok(_) => TableIterator::new(plans.into_iter().map(|p| (p,)).collect::<Vec<_>>()),
+        Err(e) => e.report(),
     }
 }
 

@@ -194,20 +194,27 @@ impl FhirSyncError {
         }
     }
 
-    fn hint(&self) -> Option<&'static str> {
+    fn hint(&self) -> Option<String> {
         use FhirSyncError::*;
-        match self {
+        if let NoBuiltInMapper {
+            table,
+            resource_type,
+        } = self
+        {
+            return Some(format!(
+                "Pass a function that turns a row into the resource: SELECT fhir_track('{table}', '{resource_type}', map_function => 'my_mapper({table})'::regprocedure)."
+            ));
+        }
+        let hint = match self {
             BadTrigger(_) => Some("Recreate the trigger with SELECT fhir_untrack(...) and SELECT fhir_track(...)."),
             NotTracked(_) => Some("Start tracking it with SELECT fhir_track('table', 'ResourceType')."),
             NoPrimaryKey(_) => Some("Add a primary key on one column: fhir_sync addresses rows by it."),
             Broken(_) => Some("Undo the change to fhir_sync's objects; the installed SQL and fhir_sync.so must be of one version (ALTER EXTENSION fhir_sync UPDATE)."),
-            NoBuiltInMapper { .. } => Some(
-                "Pass a mapping function: SELECT fhir_track('table', 'Type', map_function => 'my_fn(my_table)'::regprocedure).",
-            ),
             Map(_) => Some("Correct the row; the change is retried when the row is updated or requeued."),
             Unreadable { .. } => Some("Read the row yourself to see the error; correct it, or the type's cast, then requeue."),
             _ => None,
-        }
+        };
+        hint.map(str::to_string)
     }
 
     /// What the worker may log: our own messages as they are, a caught PostgreSQL error by
@@ -264,4 +271,21 @@ pub fn raise(code: PgSqlErrorCode, message: &str, hint: &str) -> ! {
         .set_hint(hint)
         .report(pgrx::PgLogLevel::ERROR);
     unreachable!("ERROR does not return")
+}
+
+/// Raises one of fhir_sync's errors from its SQL functions, so that each message, hint and
+/// SQLSTATE is written once (here): `PERFORM fhir_raise('not_tracked', "table"::text)`.
+#[pgrx::pg_extern]
+fn fhir_raise(error: &str, subject: &str, resource_type: pgrx::default!(Option<&str>, "NULL")) {
+    let subject = subject.to_string();
+    match error {
+        "not_tracked" => FhirSyncError::NotTracked(subject),
+        "no_primary_key" => FhirSyncError::NoPrimaryKey(subject),
+        "no_builtin_mapper" => FhirSyncError::NoBuiltInMapper {
+            table: subject,
+            resource_type: resource_type.unwrap_or_default().to_string(),
+        },
+        other => FhirSyncError::Internal(format!("fhir_raise: unknown error \"{other}\"")),
+    }
+    .report()
 }

@@ -96,12 +96,6 @@ pub fn insert(schema: &str, change: &Change) -> Result<(), FhirSyncError> {
     ))
 }
 
-/// The outbox's identity sequence: the claim reads how far ids have been handed out.
-/// Only inside a transaction (it may resolve the outbox through the catalogs; unchecked).
-pub fn sequence(schema: &str) -> Result<pg_sys::Oid, FhirSyncError> {
-    Ok(cached(schema)?.sequence)
-}
-
 /// The outbox as resolved, copied out of the cache: opening the table processes invalidation
 /// messages, which may clear it (forget).
 fn cached(schema: &str) -> Result<Outbox, FhirSyncError> {

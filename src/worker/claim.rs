@@ -68,8 +68,10 @@ fn candidates_sql(schema: &str) -> String {
     )
 }
 
-/// The outbox sequence's last value ($1, the sequence): ids up to it have been handed out.
-const IDS_TAKEN: &str = "SELECT pg_catalog.pg_sequence_last_value($1::pg_catalog.regclass)";
+/// The last value of the outbox's identity sequence ($1, the outbox's qualified name): ids up
+/// to it have been handed out.
+const IDS_TAKEN: &str = "SELECT pg_catalog.pg_sequence_last_value(
+                                pg_catalog.pg_get_serial_sequence($1, 'id')::pg_catalog.regclass)";
 
 /// Every pending change of the given resources, and whether it makes its resource busy: leased
 /// by another live worker, or waiting for a retry. $1 tables, $2 keys, $3 live worker pids,
@@ -154,7 +156,7 @@ pub fn claim_with(
     let live = live_workers();
     let now = std::time::Instant::now();
     let from = floor.start(now, crate::gucs::poll_interval());
-    let sequence = crate::outbox_write::sequence(schema)?;
+    let outbox = format!("{schema}.fhir_outbox");
     Spi::connect_mut(|client| {
         lock_claims();
         client.update(PLAN_GUARDS, None, &[])?;
@@ -193,7 +195,7 @@ pub fn claim_with(
         }
         if explain.is_none() {
             // Read after the scan: an id handed out before the scan is at most this value.
-            let taken = crate::plans::select(client, IDS_TAKEN, None, &[sequence.into()])?
+            let taken = crate::plans::select(client, IDS_TAKEN, None, &[outbox.as_str().into()])?
                 .first()
                 .get::<i64>(1)?;
             floor.advance(now, from, first_fresh, taken);
