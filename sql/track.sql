@@ -40,7 +40,8 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
-    -- The capture trigger's first argument: the schema's name as it is, not quoted.
+    -- The schema's name as it is, not quoted: the capture trigger's first argument, and quoted
+    -- by format's %I (@extschema@ inside a format string would read a % in the name).
     ext_schema name := (SELECT n.nspname FROM pg_namespace n WHERE n.oid = '@extschema@'::regnamespace);
     cols       text[];
     key_col    name;
@@ -153,8 +154,8 @@ BEGIN
         EXECUTE format('DROP TRIGGER fhir_sync_capture ON %s', "table");
     END IF;
     EXECUTE format('CREATE TRIGGER fhir_sync_capture AFTER INSERT OR UPDATE OR DELETE ON %s '
-                   'FOR EACH ROW EXECUTE FUNCTION @extschema@.fhir_capture(%L, %L, %L, %L, %L, %L)',
-                   "table", ext_schema, resource_type, key_col,
+                   'FOR EACH ROW EXECUTE FUNCTION %I.fhir_capture(%L, %L, %L, %L, %L, %L)',
+                   "table", ext_schema, ext_schema, resource_type, key_col,
                    coalesce(parent::oid::text, ''), coalesce(parent_col::text, ''), chosen);
     RETURN format('tracking %s as %s (%s)', "table", resource_type, chosen);
 END

@@ -177,7 +177,7 @@ fn map_row(mapper: &str, rowtype: pg_sys::Oid, row: Value) -> Result<Value, Fhir
     let chosen = match mapper {
         "observation" => {
             let columns: Vec<&str> = row.keys().map(String::as_str).collect();
-            registry::detect("Observation", &columns)
+            registry::detect_by_marker("Observation", &columns)
         }
         name => Mapper::parse(name),
     };

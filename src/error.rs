@@ -201,6 +201,7 @@ impl FhirSyncError {
             resource_type,
         } = self
         {
+            let table = table.replace('\'', "''");
             return Some(format!(
                 "Pass a function that turns a row into the resource: SELECT fhir_track('{table}', '{resource_type}', map_function => 'my_mapper({table})'::regprocedure)."
             ));

@@ -317,6 +317,7 @@ fn resolve(schema: &str) -> Result<Outbox, FhirSyncError> {
 ///
 /// # Safety
 /// `desc` is the descriptor of a relation this backend holds open.
+// SAFETY: both callers (write, resolve) pass the descriptor of the outbox they hold open.
 unsafe fn attribute_types(desc: pg_sys::TupleDesc) -> Vec<pg_sys::Oid> {
     // SAFETY: the caller holds the relation open, so its descriptor has natts attributes.
     unsafe {

@@ -23,7 +23,7 @@ SEARCH_PARAMS=$MEDPLUM_DIR/search-parameters-r4.json
 VENV=$FHIR_SYNC_CACHE/venv
 PYTEST_PIN="pytest==8.4.2"
 PSYCOPG_PIN="psycopg[binary]==3.2.13"
-PYYAML_PIN="PyYAML==6.0.2"             # tests/e2e/test_observability.py reads the docker/ YAML files
+PYYAML_PIN="PyYAML==6.0.2"             # tests/lint and tests/e2e/test_observability.py read the docker/ YAML
 
 step() { printf '[setup] %-22s %s\n' "$1" "$2"; }
 die() { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }

@@ -189,8 +189,8 @@ pub fn exhausted(attempts: i32, max_retries: i32) -> bool {
 /// What a failed worker cycle means, told by the SQLSTATE of the PostgreSQL error behind it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Trouble {
-    /// The extension's objects are gone or changing (DROP EXTENSION, ALTER EXTENSION UPDATE, a
-    /// library newer than the installed SQL): wait for them.
+    /// An object is gone or changing (DROP EXTENSION, ALTER EXTENSION UPDATE, a library newer
+    /// than the installed SQL, a tracked table or column dropped): wait for it.
     ExtensionChanging,
     /// Something held a lock, a statement ran out of time, or a transaction lost a
     /// serialization race: it passes.
@@ -217,7 +217,7 @@ impl Trouble {
     /// What the log line adds: what it means, and what to do where someone must act.
     pub fn explanation(self) -> &'static str {
         match self {
-            Trouble::ExtensionChanging => "; fhir_sync's objects are missing or changing (DROP EXTENSION, ALTER EXTENSION UPDATE, or a library newer than the installed SQL: run ALTER EXTENSION fhir_sync UPDATE)",
+            Trouble::ExtensionChanging => "; an object is missing or changing (DROP EXTENSION, ALTER EXTENSION UPDATE, a tracked table or column dropped); if it persists after installing a new fhir_sync, run ALTER EXTENSION fhir_sync UPDATE",
             Trouble::Busy => "; something held a lock or a statement ran out of time, retried",
             Trouble::NoPrivilege => "; the worker's role lacks a grant: SELECT fhir_sync_grant_worker('<fhir_sync.username>')",
             Trouble::Data | Trouble::Other => "",

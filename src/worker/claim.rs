@@ -68,10 +68,46 @@ fn candidates_sql(schema: &str) -> String {
     )
 }
 
-/// The last value of the outbox's identity sequence ($1, the outbox's qualified name): ids up
-/// to it have been handed out.
-const IDS_TAKEN: &str = "SELECT pg_catalog.pg_sequence_last_value(
-                                pg_catalog.pg_get_serial_sequence($1, 'id')::pg_catalog.regclass)";
+/// The last value of the outbox's identity sequence ($1): ids up to it have been handed out.
+const IDS_TAKEN: &str = "SELECT pg_catalog.pg_sequence_last_value($1::pg_catalog.regclass)";
+
+/// The outbox's identity sequence ($1, the outbox's qualified name).
+const OUTBOX_SEQUENCE: &str =
+    "SELECT pg_catalog.pg_get_serial_sequence($1, 'id')::pg_catalog.regclass::pg_catalog.oid";
+
+thread_local! {
+    /// The outbox's identity sequence, per schema: looking it up costs a pg_depend scan, and it
+    /// changes only with the extension (the worker forgets it after a failed cycle).
+    static SEQUENCE: std::cell::RefCell<Option<(String, pg_sys::Oid)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Forgets the cached outbox sequence (the extension may have been dropped and made again).
+pub fn forget_outbox() {
+    SEQUENCE.with(|s| *s.borrow_mut() = None);
+}
+
+fn outbox_sequence(
+    client: &pgrx::spi::SpiClient,
+    schema: &str,
+) -> Result<pg_sys::Oid, FhirSyncError> {
+    if let Some(oid) = SEQUENCE.with(|s| {
+        s.borrow()
+            .as_ref()
+            .filter(|(sch, _)| sch == schema)
+            .map(|(_, o)| *o)
+    }) {
+        return Ok(oid);
+    }
+    let outbox = format!("{schema}.fhir_outbox");
+    let oid = client
+        .select(OUTBOX_SEQUENCE, Some(1), &[outbox.as_str().into()])?
+        .first()
+        .get::<pg_sys::Oid>(1)?
+        .ok_or_else(|| FhirSyncError::Broken("fhir_outbox.id has no identity sequence".into()))?;
+    SEQUENCE.with(|s| *s.borrow_mut() = Some((schema.to_string(), oid)));
+    Ok(oid)
+}
 
 /// Every pending change of the given resources, and whether it makes its resource busy: leased
 /// by another live worker, or waiting for a retry. $1 tables, $2 keys, $3 live worker pids,
@@ -152,11 +188,11 @@ pub fn claim_with(
     floor: &mut Floor,
     mut explain: Option<&mut Vec<String>>,
 ) -> Result<Vec<Claimed>, FhirSyncError> {
+    // SAFETY: a read of a backend global set at process start.
     let pid = unsafe { pg_sys::MyProcPid };
     let live = live_workers();
     let now = std::time::Instant::now();
     let from = floor.start(now, crate::gucs::poll_interval());
-    let outbox = format!("{schema}.fhir_outbox");
     Spi::connect_mut(|client| {
         lock_claims();
         client.update(PLAN_GUARDS, None, &[])?;
@@ -195,9 +231,14 @@ pub fn claim_with(
         }
         if explain.is_none() {
             // Read after the scan: an id handed out before the scan is at most this value.
-            let taken = crate::plans::select(client, IDS_TAKEN, None, &[outbox.as_str().into()])?
-                .first()
-                .get::<i64>(1)?;
+            let taken = crate::plans::select(
+                client,
+                IDS_TAKEN,
+                None,
+                &[outbox_sequence(client, schema)?.into()],
+            )?
+            .first()
+            .get::<i64>(1)?;
             floor.advance(now, from, first_fresh, taken);
         }
         if order.is_empty() {

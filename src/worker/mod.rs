@@ -66,6 +66,8 @@ type Tracks = std::rc::Rc<HashMap<pg_sys::Oid, source::Track>>;
 #[no_mangle]
 pub extern "C-unwind" fn fhir_sync_worker_main(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    // SAFETY: the launcher registers this worker with an int4 slot index as bgw_main_arg, a
+    // by-value datum (nothing is dereferenced).
     let index =
         unsafe { i32::from_polymorphic_datum(arg, false, pg_sys::INT4OID) }.unwrap_or(0) as usize;
     let db = BackgroundWorker::get_extra().to_string();
@@ -77,6 +79,7 @@ pub extern "C-unwind" fn fhir_sync_worker_main(arg: pg_sys::Datum) {
     // cannot log in); empty, the bootstrap superuser.
     let role = crate::gucs::username();
     BackgroundWorker::connect_worker_to_spi(Some(&db), role.as_deref());
+    // SAFETY: a read of a backend global, set by connect_worker_to_spi just above.
     slot.claim(unsafe { pg_sys::MyDatabaseId });
     pgrx::log!("fhir_sync worker started for database \"{db}\"");
 
@@ -109,6 +112,7 @@ pub extern "C-unwind" fn fhir_sync_worker_main(arg: pg_sys::Datum) {
         last_failure: None,
     };
     loop {
+        // SAFETY: a read of a sig_atomic_t PostgreSQL's signal handlers set, on the main thread.
         if BackgroundWorker::sigterm_received() || unsafe { pg_sys::ShutdownRequestPending != 0 } {
             break;
         }
@@ -119,6 +123,7 @@ pub extern "C-unwind" fn fhir_sync_worker_main(arg: pg_sys::Datum) {
             break;
         }
         if BackgroundWorker::sighup_received() {
+            // SAFETY: what a backend does on SIGHUP, on the main thread, outside any transaction.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
             let s = ClientSettings::read();
             if s != w.settings {
@@ -136,6 +141,7 @@ pub extern "C-unwind" fn fhir_sync_worker_main(arg: pg_sys::Datum) {
             }
             w.linger();
         } else {
+            // SAFETY: this process's own latch, reset on its main thread.
             unsafe { pg_sys::ResetLatch(pg_sys::MyLatch) };
             pgrx::check_for_interrupts!();
         }
@@ -143,6 +149,7 @@ pub extern "C-unwind" fn fhir_sync_worker_main(arg: pg_sys::Datum) {
     slot.release();
     pgrx::log!("fhir_sync worker for database \"{db}\" stopping");
     // The launcher starts a new worker when this one is gone, unless the database is going.
+    // SAFETY: the worker's last act, on its main thread, with no transaction open.
     unsafe { pg_sys::proc_exit(0) };
 }
 
@@ -166,12 +173,14 @@ pub fn apply_session_settings(local: bool) -> Result<(), FhirSyncError> {
 }
 
 fn seed() -> u64 {
+    // SAFETY: a read of a backend global set at process start.
     (shmem::now_ms() as u64) ^ ((unsafe { pg_sys::MyProcPid } as u64) << 32) | 1
 }
 
 impl Worker {
     /// SIGTERM (shutdown, pg_terminate_backend) or DROP DATABASE: stop starting requests.
     fn must_leave(&self) -> bool {
+        // SAFETY: a read of a sig_atomic_t PostgreSQL's signal handlers set.
         let shutdown = unsafe { pg_sys::ShutdownRequestPending != 0 };
         shutdown || self.slot.leave.load(Ordering::Acquire)
     }
@@ -190,6 +199,8 @@ impl Worker {
         };
         let now = Instant::now();
         if at > now {
+            // SAFETY: this process's own latch, on its main thread; WL_EXIT_ON_PM_DEATH needs no
+            // cleanup here.
             unsafe {
                 pg_sys::WaitLatch(
                     pg_sys::MyLatch,
@@ -228,6 +239,7 @@ impl Worker {
             self.shared.paused_reason.store(0, Ordering::Relaxed);
             return Some(poll.max(policy::IDLE_NAP));
         }
+        let was_paused = self.pause.is_paused();
         let probe = match self.pause.step(Instant::now()) {
             Step::Sleep(left) => {
                 self.slot.set_state(WorkerState::Paused);
@@ -236,8 +248,11 @@ impl Worker {
             Step::Probe => true,
             Step::Deliver => {
                 // A throttle or credential pause that ended: try real work; a new refusal
-                // pauses again.
-                self.shared.paused_reason.store(0, Ordering::Relaxed);
+                // pauses again. (The reason is shared by every worker: only the one that
+                // paused clears it.)
+                if was_paused {
+                    self.shared.paused_reason.store(0, Ordering::Relaxed);
+                }
                 false
             }
         };
@@ -318,6 +333,7 @@ impl Worker {
         self.tracks = None;
         self.floor.reset();
         self.schema = None;
+        claim::forget_outbox();
         let what = error.log_form();
         let now = Instant::now();
         let repeat = matches!(&self.last_failure, Some((s, w, at)) if *s == step && *w == what && now.duration_since(*at) < policy::FAILURE_RELOG);

@@ -33,8 +33,8 @@ WITH ext AS (SELECT oid, extconfig FROM pg_extension WHERE extname = 'fhir_sync'
 members AS (SELECT d.classid, d.objid FROM pg_depend d, ext WHERE d.refobjid = ext.oid AND d.deptype = 'e')
 SELECT 'member ' || pg_describe_object(m.classid, m.objid, 0) FROM members m
 UNION ALL
-SELECT format('function %s returns %s lang=%s secdef=%s strict=%s volatile=%s parallel=%s config=%s acl=%s body=%s',
-              p.oid::regprocedure, p.prorettype::regtype, (SELECT l.lanname FROM pg_language l WHERE l.oid = p.prolang), p.prosecdef, p.proisstrict,
+SELECT format('function %s (%s) returns %s lang=%s secdef=%s strict=%s volatile=%s parallel=%s config=%s acl=%s body=%s',
+              p.oid::regprocedure, pg_get_function_arguments(p.oid), p.prorettype::regtype, (SELECT l.lanname FROM pg_language l WHERE l.oid = p.prolang), p.prosecdef, p.proisstrict,
               p.provolatile, p.proparallel, p.proconfig, p.proacl, md5(p.prosrc))
   FROM pg_proc p JOIN members m ON m.classid = 'pg_proc'::regclass AND m.objid = p.oid
 UNION ALL
@@ -48,7 +48,7 @@ UNION ALL
 SELECT format('relation %s kind=%s acl=%s options=%s', c.relname, c.relkind, c.relacl, c.reloptions)
   FROM pg_class c JOIN members m ON m.classid = 'pg_class'::regclass AND m.objid = c.oid
 UNION ALL
-SELECT format('constraint %s %s', co.conrelid::regclass, pg_get_constraintdef(co.oid))
+SELECT format('constraint %s %s %s', co.conrelid::regclass, co.conname, pg_get_constraintdef(co.oid))
   FROM pg_constraint co JOIN members m ON m.classid = 'pg_class'::regclass AND m.objid = co.conrelid
 UNION ALL
 SELECT 'index ' || pg_get_indexdef(i.indexrelid)

@@ -45,6 +45,10 @@ pub struct Spec {
     pub requires: &'static [&'static str],
     /// ... and at least one of these (when not empty).
     pub any_of: &'static [&'static str],
+    /// The column that tells this mapper from the others of its resource type, for a row mapped
+    /// on its own (`fhir_observation_json`): a row that has it but lacks another required column
+    /// gets the mapper's own error naming that column.
+    pub marker: Option<&'static str>,
     /// Send order inside one batch: a Patient before the Encounters that point at it, those
     /// before the Observations that point at both.
     pub tier: usize,
@@ -59,6 +63,7 @@ pub const MAPPERS: [Spec; 6] = [
         resource_type: Some("Patient"),
         requires: &["identifier_value", "identifier_system"],
         any_of: &["name_family", "name_given", "name_text", "birth_date"],
+        marker: None,
         tier: 0,
         references: &[],
     },
@@ -68,6 +73,7 @@ pub const MAPPERS: [Spec; 6] = [
         resource_type: Some("Patient"),
         requires: &["patient_id", "identifier_value"],
         any_of: &[],
+        marker: None,
         tier: 0,
         references: &[PATIENT_REF],
     },
@@ -77,6 +83,7 @@ pub const MAPPERS: [Spec; 6] = [
         resource_type: Some("Encounter"),
         requires: &["patient_id", "encounter_date"],
         any_of: &[],
+        marker: None,
         tier: 1,
         references: &[PATIENT_REF],
     },
@@ -86,6 +93,7 @@ pub const MAPPERS: [Spec; 6] = [
         resource_type: Some("Observation"),
         requires: &["patient_id", "systolic_pressure", "diastolic_pressure"],
         any_of: &[],
+        marker: Some("systolic_pressure"),
         tier: 2,
         references: &[PATIENT_REF, ENCOUNTER_REF],
     },
@@ -95,6 +103,7 @@ pub const MAPPERS: [Spec; 6] = [
         resource_type: Some("Observation"),
         requires: &["patient_id", "rate"],
         any_of: &[],
+        marker: Some("rate"),
         tier: 2,
         references: &[PATIENT_REF, ENCOUNTER_REF],
     },
@@ -104,6 +113,7 @@ pub const MAPPERS: [Spec; 6] = [
         resource_type: None,
         requires: &[],
         any_of: &[],
+        marker: None,
         tier: 0,
         references: &[],
     },
@@ -140,6 +150,18 @@ pub fn detect<S: AsRef<str>>(resource_type: &str, columns: &[S]) -> Option<Mappe
             s.resource_type == Some(resource_type)
                 && s.requires.iter().all(&has)
                 && (s.any_of.is_empty() || s.any_of.iter().any(&has))
+        })
+        .map(|s| s.mapper)
+}
+
+/// The mapper for one row mapped on its own, told by its marker column (see `Spec::marker`).
+pub fn detect_by_marker<S: AsRef<str>>(resource_type: &str, columns: &[S]) -> Option<Mapper> {
+    MAPPERS
+        .iter()
+        .find(|s| {
+            s.resource_type == Some(resource_type)
+                && s.marker
+                    .is_some_and(|m| columns.iter().any(|c| c.as_ref() == m))
         })
         .map(|s| s.mapper)
 }
@@ -197,6 +219,20 @@ mod tests {
         for (ty, cols, want) in cases {
             assert_eq!(detect(ty, cols), want, "{ty} {cols:?}");
         }
+    }
+
+    #[test]
+    fn a_row_on_its_own_is_told_by_its_marker_column() {
+        // No diastolic_pressure: still blood pressure (its mapper then names the missing field).
+        assert_eq!(
+            detect_by_marker("Observation", &["id", "systolic_pressure"]),
+            Some(Mapper::BloodPressure)
+        );
+        assert_eq!(
+            detect_by_marker("Observation", &["id", "rate"]),
+            Some(Mapper::Pulse)
+        );
+        assert_eq!(detect_by_marker("Observation", &["id", "note"]), None);
     }
 
     #[test]
