@@ -57,10 +57,18 @@ thread_local! {
 static mut CAPTURED_IN_XACT: bool = false;
 
 /// The capture trigger. Correct only as the AFTER ROW INSERT/UPDATE/DELETE trigger `fhir_track`
-/// creates, and nothing here checks that: fired BEFORE ROW, its NULL result would skip the row
-/// while the outbox row is written; fired per statement both tuples are null (a NullKey error).
+/// creates, so it refuses to run otherwise: fired BEFORE ROW, its NULL result would skip the row
+/// while the outbox row is written.
 #[pg_trigger]
 fn fhir_capture<'a>(
+    trigger: &'a PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, FhirSyncError> {
+    // Raised here with its SQLSTATE, message and hint: an Err returned to #[pg_trigger] would
+    // become an XX000 "Trigger function panic" carrying the error's Debug form.
+    capture(trigger).or_else(|e| e.report())
+}
+
+fn capture<'a>(
     trigger: &'a PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, FhirSyncError> {
     let args = TriggerArgs::parse(
@@ -68,6 +76,11 @@ fn fhir_capture<'a>(
             .extra_args()
             .map_err(|_| FhirSyncError::BadTrigger(0))?,
     )?;
+    if !matches!(trigger.when(), Ok(PgTriggerWhen::After))
+        || !matches!(trigger.level(), PgTriggerLevel::Row)
+    {
+        return Err(FhirSyncError::NotAfterRow);
+    }
     let data = trigger.trigger_data();
     let op = match trigger.op() {
         Ok(PgTriggerOperation::Insert) => 'I',

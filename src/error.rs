@@ -13,6 +13,8 @@ use pgrx::PgSqlErrorCode;
 #[derive(Clone, Debug)]
 pub enum FhirSyncError {
     BadTrigger(usize),
+    /// fhir_capture fired other than AFTER … FOR EACH ROW.
+    NotAfterRow,
     NullKey(String),
     /// Something that cannot happen did (an SPI call refused): a bug, SQLSTATE XX000.
     Internal(String),
@@ -143,6 +145,7 @@ impl std::fmt::Display for FhirSyncError {
         use FhirSyncError::*;
         match self {
             BadTrigger(n) => write!(f, "fhir_capture trigger has {n} arguments, expected 6"),
+            NotAfterRow => write!(f, "fhir_capture must fire AFTER each row"),
             NullKey(t) => write!(f, "row of tracked table {t} has a null primary key"),
             Internal(e) => write!(f, "fhir_sync internal error: {e}"),
             Broken(e) => write!(f, "fhir_sync's own objects are not as it made them: {e}"),
@@ -180,7 +183,7 @@ impl FhirSyncError {
     fn code(&self) -> PgSqlErrorCode {
         use FhirSyncError::*;
         match self {
-            BadTrigger(_) => PgSqlErrorCode::ERRCODE_TRIGGERED_ACTION_EXCEPTION,
+            BadTrigger(_) | NotAfterRow => PgSqlErrorCode::ERRCODE_TRIGGERED_ACTION_EXCEPTION,
             NullKey(_) => PgSqlErrorCode::ERRCODE_NOT_NULL_VIOLATION,
             Internal(_) => PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
             Broken(_) => PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
@@ -207,7 +210,7 @@ impl FhirSyncError {
             ));
         }
         let hint = match self {
-            BadTrigger(_) => Some("Recreate the trigger with SELECT fhir_untrack(...) and SELECT fhir_track(...)."),
+            BadTrigger(_) | NotAfterRow => Some("Recreate the trigger with SELECT fhir_untrack(...) and SELECT fhir_track(...)."),
             NotTracked(_) => Some("Start tracking it with SELECT fhir_track('table', 'ResourceType')."),
             NoPrimaryKey(_) => Some("Add a primary key on one column: fhir_sync addresses rows by it."),
             Broken(_) => Some("Undo the change to fhir_sync's objects; the installed SQL and fhir_sync.so must be of one version (ALTER EXTENSION fhir_sync UPDATE)."),

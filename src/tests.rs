@@ -188,6 +188,31 @@ fn untrack_stops_capture() {
 }
 
 #[pg_test]
+fn the_capture_trigger_refuses_to_fire_before_a_row() {
+    setup();
+    // A BEFORE trigger returning NULL would skip the writer's row while capturing it.
+    Spi::run(
+        "CREATE TRIGGER early BEFORE INSERT ON pulse FOR EACH ROW
+         EXECUTE FUNCTION fhir_capture('public', 'Observation', 'id', '', '', 'pulse')",
+    )
+    .unwrap();
+    let err = PgTryBuilder::new(|| {
+        Spi::run("INSERT INTO pulse (patient_id, rate, measurement_time) VALUES (1, 61, now())")
+            .map(|_| String::new())
+            .unwrap_or_default()
+    })
+    .catch_others(|e| match e {
+        pg_sys::panic::CaughtError::PostgresError(r) | pg_sys::panic::CaughtError::ErrorReport(r) => {
+            format!("{} | {}", r.message(), r.hint().unwrap_or_default())
+        }
+        _ => "panic".into(),
+    })
+    .execute();
+    assert!(err.contains("fhir_capture must fire AFTER each row"), "{err}");
+    assert!(err.contains("fhir_track"), "{err}");
+}
+
+#[pg_test]
 fn track_refuses_a_table_without_a_mapping() {
     Spi::run("CREATE TABLE misc (id int PRIMARY KEY, x text)").unwrap();
     let err = PgTryBuilder::new(|| Spi::run("SELECT fhir_track('misc', 'Observation')").map(|_| String::new()).unwrap_or_default())
