@@ -249,7 +249,7 @@ fn resolve(schema: &str) -> Result<Outbox, FhirSyncError> {
         let desc = (*rel).rd_att;
         let natts = (*desc).natts as usize;
         let types = attribute_types(desc);
-        let attrs = (*desc).attrs.as_slice(natts);
+        let attrs = attributes(desc);
         let find = |name: &str| {
             attrs
                 .iter()
@@ -313,6 +313,30 @@ fn resolve(schema: &str) -> Result<Outbox, FhirSyncError> {
     }
 }
 
+/// The attributes of a tuple descriptor. PostgreSQL 18 keeps them after the descriptor's compact
+/// form (reached through TupleDescAttr); earlier versions in the `attrs` array.
+///
+/// # Safety
+/// `desc` is the descriptor of a relation this backend holds open; the slice must not outlive it.
+// SAFETY: callers pass the descriptor of the outbox they hold open and use the slice meanwhile.
+unsafe fn attributes<'a>(desc: pg_sys::TupleDesc) -> &'a [pg_sys::FormData_pg_attribute] {
+    // SAFETY: natts attributes stand contiguously from the first one in every version.
+    unsafe {
+        let n = (*desc).natts as usize;
+        #[cfg(feature = "pg18")]
+        {
+            if n == 0 {
+                return &[];
+            }
+            std::slice::from_raw_parts(pg_sys::TupleDescAttr(desc, 0), n)
+        }
+        #[cfg(not(feature = "pg18"))]
+        {
+            (*desc).attrs.as_slice(n)
+        }
+    }
+}
+
 /// The type of each attribute of `desc` (InvalidOid for a dropped one).
 ///
 /// # Safety
@@ -321,9 +345,7 @@ fn resolve(schema: &str) -> Result<Outbox, FhirSyncError> {
 unsafe fn attribute_types(desc: pg_sys::TupleDesc) -> Vec<pg_sys::Oid> {
     // SAFETY: the caller holds the relation open, so its descriptor has natts attributes.
     unsafe {
-        (*desc)
-            .attrs
-            .as_slice((*desc).natts as usize)
+        attributes(desc)
             .iter()
             .map(|a| {
                 if a.attisdropped {
