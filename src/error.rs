@@ -237,6 +237,11 @@ impl FhirSyncError {
         }
     }
 
+    /// The five-character SQLSTATE this error is raised (or was caught) with.
+    pub fn sqlstate(&self) -> String {
+        sqlstate(self.code())
+    }
+
     /// The caught PostgreSQL error behind this one, if any.
     pub fn pg(&self) -> Option<&PgError> {
         match self {

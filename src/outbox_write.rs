@@ -150,7 +150,7 @@ unsafe fn write(outbox: &Outbox, change: &Change) -> bool {
             return false;
         }
         let desc = (*rel).rd_att;
-        if (*desc).natts as usize != outbox.natts || attribute_types(desc) != outbox.types {
+        if (*desc).natts as usize != outbox.natts || !same_types(desc, &outbox.types) {
             pg_sys::table_close(rel, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
             return false;
         }
@@ -344,18 +344,27 @@ unsafe fn attributes<'a>(desc: pg_sys::TupleDesc) -> &'a [pg_sys::FormData_pg_at
 // SAFETY: both callers (write, resolve) pass the descriptor of the outbox they hold open.
 unsafe fn attribute_types(desc: pg_sys::TupleDesc) -> Vec<pg_sys::Oid> {
     // SAFETY: the caller holds the relation open, so its descriptor has natts attributes.
-    unsafe {
-        attributes(desc)
-            .iter()
-            .map(|a| {
-                if a.attisdropped {
-                    pg_sys::InvalidOid
-                } else {
-                    a.atttypid
-                }
-            })
-            .collect()
+    unsafe { attributes(desc).iter().map(type_of).collect() }
+}
+
+fn type_of(a: &pg_sys::FormData_pg_attribute) -> pg_sys::Oid {
+    if a.attisdropped {
+        pg_sys::InvalidOid
+    } else {
+        a.atttypid
     }
+}
+
+/// Whether `desc`'s attributes have exactly `types` (compared in place: this runs per captured
+/// row).
+///
+/// # Safety
+/// As for `attribute_types`.
+// SAFETY: `write` passes the descriptor of the outbox it holds open.
+unsafe fn same_types(desc: pg_sys::TupleDesc, types: &[pg_sys::Oid]) -> bool {
+    // SAFETY: as in attribute_types.
+    let attrs = unsafe { attributes(desc) };
+    attrs.len() == types.len() && attrs.iter().zip(types).all(|(a, t)| type_of(a) == *t)
 }
 
 fn register_invalidation() {

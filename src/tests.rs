@@ -35,6 +35,18 @@ fn count(sql: &str) -> i64 {
 
 /// Row reads run through plans kept for the backend's lifetime (plans.rs); a tracked table that
 /// changes shape afterwards must be read in its new shape, never through the old plan.
+/// The error `sql` raises, as "message | hint"; empty when it succeeds.
+fn error_of(sql: &str) -> String {
+    PgTryBuilder::new(|| Spi::run(sql).map(|_| String::new()).unwrap_or_default())
+        .catch_others(|e| match e {
+            pg_sys::panic::CaughtError::PostgresError(r) | pg_sys::panic::CaughtError::ErrorReport(r) => {
+                format!("{} | {}", r.message(), r.hint().unwrap_or_default())
+            }
+            _ => "panic".into(),
+        })
+        .execute()
+}
+
 #[pg_test]
 fn a_tracked_table_that_changes_shape_is_read_in_its_new_shape() {
     setup();
@@ -196,18 +208,7 @@ fn the_capture_trigger_refuses_to_fire_before_a_row() {
          EXECUTE FUNCTION fhir_capture('public', 'Observation', 'id', '', '', 'pulse')",
     )
     .unwrap();
-    let err = PgTryBuilder::new(|| {
-        Spi::run("INSERT INTO pulse (patient_id, rate, measurement_time) VALUES (1, 61, now())")
-            .map(|_| String::new())
-            .unwrap_or_default()
-    })
-    .catch_others(|e| match e {
-        pg_sys::panic::CaughtError::PostgresError(r) | pg_sys::panic::CaughtError::ErrorReport(r) => {
-            format!("{} | {}", r.message(), r.hint().unwrap_or_default())
-        }
-        _ => "panic".into(),
-    })
-    .execute();
+    let err = error_of("INSERT INTO pulse (patient_id, rate, measurement_time) VALUES (1, 61, now())");
     assert!(err.contains("fhir_capture must fire AFTER each row"), "{err}");
     assert!(err.contains("fhir_track"), "{err}");
 }
@@ -215,14 +216,7 @@ fn the_capture_trigger_refuses_to_fire_before_a_row() {
 #[pg_test]
 fn track_refuses_a_table_without_a_mapping() {
     Spi::run("CREATE TABLE misc (id int PRIMARY KEY, x text)").unwrap();
-    let err = PgTryBuilder::new(|| Spi::run("SELECT fhir_track('misc', 'Observation')").map(|_| String::new()).unwrap_or_default())
-        .catch_others(|e| match e {
-            pg_sys::panic::CaughtError::PostgresError(r) | pg_sys::panic::CaughtError::ErrorReport(r) => {
-                format!("{} | {}", r.message(), r.hint().unwrap_or_default())
-            }
-            _ => "panic".into(),
-        })
-        .execute();
+    let err = error_of("SELECT fhir_track('misc', 'Observation')");
     assert!(err.contains("has no built-in Observation mapping"), "{err}");
     assert!(err.contains("map_function"), "{err}");
 }
@@ -271,14 +265,7 @@ fn observations_carry_loinc_codes_and_ucum_units() {
 fn a_bad_row_gets_an_error_naming_row_and_field() {
     setup();
     Spi::run("UPDATE patient SET gender = 'banana' WHERE id = 2").unwrap();
-    let err = PgTryBuilder::new(|| {
-        Spi::get_one::<pgrx::JsonB>("SELECT fhir_patient_json(p) FROM patient p WHERE id = 2").map(|_| String::new()).unwrap_or_default()
-    })
-    .catch_others(|e| match e {
-        pg_sys::panic::CaughtError::PostgresError(r) | pg_sys::panic::CaughtError::ErrorReport(r) => r.message().to_string(),
-        _ => "panic".into(),
-    })
-    .execute();
+    let err = error_of("SELECT fhir_patient_json(p) FROM patient p WHERE id = 2");
     assert!(err.contains("public.patient row 2"), "{err}");
     assert!(err.contains("\"gender\""), "{err}");
     assert!(!err.contains("banana"), "the message must not echo the value: {err}");
@@ -346,14 +333,7 @@ fn ordinary_roles_see_nothing_but_can_still_capture() {
         "SELECT fhir_track('form', 'Encounter')",
         "SELECT fhir_preview('patient', 1)",
     ] {
-        let denied = PgTryBuilder::new(|| Spi::run(sql).map(|_| false).unwrap_or(false))
-            .catch_others(|e| match e {
-                pg_sys::panic::CaughtError::PostgresError(r) | pg_sys::panic::CaughtError::ErrorReport(r) => {
-                    r.message().contains("permission denied")
-                }
-                _ => false,
-            })
-            .execute();
+        let denied = error_of(sql).contains("permission denied");
         assert!(denied, "expected permission denied for: {sql}");
     }
     Spi::run("RESET ROLE").unwrap();

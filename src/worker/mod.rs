@@ -338,11 +338,7 @@ impl Worker {
         let now = Instant::now();
         let repeat = matches!(&self.last_failure, Some((s, w, at)) if *s == step && *w == what && now.duration_since(*at) < policy::FAILURE_RELOG);
         if !repeat {
-            let trouble = match (error, error.pg()) {
-                (FhirSyncError::Broken(_), _) => policy::Trouble::ExtensionChanging,
-                (_, Some(p)) => policy::Trouble::of(&p.sqlstate()),
-                _ => policy::Trouble::Other,
-            };
+            let trouble = policy::Trouble::of(&error.sqlstate());
             let explanation = trouble.explanation();
             if trouble.needs_a_dba() {
                 pgrx::warning!("fhir_sync worker: cycle failed while {step}: {what}{explanation}");

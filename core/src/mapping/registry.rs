@@ -251,6 +251,17 @@ mod tests {
             }
         }
         assert_eq!(Mapper::parse("nope"), None);
-        assert_eq!(names().len(), MAPPERS.len());
+        // Rows tracked by earlier releases hold these names: fhir_tracked's CHECK (built from
+        // names()) must keep accepting every one of them after ALTER EXTENSION UPDATE.
+        for released in [
+            "patient",
+            "patient_identifier",
+            "encounter",
+            "blood_pressure",
+            "pulse",
+            "function",
+        ] {
+            assert!(names().contains(&released), "{released}");
+        }
     }
 }
