@@ -23,7 +23,7 @@ pub struct Track {
     /// The owner a superuser accepted for the mapping function when it is not the table's.
     pub map_function_owner: Option<pg_sys::Oid>,
     /// The table's owner: rows are read and mapping functions run with its rights (`as_owner`).
-    /// Read with the tracks, so an ownership change reaches the worker within TRACKS_TTL.
+    /// Read with the tracks, so an ownership change reaches the worker within policy::CATALOG_TTL.
     pub owner: pg_sys::Oid,
     /// schema.table, unquoted: the name in messages and in derived identifier systems.
     pub name: String,
