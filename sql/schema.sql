@@ -117,6 +117,13 @@ CREATE TABLE fhir_sync_state (
     PRIMARY KEY (resource_table, resource_key)
 );
 
--- Tracking configuration and sync state survive pg_dump; the queues are transient by nature.
+-- pg_dump keeps what a user's database holds in these tables: tracking configuration, sync state
+-- (which FHIR id each row addresses), changes not yet delivered, dead letters. Not the delivered
+-- history: it would carry the identifiers of rows deleted since into every dump. The identity
+-- sequences too: restored ids must not be handed out again.
 SELECT pg_catalog.pg_extension_config_dump('fhir_tracked', '');
 SELECT pg_catalog.pg_extension_config_dump('fhir_sync_state', '');
+SELECT pg_catalog.pg_extension_config_dump('fhir_outbox', 'WHERE NOT processed');
+SELECT pg_catalog.pg_extension_config_dump('fhir_outbox_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('fhir_dlq', '');
+SELECT pg_catalog.pg_extension_config_dump('fhir_dlq_id_seq', '');

@@ -31,7 +31,10 @@ use fhir_sync_core::{http, mapping, threads};
 pgrx::pg_module_magic!(name, version);
 
 /// Rust's allocations (JSON values, request bodies, responses) only; PostgreSQL's memory
-/// contexts are untouched.
+/// contexts are untouched. Built with local-dynamic TLS (Cargo.toml): its default, initial-exec,
+/// made the library need static TLS, of which a dlopened library gets only what glibc keeps
+/// spare, shared with every other preloaded library — PostgreSQL 17 on Debian trixie refused to
+/// load it ("cannot allocate memory in static TLS block").
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -21,6 +21,7 @@ use crate::error::FhirSyncError;
 use pgrx::{pg_sys, IntoDatum};
 use std::cell::{Cell, RefCell};
 use std::ffi::CStr;
+use std::rc::Rc;
 
 /// One outbox row as the trigger sees it.
 pub struct Change<'a> {
@@ -37,7 +38,6 @@ pub struct Change<'a> {
 }
 
 /// Positions (0-based) of the columns the trigger fills.
-#[derive(Clone)]
 struct Columns {
     id: usize,
     txid: usize,
@@ -55,7 +55,6 @@ struct Columns {
     attempts: usize,
 }
 
-#[derive(Clone)]
 struct Outbox {
     schema: String,
     relid: pg_sys::Oid,
@@ -69,7 +68,8 @@ struct Outbox {
 }
 
 thread_local! {
-    static OUTBOX: RefCell<Option<Outbox>> = const { RefCell::new(None) };
+    // Shared, not copied, with each captured row (an Rc: no allocation per row).
+    static OUTBOX: RefCell<Option<Rc<Outbox>>> = const { RefCell::new(None) };
     static CALLBACK_REGISTERED: Cell<bool> = const { Cell::new(false) };
 }
 
@@ -96,9 +96,9 @@ pub fn insert(schema: &str, change: &Change) -> Result<(), FhirSyncError> {
     ))
 }
 
-/// The outbox as resolved, copied out of the cache: opening the table processes invalidation
+/// The outbox as resolved, shared out of the cache: opening the table processes invalidation
 /// messages, which may clear it (forget).
-fn cached(schema: &str) -> Result<Outbox, FhirSyncError> {
+fn cached(schema: &str) -> Result<Rc<Outbox>, FhirSyncError> {
     match OUTBOX.with(|cell| cell.borrow().clone()) {
         Some(o) if o.schema == schema => Ok(o),
         _ => resolve(schema),
@@ -139,18 +139,25 @@ fn text(s: &str) -> Option<pg_sys::Datum> {
 /// `outbox` resolved by `resolve` (its layout is checked against the open table here).
 // SAFETY: upheld by write_as_owner's caller, `insert`.
 unsafe fn write(outbox: &Outbox, change: &Change) -> bool {
-    // SAFETY: the table is opened (RowExclusiveLock) before its descriptor is read; the slot's
-    // arrays have natts entries (checked equal to outbox.natts); every datum is formed in
-    // es_query_cxt and copied by the heap insert before FreeExecutorState. The cached positions
-    // are used only while every attribute still has the type resolved (attribute_types).
+    // SAFETY: the table is opened (RowExclusiveLock) and checked to be a plain table before its
+    // descriptor is read; the slot's arrays have natts entries (checked equal to outbox.natts);
+    // every datum, the ResultRelInfo and (PostgreSQL 13) the range table are allocated in
+    // es_query_cxt, used only until FreeExecutorState, and the heap insert copies the row. The
+    // cached positions are used only while every attribute still has the type resolved
+    // (attribute_types).
     unsafe {
+        // try_relation_open, not try_table_open: PostgreSQL 13 has only the former. The kind is
+        // checked here: the oid may name something else by now.
         let rel =
-            pg_sys::try_table_open(outbox.relid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+            pg_sys::try_relation_open(outbox.relid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
         if rel.is_null() {
             return false;
         }
         let desc = (*rel).rd_att;
-        if (*desc).natts as usize != outbox.natts || !same_types(desc, &outbox.types) {
+        if (*(*rel).rd_rel).relkind != pg_sys::RELKIND_RELATION as std::ffi::c_char
+            || (*desc).natts as usize != outbox.natts
+            || !same_types(desc, &outbox.types)
+        {
             pg_sys::table_close(rel, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
             return false;
         }
@@ -160,9 +167,7 @@ unsafe fn write(outbox: &Outbox, change: &Change) -> bool {
 
         let info: *mut pg_sys::ResultRelInfo =
             pg_sys::palloc0(std::mem::size_of::<pg_sys::ResultRelInfo>()).cast();
-        // Range table index 0: the relation is not in a range table (nothing here reads one;
-        // an error report then names no inserted columns, as for a trigger's own relation).
-        pg_sys::InitResultRelInfo(info, rel, 0, std::ptr::null_mut(), 0);
+        pg_sys::InitResultRelInfo(info, rel, range_table(estate, rel), std::ptr::null_mut(), 0);
         pg_sys::ExecOpenIndices(info, false);
         (*estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
 
@@ -180,7 +185,7 @@ unsafe fn write(outbox: &Outbox, change: &Change) -> bool {
         set(
             c.id,
             Some(pg_sys::OidFunctionCall1Coll(
-                pg_sys::Oid::from(pg_sys::F_NEXTVAL),
+                NEXTVAL,
                 pg_sys::InvalidOid,
                 outbox.sequence.into_datum().expect("an oid datum"),
             )),
@@ -211,7 +216,7 @@ unsafe fn write(outbox: &Outbox, change: &Change) -> bool {
         set(c.attempts, 0i32.into_datum());
         pg_sys::ExecStoreVirtualTuple(slot);
 
-        pg_sys::ExecSimpleRelationInsert(info, estate, slot);
+        insert_slot(info, estate, slot);
 
         pg_sys::ExecDropSingleTupleTableSlot(slot);
         pg_sys::ExecCloseIndices(info);
@@ -223,11 +228,84 @@ unsafe fn write(outbox: &Outbox, change: &Change) -> bool {
     }
 }
 
+/// nextval(regclass), under the name each version gives it.
+#[cfg(feature = "pg13")]
+const NEXTVAL: pg_sys::Oid = pg_sys::F_NEXTVAL_OID;
+#[cfg(not(feature = "pg13"))]
+const NEXTVAL: pg_sys::Oid = pg_sys::Oid::from_u32(pg_sys::F_NEXTVAL);
+
+/// The range-table index to give the outbox's ResultRelInfo. From PostgreSQL 14 none is needed:
+/// index 0 says the relation is not in a range table (an error report then names no inserted
+/// columns, as for a trigger's own relation). PostgreSQL 13's constraint-failure report reads
+/// the entry unconditionally, so there the outbox gets a one-entry range table, as logical
+/// replication's apply worker builds.
+///
+/// # Safety
+/// `estate` fresh from CreateExecutorState, in its query context; `rel` open.
+// SAFETY: upheld by `write`, its only caller.
+#[cfg(feature = "pg13")]
+unsafe fn range_table(estate: *mut pg_sys::EState, rel: pg_sys::Relation) -> pg_sys::Index {
+    // SAFETY: the entry is palloc0'd in the executor's context, tagged as a RangeTblEntry and
+    // given the fields a relation entry needs; the list holds that one pointer.
+    unsafe {
+        let rte: *mut pg_sys::RangeTblEntry =
+            pg_sys::palloc0(std::mem::size_of::<pg_sys::RangeTblEntry>()).cast();
+        (*rte).type_ = pg_sys::NodeTag::T_RangeTblEntry;
+        (*rte).rtekind = pg_sys::RTEKind::RTE_RELATION;
+        (*rte).relid = (*rel).rd_id;
+        (*rte).relkind = pg_sys::RELKIND_RELATION as std::ffi::c_char;
+        (*rte).rellockmode = pg_sys::RowExclusiveLock as i32;
+        let mut list = pgrx::PgList::<pg_sys::RangeTblEntry>::new();
+        list.push(rte);
+        pg_sys::ExecInitRangeTable(estate, list.into_pg());
+    }
+    1
+}
+
+// SAFETY: nothing to uphold (it reads neither argument).
+#[cfg(not(feature = "pg13"))]
+unsafe fn range_table(_estate: *mut pg_sys::EState, _rel: pg_sys::Relation) -> pg_sys::Index {
+    0
+}
+
+/// Inserts the slot's row and its index entries. PostgreSQL 13 takes the result relation from
+/// the executor state; later versions as an argument.
+///
+/// # Safety
+/// `info` initialised for `estate` (InitResultRelInfo, indices open), the slot filled.
+// SAFETY: upheld by `write`, its only caller.
+#[cfg(feature = "pg13")]
+unsafe fn insert_slot(
+    info: *mut pg_sys::ResultRelInfo,
+    estate: *mut pg_sys::EState,
+    slot: *mut pg_sys::TupleTableSlot,
+) {
+    // SAFETY: `info` lives in the estate's query context, and the estate is freed right after
+    // this insert: the pointers stored here never outlive what they point at.
+    unsafe {
+        (*estate).es_result_relations = info;
+        (*estate).es_num_result_relations = 1;
+        (*estate).es_result_relation_info = info;
+        pg_sys::ExecSimpleRelationInsert(estate, slot);
+    }
+}
+
+// SAFETY: upheld by `write`, its only caller.
+#[cfg(not(feature = "pg13"))]
+unsafe fn insert_slot(
+    info: *mut pg_sys::ResultRelInfo,
+    estate: *mut pg_sys::EState,
+    slot: *mut pg_sys::TupleTableSlot,
+) {
+    // SAFETY: as the caller's contract states.
+    unsafe { pg_sys::ExecSimpleRelationInsert(info, estate, slot) }
+}
+
 /// Finds the outbox, its owner and its identity sequence by catalog lookups in C: this runs in
 /// the writer's session, under the writer's search_path, so it runs no SQL at all (an operator
 /// planted ahead of pg_catalog on that path would otherwise run with the writer's rights).
 /// Only inside a transaction, on the main thread: not checked here.
-fn resolve(schema: &str) -> Result<Outbox, FhirSyncError> {
+fn resolve(schema: &str) -> Result<Rc<Outbox>, FhirSyncError> {
     register_invalidation();
     let gone = || FhirSyncError::Broken(format!("{schema}.fhir_outbox does not exist"));
     let nsp_name = std::ffi::CString::new(schema).map_err(|_| gone())?;
@@ -308,7 +386,8 @@ fn resolve(schema: &str) -> Result<Outbox, FhirSyncError> {
             types,
             columns,
         };
-        OUTBOX.with(|cell| *cell.borrow_mut() = Some(outbox.clone()));
+        let outbox = Rc::new(outbox);
+        OUTBOX.with(|cell| *cell.borrow_mut() = Some(Rc::clone(&outbox)));
         Ok(outbox)
     }
 }

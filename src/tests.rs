@@ -153,6 +153,18 @@ fn triggers_a_dba_adds_to_the_outbox_fire_on_capture() {
     assert_eq!(fired, serde_json::json!([["I", "BEFORE"], ["I", "AFTER"]]));
 }
 
+/// The outbox insert goes through the executor's constraint checks: a CHECK a DBA adds refuses the
+/// writer's change with PostgreSQL's own message. (On PostgreSQL 13 that report reads the row's
+/// range-table entry, which outbox_write builds for it.)
+#[pg_test]
+fn a_check_a_dba_adds_to_the_outbox_is_enforced_on_capture() {
+    setup();
+    Spi::run("ALTER TABLE fhir_outbox ADD CONSTRAINT no_pulse CHECK (table_name <> 'public.pulse') NOT VALID")
+        .unwrap();
+    let err = error_of("INSERT INTO pulse (patient_id, rate, measurement_time) VALUES (1, 63, now())");
+    assert!(err.contains("violates check constraint \"no_pulse\""), "{err}");
+}
+
 #[pg_test]
 fn update_and_delete_are_captured_with_the_identifier() {
     let base = setup();

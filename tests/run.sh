@@ -7,7 +7,10 @@
 #   3. db: `cargo pgrx test pg15`, the in-database tests;
 #   4. e2e: the extension is installed into PostgreSQL 15 and tests/e2e (pytest) runs real
 #      clusters, a real FHIR server (Helios), a fault-injecting server and postgres_exporter
-#      (markers db, e2e, fault, deploy: `bash tests/run.sh -m fault`).
+#      (markers db, e2e, fault, deploy: `bash tests/run.sh -m fault`);
+#   5. versions: tests/versions.sh, PostgreSQL 13, 15, 17 and 18 from Debian chroots: the in-database
+#      tests, the Debian package built and installed into a root with only that PostgreSQL, the
+#      end-to-end core against it (FHIR_SYNC_VERSIONS="17 18" picks majors, "" skips the tier).
 # Extra arguments go to the e2e pytest (e.g. `bash tests/run.sh -k requeue`). Each tier's time is
 # printed at the end.
 set -euo pipefail
@@ -47,3 +50,5 @@ tier db cargo pgrx test pg15 --runas postgres --pgdata "$PGRX_DATA"
 # The pg_test build carries test functions; install the plain extension for the e2e tests.
 cargo pgrx install --pg-config /usr/lib/postgresql/15/bin/pg_config >/dev/null
 tier e2e "$FHIR_SYNC_CACHE/venv/bin/pytest" tests/e2e "$@"
+# shellcheck disable=SC2086 # a list of majors
+[ -z "${FHIR_SYNC_VERSIONS-13 15 17 18}" ] || tier versions bash tests/versions.sh ${FHIR_SYNC_VERSIONS-13 15 17 18}

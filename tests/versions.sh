@@ -1,73 +1,77 @@
 #!/usr/bin/env bash
-# fhir_sync's in-database tests on other PostgreSQL majors, each in a Debian chroot with that
-# version's packages (never installed into the host):
+# fhir_sync on every PostgreSQL major this machine can have, each from that major's Debian release
+# in a chroot (packaging/chroot.sh; nothing is installed into the host):
 #
-#   bash tests/versions.sh            # 17 (trixie) and 18 (sid)
+#   bash tests/versions.sh            # 13 (bullseye), 15 (bookworm), 17 (trixie), 18 (sid)
 #   bash tests/versions.sh 17         # one of them
 #
-# Chroots are made once with debootstrap (--variant=minbase) under $FHIR_SYNC_CHROOTS
-# (default /var/cache/fhir_sync-chroots) and reused; this machine's Rust toolchain and cargo
-# registry are bind-mounted in, the source tree at /src, and each chroot builds into its own
-# /build. Run as root after tests/setup.sh (it needs cargo-pgrx on the host: the binary runs in
-# trixie and sid, whose glibc is newer than bookworm's).
+# For each major:
+#   1. the in-database tests, `cargo pgrx test --release pgN`, in the build root (a release build:
+#      its dependencies are the package's; 15: tests/run.sh's db tier ran them on this machine);
+#   2. the Debian package, `bash packaging/deb.sh N` (a release build);
+#   3. the package installed with apt into the clean root (PostgreSQL N and nothing else), and the
+#      end-to-end core run against it: `pytest tests/e2e -m every_version` on the host (create,
+#      update, child change, delete, dead letter and requeue, kill -9 and immediate restart, standby
+#      promotion, ALTER EXTENSION UPDATE from each release, pg_dump/pg_restore, and the move of a
+#      PostgreSQL 15 database to that major; on 17 also the previous release's package, built from
+#      git history, upgraded in place). The chroot's servers run inside it and share this
+#      machine's network, so the harness's FHIR servers (Helios, the fault server) on 127.0.0.1
+#      are theirs too.
 #
-# Not yet part of tests/run.sh: PostgreSQL 13 (bullseye) does not build (issue 15), and the
-# end-to-end core on each version is still to come.
+# Roots and builds are cached under $FHIR_SYNC_CHROOTS (default /var/cache/fhir_sync-chroots).
+# Run as root after tests/setup.sh, with the extension installed into this machine's
+# PostgreSQL 15 (tests/run.sh does both: the version move starts from a 15 cluster).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROOTS=${FHIR_SYNC_CHROOTS:-/var/cache/fhir_sync-chroots}
+. packaging/chroot.sh
+lock_roots
+trap unmount_all EXIT
+FHIR_SYNC_CACHE=${FHIR_SYNC_CACHE:-$HOME/.cache/fhir_sync}
 MAJORS=("$@")
-[ ${#MAJORS[@]} -gt 0 ] || MAJORS=(17 18)
+[ ${#MAJORS[@]} -gt 0 ] || MAJORS=(13 15 17 18)
+VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+# The majors on which the previous release's package, built from git history, is upgraded in place.
+UPGRADE_MAJORS=${FHIR_SYNC_UPGRADE_MAJORS-17}
+PREVIOUS=$(awk -v v="$VERSION" 'NF && $1 !~ /^#/ && $1 != v { p = $1 } END { print p }' packaging/releases)
 
-suite_of() {
-    case $1 in
-        13) echo bullseye ;;
-        17) echo trixie ;;
-        18) echo sid ;;
-        *) echo "PostgreSQL $1 has no Debian suite on this mirror (13, 17 and 18 do)" >&2; exit 2 ;;
-    esac
-}
-
-# sid's index on the mirror carries an expired date.
-APT=(apt-get -o Acquire::Check-Valid-Until=false -y -q --no-install-recommends)
-
-make_root() {  # make_root MAJOR DIR
-    local major=$1 root=$2
-    [ -x "$root/usr/lib/postgresql/$major/bin/pg_config" ] && return
-    command -v debootstrap >/dev/null || apt-get install -y -q debootstrap >/dev/null
-    echo "[versions] debootstrap $(suite_of "$major") into $root"
-    debootstrap --variant=minbase "$(suite_of "$major")" "$root" http://deb.debian.org/debian >/dev/null
-    cp /etc/resolv.conf "$root/etc/"
-    chroot "$root" apt-get -o Acquire::Check-Valid-Until=false update -q >/dev/null
-    chroot "$root" env DEBIAN_FRONTEND=noninteractive "${APT[@]}" install \
-        "postgresql-$major" "postgresql-server-dev-$major" libclang-dev clang gcc libc6-dev \
-        pkg-config ca-certificates make sudo >/dev/null
-}
-
-mounts=()
-bind() {  # bind HOST_PATH CHROOT_PATH
-    mkdir -p "$2"
-    mountpoint -q "$2" || { mount --bind "$1" "$2"; mounts+=("$2"); }
-}
-cleanup() {
-    local i
-    for ((i = ${#mounts[@]} - 1; i >= 0; i--)); do umount "${mounts[i]}" || true; done
-}
-trap cleanup EXIT
-
+TIMES=()
 for major in "${MAJORS[@]}"; do
-    root=$ROOTS/$(suite_of "$major")
-    make_root "$major" "$root"
-    mountpoint -q "$root/proc" || { mount -t proc proc "$root/proc"; mounts+=("$root/proc"); }
-    bind /dev "$root/dev"
-    bind "$HOME/.rustup" "$root/root/.rustup"
-    bind "$HOME/.cargo" "$root/root/.cargo"
-    bind "$PWD" "$root/src"
-    echo "[versions] PostgreSQL $major: cargo pgrx test pg$major"
-    chroot "$root" env PATH="/root/.cargo/bin:/usr/bin:/bin" HOME=/root USER=root \
-        CARGO_TARGET_DIR=/build/target PGRX_HOME=/build/pgrx RUST_TEST_THREADS=1 bash -euc "
+    start=$SECONDS
+    pg_config=/usr/lib/postgresql/$major/bin/pg_config
+    if [ "$major" != 15 ]; then
+        echo "[versions] PostgreSQL $major: cargo pgrx test --release pg$major"
+        build_root "$major"
+        root=$ROOT
+        mount_build "$root"
+        ensure_cargo_pgrx "$root"
+        in_build_root "$root" "
             mkdir -p /build/pgrx /build/pgdata && chown postgres /build/pgdata
             cd /src
-            [ -f /build/pgrx/config.toml ] || cargo pgrx init --pg$major /usr/lib/postgresql/$major/bin/pg_config >/dev/null
-            cargo pgrx test pg$major --no-default-features --runas postgres --pgdata /build/pgdata"
+            [ -f /build/pgrx/config.toml ] || cargo pgrx init --pg$major $pg_config >/dev/null
+            cargo pgrx test --release pg$major --no-default-features --runas postgres --pgdata /build/pgdata"
+    fi
+    bash packaging/deb.sh "$major"
+    deb=target/debian/postgresql-$major-fhir-sync_$VERSION-1_amd64.deb
+    previous_env=()
+    if [[ " $UPGRADE_MAJORS " == *" $major "* ]]; then
+        bash packaging/deb.sh --release "$PREVIOUS" "$major"
+        previous_env=(FHIR_SYNC_PREVIOUS_DEB=/tmp/postgresql-$major-fhir-sync_$PREVIOUS-1_amd64.deb
+                      FHIR_SYNC_CURRENT_DEB=/tmp/$(basename "$deb"))
+    fi
+
+    echo "[versions] PostgreSQL $major: $deb into a root with only postgresql-$major"
+    clean_root "$major"
+    clean=$ROOT
+    mount_system "$clean"
+    cp "$deb" "$clean/tmp/"
+    [ ${#previous_env[@]} -eq 0 ] || cp "$ROOTS/releases/postgresql-$major-fhir-sync_$PREVIOUS-1_amd64.deb" "$clean/tmp/"
+    chroot "$clean" dpkg --purge "postgresql-$major-fhir-sync" >/dev/null
+    chroot "$clean" env DEBIAN_FRONTEND=noninteractive "${APT[@]}" install "/tmp/$(basename "$deb")" >/dev/null
+
+    echo "[versions] PostgreSQL $major: pytest tests/e2e -m every_version"
+    env FHIR_SYNC_PG_MAJOR="$major" FHIR_SYNC_PG_ROOT="$clean" "${previous_env[@]}" \
+        "$FHIR_SYNC_CACHE/venv/bin/pytest" tests/e2e -q -m every_version
+    unmount_all
+    TIMES+=("PostgreSQL $major $((SECONDS - start)) s")
 done
+printf '[versions] %s\n' "${TIMES[@]}"

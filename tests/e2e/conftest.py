@@ -3,7 +3,8 @@
   repo_root     Path of the repository
   helios        session-wide Helios FHIR server (in-memory; use unique identifiers per test, see harness.util.unique)
   faults        a fresh FaultServer per test (stopped afterwards)
-  make_cluster  factory: make_cluster(name=None, conf=None, preload="fhir_sync", start=True) -> Cluster;
+  make_cluster  factory: make_cluster(name=None, conf=None, preload="fhir_sync", start=True, pg=None) -> Cluster
+                (pg: a harness.pg.Postgres, by default the one FHIR_SYNC_PG_MAJOR / FHIR_SYNC_PG_ROOT name);
                 every cluster made is stopped in teardown, even when the test fails (then its log tail is printed)
 
 The extension must be installed system-wide before pytest runs (cargo pgrx install) for clusters that preload it.
@@ -25,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness.cluster import Cluster  # noqa: E402
 from harness.faults import FaultServer  # noqa: E402
 from harness.helios import Helios  # noqa: E402
+from harness.pg import Postgres  # noqa: E402
 from harness.util import E2E_DIR, REPO_ROOT  # noqa: E402
 
 
@@ -93,9 +95,9 @@ def make_cluster(request):
     base = re.sub(r"[^A-Za-z0-9_]+", "_", request.node.name)[:40].strip("_") or "c"
 
     def factory(name: str | None = None, conf: dict | None = None, preload: str = "fhir_sync",
-                start: bool = True, port: int | None = None) -> Cluster:
+                start: bool = True, port: int | None = None, pg: Postgres | None = None) -> Cluster:
         n = name or (base if not made else f"{base}_{len(made)}")
-        c = Cluster(n, port=port, conf=conf, preload=preload)
+        c = Cluster(n, port=port, conf=conf, preload=preload, pg=pg)
         made.append(c)
         c.init()
         if start:

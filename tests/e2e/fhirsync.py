@@ -83,9 +83,9 @@ class App:
 
 
 def make_app(make_cluster, server_url: str, conf: dict | None = None, track: bool = True, rows: bool = False,
-             worker_role: str | None = WORKER_ROLE) -> App:
+             worker_role: str | None = WORKER_ROLE, pg=None) -> App:
     """worker_role: the non-superuser role the workers connect as; None leaves fhir_sync.username empty
-    (the workers then connect as the bootstrap superuser)."""
+    (the workers then connect as the bootstrap superuser). pg: the PostgreSQL install (harness.pg)."""
     settings = {
         "fhir_sync.database": DB,
         "fhir_sync.server_url": server_url,
@@ -96,7 +96,7 @@ def make_app(make_cluster, server_url: str, conf: dict | None = None, track: boo
     if worker_role:
         settings["fhir_sync.username"] = worker_role
     settings.update(conf or {})
-    cluster = make_cluster(conf=settings)
+    cluster = make_cluster(conf=settings, pg=pg)
     if worker_role:
         # Before the extension: CREATE EXTENSION grants the role named by fhir_sync.username.
         cluster.psql(f"CREATE ROLE {worker_role} LOGIN")

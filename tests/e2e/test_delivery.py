@@ -16,6 +16,7 @@ def patient_on(helios, mrn):
     return found[0] if len(found) == 1 else None
 
 
+@pytest.mark.every_version
 @pytest.mark.e2e
 def test_insert_update_delete_reach_the_server(make_cluster, helios):
     app = make_app(make_cluster, helios.base_url)
@@ -41,6 +42,7 @@ def test_insert_update_delete_reach_the_server(make_cluster, helios):
     assert app.one("SELECT count(*) FROM fhir_dlq") == 0
 
 
+@pytest.mark.every_version
 @pytest.mark.e2e
 def test_child_row_change_sends_the_whole_patient(make_cluster, helios):
     app = make_app(make_cluster, helios.base_url)
@@ -141,6 +143,7 @@ def test_twenty_quick_updates_collapse_to_the_last_commit(make_cluster, faults):
     assert faults.store.items[("Patient", ids[0])]["resource"]["name"][0]["given"] == ["v19"]
 
 
+@pytest.mark.every_version
 @pytest.mark.e2e
 def test_a_rejected_row_is_dead_lettered_and_requeued_once_fixed(make_cluster, helios):
     app = make_app(make_cluster, helios.base_url)
@@ -223,6 +226,7 @@ def test_transient_errors_are_retried_then_dead_lettered(make_cluster, faults):
     assert row == [("exhausted", 503, 2)]
 
 
+@pytest.mark.every_version
 @pytest.mark.fault
 def test_kill_9_of_the_worker_loses_nothing(make_cluster, faults):
     app = make_app(make_cluster, faults.base_url)

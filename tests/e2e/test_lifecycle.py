@@ -119,3 +119,37 @@ def test_create_extension_without_preload_is_refused_with_a_hint(make_cluster):
         conn.execute("CREATE EXTENSION fhir_sync")
     assert "shared_preload_libraries" in str(err.value)
     assert "Add fhir_sync to shared_preload_libraries" in (err.value.diag.message_hint or "")
+
+
+def needs_static_tls(library) -> bool:
+    """Whether an ELF shared object is marked DF_STATIC_TLS (some code of it uses initial-exec TLS)."""
+    import struct
+    data = library.read_bytes()
+    assert data[:4] == b"\x7fELF" and data[4] == 2, "a 64-bit ELF object"
+    phoff, = struct.unpack_from("<Q", data, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
+    for i in range(phnum):
+        p_type, _flags, p_offset, _vaddr, _paddr, p_filesz = struct.unpack_from("<IIQQQQ", data, phoff + i * phentsize)
+        if p_type != 2:   # PT_DYNAMIC
+            continue
+        for at in range(p_offset, p_offset + p_filesz, 16):
+            tag, value = struct.unpack_from("<qQ", data, at)
+            if tag == 30:   # DT_FLAGS
+                return bool(value & 0x10)   # DF_STATIC_TLS
+    return False
+
+
+@pytest.mark.every_version
+@pytest.mark.db
+def test_the_library_needs_no_static_tls(make_cluster):
+    """PostgreSQL dlopens the library, and a dlopened library's static TLS comes out of the little room
+    glibc keeps spare, shared with every other preloaded library: when mimalloc used initial-exec TLS,
+    PostgreSQL 17 on Debian trixie refused to start ("cannot allocate memory in static TLS block").
+    mimalloc is built with local-dynamic TLS; nothing in the library may need static TLS again."""
+    from harness.pg import PG
+    from harness.util import wait_until
+    library = PG.host(f"/usr/lib/postgresql/{PG.major}/lib/fhir_sync.so")
+    assert not needs_static_tls(library), f"{library} is marked STATIC_TLS (readelf -d; readelf -r | grep TPOFF)"
+    cluster = make_cluster(conf={"fhir_sync.database": "postgres"})
+    wait_until(lambda: cluster.query("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'fhir_sync launcher'")
+               == [(1,)], timeout=30, message="the launcher started")

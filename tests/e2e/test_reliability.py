@@ -109,6 +109,7 @@ def test_kill_9_of_the_worker_again_and_again_loses_nothing(make_cluster, faults
     no_crash(app.cluster, allow_signal_9=True)
 
 
+@pytest.mark.every_version
 @pytest.mark.fault
 def test_immediate_shutdown_mid_run_loses_nothing(make_cluster, faults):
     """pg_ctl stop -m immediate, then start, while the writer commits and the worker sends."""
@@ -442,17 +443,16 @@ def test_fast_shutdown_while_a_request_hangs_completes_quickly(make_cluster, fau
     assert took < 5
 
 
+@pytest.mark.every_version
 @pytest.mark.e2e
 def test_a_hot_standby_runs_no_worker_and_sends_nothing(make_cluster, faults):
     """A streaming standby made with pg_basebackup -R has the same settings (shared_preload_libraries,
     server_url) and replays the outbox, but while it is in recovery neither the launcher nor a worker
     runs there and its FHIR server (a second FaultServer) hears nothing. Promoted, it starts delivering."""
     import shutil
-    import subprocess
 
-    from harness.cluster import PG_USER, Cluster
+    from harness.cluster import Cluster
     from harness.faults import FaultServer
-    from harness.util import PG_BIN
 
     app = make_app(make_cluster, faults.base_url)
     primary = app.cluster
@@ -462,10 +462,10 @@ def test_a_hot_standby_runs_no_worker_and_sends_nothing(make_cluster, faults):
     try:
         shutil.rmtree(standby.dir, ignore_errors=True)
         standby.dir.mkdir(parents=True)
-        shutil.chown(standby.dir, PG_USER, PG_USER)
-        subprocess.run(["runuser", "-u", PG_USER, "--", str(PG_BIN / "pg_basebackup"), "-h", "127.0.0.1",
-                        "-p", str(primary.port), "-U", PG_USER, "-D", str(standby.data), "-R", "-X", "stream",
-                        "--checkpoint=fast", "--no-sync"], check=True, capture_output=True, text=True, timeout=120)
+        standby.pg.chown(standby.dir)
+        standby.pg.run("pg_basebackup", "-h", "127.0.0.1", "-p", primary.port, "-U", "postgres",
+                       "-D", standby.pg.inner(standby.data), "-R", "-X", "stream", "--checkpoint=fast", "--no-sync",
+                       check=True, timeout=120)
         standby.set_conf(standby_conf)   # the primary's settings, with its own port, socket directory, server
         standby.start()
         assert standby.query("SELECT pg_is_in_recovery()", db=DB) == [(True,)]
@@ -491,8 +491,7 @@ def test_a_hot_standby_runs_no_worker_and_sends_nothing(make_cluster, faults):
         assert "fhir_sync launcher started" not in log and "fhir_sync worker started" not in log
 
         # Promoted, it is a primary like any other: the launcher starts and the worker delivers there.
-        subprocess.run(["runuser", "-u", PG_USER, "--", str(PG_BIN / "pg_ctl"), "-D", str(standby.data),
-                        "promote", "-w"], check=True, capture_output=True, text=True, timeout=60)
+        standby.promote()
         wait_worker(standby)
         standby.query("INSERT INTO patient (identifier_system, identifier_value) VALUES (%s, 'after-promote')",
                       (MRN,), db=DB)

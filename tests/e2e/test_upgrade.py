@@ -9,6 +9,7 @@ delivered, once each, by a worker that runs as an ordinary role.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,20 +17,21 @@ from pathlib import Path
 import pytest
 
 from fhirsync import DB, FIXTURES, MRN, WORKER_ROLE, App, eventually
-from harness.util import PG_BIN
+from harness.pg import PG
 
 pytestmark = pytest.mark.e2e
 
-RELEASES = ["0.1.0", "0.2.0"]
+RELEASES = ["0.1.0", "0.2.0", "0.3.0"]
 # fhir_track's signature as each release defined it (a DBA's grant on it must carry over).
 TRACK_SIGNATURE = {"0.1.0": "regclass, text, regprocedure, name, text, text",
-                   "0.2.0": "regclass, text, regprocedure, name, text, text, boolean"}
+                   "0.2.0": "regclass, text, regprocedure, name, text, text, boolean",
+                   "0.3.0": "regclass, text, regprocedure, name, text, text, boolean"}
 
 # Everything an extension's SQL defines, rendered so that two databases can be compared: its member
 # objects, functions with body, settings, privileges and strictness, tables with columns, defaults,
-# constraints, indexes and privileges, views, and which tables pg_dump keeps.
+# constraints, indexes and privileges, views, and which tables (and rows) pg_dump keeps.
 SURFACE_SQL = r"""
-WITH ext AS (SELECT oid, extconfig FROM pg_extension WHERE extname = 'fhir_sync'),
+WITH ext AS (SELECT oid, extconfig, extcondition FROM pg_extension WHERE extname = 'fhir_sync'),
 members AS (SELECT d.classid, d.objid FROM pg_depend d, ext WHERE d.refobjid = ext.oid AND d.deptype = 'e')
 SELECT 'member ' || pg_describe_object(m.classid, m.objid, 0) FROM members m
 UNION ALL
@@ -57,20 +59,20 @@ UNION ALL
 SELECT format('view %s %s', c.relname, md5(pg_get_viewdef(c.oid)))
   FROM pg_class c JOIN members m ON m.classid = 'pg_class'::regclass AND m.objid = c.oid WHERE c.relkind = 'v'
 UNION ALL
-SELECT 'dumped ' || x::regclass::text FROM ext, unnest(ext.extconfig) x
+SELECT format('dumped %s %s', x::regclass, c) FROM ext, unnest(ext.extconfig, ext.extcondition) AS u(x, c)
 ORDER BY 1
 """
 
 
 def sharedir() -> Path:
-    out = subprocess.run([PG_BIN / "pg_config", "--sharedir"], capture_output=True, text=True, check=True)
-    return Path(out.stdout.strip()) / "extension"
+    return PG.sharedir()
 
 
 def surface(cluster, db: str) -> list[str]:
     return [r[0] for r in cluster.query(SURFACE_SQL, db=db)]
 
 
+@pytest.mark.every_version
 @pytest.mark.parametrize("old", RELEASES)
 def test_alter_extension_update_from_an_earlier_release(make_cluster, faults, old):
     script = FIXTURES / f"fhir_sync--{old}.sql"
@@ -144,3 +146,80 @@ def _update_and_compare(make_cluster, faults, OLD):
     assert app.one("SELECT count(*) FROM fhir_dlq WHERE NOT requeued") == 0
     assert eventually(lambda: app.one("SELECT usename FROM pg_stat_activity WHERE backend_type = 'fhir_sync worker'"),
                       message="the worker") == WORKER_ROLE
+
+
+# The previous release's Debian package and this build's, as paths inside the clean root the clusters run
+# in (tests/versions.sh builds the former from git history with packaging/deb.sh --release and sets both).
+PREVIOUS_DEB = os.environ.get("FHIR_SYNC_PREVIOUS_DEB")
+CURRENT_DEB = os.environ.get("FHIR_SYNC_CURRENT_DEB")
+
+
+def install_package(deb: str) -> None:
+    r = subprocess.run(["chroot", str(PG.root), "dpkg", "-i", deb], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.every_version
+@pytest.mark.skipif(not (PREVIOUS_DEB and CURRENT_DEB and PG.root),
+                    reason="the previous release's package in a clean root: tests/versions.sh")
+def test_the_previous_release_upgrades_in_place_as_a_dba_does_it(make_cluster, faults):
+    """The previous release as its package installed it, its own worker delivering, dead-lettering and
+    holding changes while the server is down; then the upgrade as a DBA makes it: stop PostgreSQL, install
+    the new package, start, ALTER EXTENSION UPDATE. The catalog is a fresh install's, the changes the old
+    worker held go out once each to the ids it had been given, the dead letter it recorded requeues."""
+    install_package(PREVIOUS_DEB)
+    try:
+        _upgrade_the_package(make_cluster, faults)
+    finally:
+        install_package(CURRENT_DEB)
+
+
+def _upgrade_the_package(make_cluster, faults):
+    cluster = make_cluster(conf={"fhir_sync.database": DB, "fhir_sync.server_url": faults.base_url,
+                                 "fhir_sync.username": WORKER_ROLE, "fhir_sync.poll_interval": "500ms"})
+    cluster.psql(f"CREATE ROLE {WORKER_ROLE} LOGIN")
+    cluster.create_db(DB)
+    app = App(cluster)
+    app.sql("CREATE EXTENSION fhir_sync")
+    old = app.one("SELECT extversion FROM pg_extension WHERE extname = 'fhir_sync'")
+    assert old in PREVIOUS_DEB, (old, PREVIOUS_DEB)
+    app.sql((FIXTURES / "health_tables.sql").read_text())
+    app.sql("SELECT fhir_track('patient', 'Patient'), fhir_track('patient_other_identifiers', 'Patient')")
+    keys = {mrn: app.add_patient(mrn, family="Old") for mrn in ("pkg-0", "pkg-1")}
+    app.add_patient("pkg-bad", gender="banana")     # the old worker dead-letters it
+    app.wait_drained(timeout=30)
+    ids = {mrn: faults.store.find("Patient", f"{MRN}|{mrn}") for mrn in keys}
+    assert all(len(v) == 1 for v in ids.values()), ids
+    assert app.one("SELECT error_class FROM fhir_dlq") == "unmappable"
+    # The server goes down: the old worker holds the next changes.
+    faults.refuse()
+    app.sql("UPDATE patient SET name_family = 'Held' WHERE id = %s", (keys["pkg-0"],))
+    app.add_patient("pkg-2", family="Held")
+    app.wait_cycles(2)
+    assert app.pending() == 2
+
+    cluster.stop()
+    install_package(CURRENT_DEB)
+    faults.accept()
+    cluster.start()
+    app.reconnect()
+    app.sql("ALTER EXTENSION fhir_sync UPDATE")
+    assert app.one("SELECT extversion FROM pg_extension WHERE extname = 'fhir_sync'") != old
+    cluster.create_db("fresh")
+    cluster.query("CREATE EXTENSION fhir_sync", db="fresh")
+    upgraded, fresh = surface(cluster, DB), surface(cluster, "fresh")
+    assert upgraded == fresh, "\n".join(["upgraded vs fresh:"] + [f"- {x}" for x in upgraded if x not in fresh]
+                                        + [f"+ {x}" for x in fresh if x not in upgraded])
+
+    app.wait_drained(timeout=30)
+    assert faults.store.find("Patient", f"{MRN}|pkg-0") == ids["pkg-0"]
+    [rid] = ids["pkg-0"]
+    assert faults.store.items[("Patient", rid)]["resource"]["name"][0]["family"] == "Held"
+    assert len(faults.store.find("Patient", f"{MRN}|pkg-2")) == 1
+    held = [r for r in faults.requests if r.method == "PUT" and "Held" in r.body.decode(errors="replace")]
+    assert len(held) == 2, [r.path for r in held]
+    app.sql("UPDATE patient SET gender = 'male' WHERE identifier_value = 'pkg-bad'")
+    app.wait_drained(timeout=30)
+    assert app.one("SELECT fhir_requeue_dlq()") == 1
+    app.wait_drained(timeout=30)
+    assert len(faults.store.find("Patient", f"{MRN}|pkg-bad")) == 1

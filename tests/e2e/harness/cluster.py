@@ -1,4 +1,5 @@
-"""A throw-away PostgreSQL 15 cluster, run as OS user postgres (initdb refuses root).
+"""A throw-away PostgreSQL cluster, run as OS user postgres (initdb refuses root), of the install harness.pg
+picked (this machine's 15 unless FHIR_SYNC_PG_MAJOR / FHIR_SYNC_PG_ROOT name another).
 
     c = Cluster("basic", conf={"fhir_sync.server_url": "http://127.0.0.1:8080"})
     c.init(); c.start()
@@ -6,7 +7,7 @@
     with c.connect() as conn: conn.execute("SELECT 1")
     c.stop()
 
-Layout: <repo>/target/e2e/<name>/{data/, postgres.log, .s.PGSQL.<port>}. The directory is wiped by init(), kept
+Layout: <repo>/target/e2e/<name>/ (in a chroot: ROOT/build/e2e/<name>/){data/, postgres.log, .s.PGSQL.<port>}. The directory is wiped by init(), kept
 after stop() for post-mortem. Extra settings live in data/fhir_sync_e2e.conf, included from postgresql.conf;
 set_conf() rewrites it (then reload() or restart()).
 """
@@ -21,14 +22,10 @@ from pathlib import Path
 
 import psycopg
 
-from .util import E2E_DIR, PG_BIN, free_port, wait_until
+from .pg import CLIENT_BIN, PG, PG_USER, Postgres
+from .util import E2E_DIR, free_port, wait_until
 
-PG_USER = "postgres"
 INCLUDE_FILE = "fhir_sync_e2e.conf"
-
-
-def _as_postgres(argv, **kw):
-    return subprocess.run(["runuser", "-u", PG_USER, "--", *map(str, argv)], **kw)
 
 
 def _conf_value(v) -> str:
@@ -41,10 +38,11 @@ def _conf_value(v) -> str:
 
 class Cluster:
     def __init__(self, name: str, port: int | None = None, conf: dict | None = None,
-                 preload: str = "fhir_sync", base_dir: Path | None = None):
+                 preload: str = "fhir_sync", base_dir: Path | None = None, pg: Postgres | None = None):
         self.name = name
+        self.pg = pg or PG
         self.port = port or free_port()
-        self.dir = Path(base_dir or E2E_DIR) / name
+        self.dir = Path(base_dir or self.pg.e2e_dir(E2E_DIR)) / name
         self.data = self.dir / "data"
         self.logfile = self.dir / "postgres.log"
         self.preload = preload
@@ -59,7 +57,7 @@ class Cluster:
             self._pg_ctl("stop", "-m", "immediate", check=False)
         shutil.rmtree(self.dir, ignore_errors=True)
         self.dir.mkdir(parents=True)
-        shutil.chown(self.dir, PG_USER, PG_USER)
+        self.pg.chown(self.dir)
         # every ancestor must be traversable by postgres
         for p in self.dir.parents:
             if p == Path("/"):
@@ -67,8 +65,8 @@ class Cluster:
             mode = p.stat().st_mode
             if not mode & 0o001:
                 os.chmod(p, mode | 0o001)
-        _as_postgres([PG_BIN / "initdb", "-D", self.data, "--auth=trust", "-E", "UTF8", "--locale=C",
-                      "-U", PG_USER, "--no-sync"], check=True, capture_output=True, text=True)
+        self.pg.run("initdb", "-D", self.pg.inner(self.data), "--auth=trust", "-E", "UTF8", "--locale=C",
+                    "-U", PG_USER, "--no-sync", check=True)
         with open(self.data / "postgresql.conf", "a") as f:
             f.write(f"\ninclude_if_exists = '{INCLUDE_FILE}'\n")
         self.set_conf(self._extra)
@@ -78,7 +76,7 @@ class Cluster:
         return {
             "listen_addresses": "127.0.0.1",
             "port": self.port,
-            "unix_socket_directories": str(self.dir),
+            "unix_socket_directories": self.pg.inner(self.dir),
             "shared_preload_libraries": self.preload,
             "logging_collector": False,
             "log_line_prefix": "%m [%p] %b ",
@@ -101,11 +99,10 @@ class Cluster:
         text = "".join(f"{k} = {_conf_value(v)}\n" for k, v in settings.items())
         path = self.data / INCLUDE_FILE
         path.write_text(text)
-        shutil.chown(path, PG_USER, PG_USER)
+        self.pg.chown(path)
 
     def _pg_ctl(self, *args, check=True, timeout=120):
-        r = _as_postgres([PG_BIN / "pg_ctl", "-D", self.data, *args],
-                         capture_output=True, text=True, timeout=timeout)
+        r = self.pg.run("pg_ctl", "-D", self.pg.inner(self.data), *args, timeout=timeout)
         if check and r.returncode != 0:
             raise RuntimeError(f"pg_ctl {' '.join(args)} failed ({r.returncode}): {r.stdout}{r.stderr}\n"
                                f"--- log tail ---\n{self.log_tail()}")
@@ -115,7 +112,7 @@ class Cluster:
         if not self.data.exists():
             self.init()
         _LIVE.add(self)
-        self._pg_ctl("start", "-w", "-t", str(timeout), "-l", self.logfile)
+        self._pg_ctl("start", "-w", "-t", str(timeout), "-l", self.pg.inner(self.logfile))
         return self
 
     def stop(self, mode: str = "fast", timeout: int = 60) -> None:
@@ -130,6 +127,9 @@ class Cluster:
 
     def reload(self) -> None:
         self._pg_ctl("reload")
+
+    def promote(self) -> None:
+        self._pg_ctl("promote", "-w")
 
     def is_running(self) -> bool:
         if not self.data.exists():
@@ -172,7 +172,7 @@ class Cluster:
 
     def psql(self, sql: str, db: str = "postgres", check: bool = True, timeout: float = 120) -> str:
         """Run sql (one statement or a script) with psql -X -At, ON_ERROR_STOP. Returns stdout stripped."""
-        r = subprocess.run([str(PG_BIN / "psql"), "-X", "-At", "-q", "-v", "ON_ERROR_STOP=1",
+        r = subprocess.run([str(CLIENT_BIN / "psql"), "-X", "-At", "-q", "-v", "ON_ERROR_STOP=1",
                             "-h", "127.0.0.1", "-p", str(self.port), "-U", PG_USER, "-d", db, "-f", "-"],
                            input=sql, capture_output=True, text=True, timeout=timeout)
         if check and r.returncode != 0:

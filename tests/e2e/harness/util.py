@@ -12,7 +12,6 @@ FIXTURES = REPO_ROOT / "tests" / "fixtures"
 FHIR_SYNC_CACHE = Path(os.environ.get("FHIR_SYNC_CACHE") or Path.home() / ".cache" / "fhir_sync")
 HFS_BIN = FHIR_SYNC_CACHE / "helios-0.2.7" / "bin" / "hfs"
 SEARCH_PARAMS = FHIR_SYNC_CACHE / "medplum-5.2.13" / "search-parameters-r4.json"
-PG_BIN = Path(os.environ.get("FHIR_SYNC_PG_BIN", "/usr/lib/postgresql/15/bin"))
 
 
 def _postgres_can_reach(path: Path) -> bool:
