@@ -23,15 +23,18 @@ suite_of() {
     esac
 }
 
-apt_sources() {  # apt_sources SUITE: sources.list for SUITE, with its security and point updates
+apt_sources() {  # apt_sources SUITE: the sources.list of a root of SUITE
     echo "deb http://deb.debian.org/debian $1 main"
-    [ "$1" = sid ] && return
+    # PostgreSQL 15 is built on this machine, whose packages come from bookworm's security and
+    # point updates too: its clean root takes them, or the package (built against this machine's
+    # minor release) could not be installed there. The other majors' build and clean roots share
+    # one suite, so their minors agree (and this mirror lacks some of their security updates).
+    [ "$1" = bookworm ] || return 0
     echo "deb http://deb.debian.org/debian $1-updates main"
     echo "deb http://deb.debian.org/debian-security $1-security main"
 }
 
-# A root has the minor releases a patched server runs (a package built against newer headers than
-# the clean root's server could not be installed there). Upgraded once when the sources change.
+# Upgraded once when the sources change (a root made before they did).
 refresh_sources() {  # refresh_sources ROOT SUITE
     local root=$1 suite=$2
     cmp -s <(apt_sources "$suite") "$root/etc/apt/sources.list" && return
