@@ -11,7 +11,8 @@
 ROOTS=${FHIR_SYNC_CHROOTS:-/var/cache/fhir_sync-chroots}
 # sid's index on the mirror carries an expired date.
 APT=(apt-get -o Acquire::Check-Valid-Until=false -y -q --no-install-recommends)
-BUILD_PACKAGES=(libclang-dev clang gcc libc6-dev libssl-dev pkg-config ca-certificates make)
+# sudo: cargo pgrx test installs and runs its cluster through it (--runas, --sudo).
+BUILD_PACKAGES=(libclang-dev clang gcc libc6-dev libssl-dev pkg-config ca-certificates make sudo)
 
 suite_of() {
     case $1 in
