@@ -47,7 +47,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "e2e"))
 
 from harness.cluster import Cluster  # noqa: E402
-from harness.util import HFS_BIN, PG_BIN, free_port  # noqa: E402
+from harness.pg import PG  # noqa: E402
+from harness.util import HFS_BIN, free_port  # noqa: E402
+
+PG_BIN = Path(PG.bindir)   # this machine's PostgreSQL 15, unless FHIR_SYNC_PG_* name another
 
 import psycopg  # noqa: E402
 
