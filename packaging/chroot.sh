@@ -9,6 +9,11 @@
 # PostgreSQL 15 builds on this machine (Debian 12, bookworm) and needs only the clean root.
 
 ROOTS=${FHIR_SYNC_CHROOTS:-/var/cache/fhir_sync-chroots}
+# This tree's version (Cargo.toml) and the package file of a version for a major.
+VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+deb_file() { echo "postgresql-$1-fhir-sync_$2-1_amd64.deb"; }   # deb_file MAJOR VERSION
+DEB_DIR=target/debian        # packages of this tree
+RELEASES_DIR=$ROOTS/releases # packages of earlier releases (deb.sh --release), built once per machine
 # sid's index on the mirror carries an expired date.
 APT=(apt-get -o Acquire::Check-Valid-Until=false -y -q --no-install-recommends)
 # sudo: cargo pgrx test installs and runs its cluster through it (--runas, --sudo).
@@ -53,7 +58,8 @@ refresh_sources() {  # refresh_sources ROOT SUITE
 debootstrap_root() {  # debootstrap_root SUITE DIR PACKAGE...
     local suite=$1 root=$2
     shift 2
-    command -v debootstrap >/dev/null || apt-get install -y -q debootstrap >/dev/null
+    command -v debootstrap >/dev/null ||
+        { echo "[chroot] debootstrap is missing: bash tests/setup.sh installs it" >&2; return 1; }
     if [ -e "$root" ]; then
         # Never removed here: a root may have this machine's directories bind-mounted into it.
         echo "$root exists but is incomplete: unmount what is mounted below it, remove it, run again" >&2

@@ -22,15 +22,14 @@ if [ "${1-}" = --release ]; then
 fi
 MAJORS=("$@")
 [ ${#MAJORS[@]} -gt 0 ] || MAJORS=(13 15 17 18)
-VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
-OUT=target/debian
+OUT=$DEB_DIR
 SRC=/src    # the source tree as the build root sees it
 if [ -n "$RELEASE" ]; then
     commit=$(awk -v v="$RELEASE" '$1 == v { print $2 }' packaging/releases)
     [ -n "$commit" ] || { echo "no release $RELEASE in packaging/releases" >&2; exit 2; }
     VERSION=$RELEASE
     # Built once per machine: a released version's package never changes.
-    OUT=$ROOTS/releases
+    OUT=$RELEASES_DIR
 fi
 
 # Not run in $(...): the mounts it makes must be seen by unmount_all.
@@ -71,7 +70,7 @@ package_tree() {  # package_tree MAJOR: builds; sets TREE to the host path of `c
 make_deb() {  # make_deb MAJOR TREE MINOR: sets DEB to the package built from TREE
     local major=$1 tree=$2 minor=$3 name=postgresql-$1-fhir-sync
     local stage=$OUT/$name
-    DEB=$OUT/${name}_$VERSION-1_amd64.deb
+    DEB=$OUT/$(deb_file "$major" "$VERSION")
     rm -rf "$stage" "$DEB"
     mkdir -p "$stage/DEBIAN" "$stage/usr/share/doc/$name"
     cp -a "$tree/usr" "$stage/"
@@ -116,7 +115,7 @@ CONTROL
 mkdir -p "$OUT"
 for major in "${MAJORS[@]}"; do
     suite_of "$major" >/dev/null
-    deb=$OUT/postgresql-$major-fhir-sync_$VERSION-1_amd64.deb
+    deb=$OUT/$(deb_file "$major" "$VERSION")
     if [ -n "$RELEASE" ] && [ -f "$deb" ]; then
         echo "[deb] $deb (built before)"
         continue

@@ -33,8 +33,6 @@ fn count(sql: &str) -> i64 {
     Spi::get_one::<i64>(sql).unwrap().unwrap_or(0)
 }
 
-/// Row reads run through plans kept for the backend's lifetime (plans.rs); a tracked table that
-/// changes shape afterwards must be read in its new shape, never through the old plan.
 /// The error `sql` raises, as "message | hint"; empty when it succeeds.
 fn error_of(sql: &str) -> String {
     PgTryBuilder::new(|| Spi::run(sql).map(|_| String::new()).unwrap_or_default())
@@ -47,6 +45,8 @@ fn error_of(sql: &str) -> String {
         .execute()
 }
 
+/// Row reads run through plans kept for the backend's lifetime (plans.rs); a tracked table that
+/// changes shape afterwards must be read in its new shape, never through the old plan.
 #[pg_test]
 fn a_tracked_table_that_changes_shape_is_read_in_its_new_shape() {
     setup();

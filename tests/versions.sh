@@ -29,7 +29,6 @@ trap unmount_all EXIT
 FHIR_SYNC_CACHE=${FHIR_SYNC_CACHE:-$HOME/.cache/fhir_sync}
 MAJORS=("$@")
 [ ${#MAJORS[@]} -gt 0 ] || MAJORS=(13 15 17 18)
-VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 # The majors on which the previous release's package, built from git history, is upgraded in place.
 UPGRADE_MAJORS=${FHIR_SYNC_UPGRADE_MAJORS-17}
 PREVIOUS=$(awk -v v="$VERSION" 'NF && $1 !~ /^#/ && $1 != v { p = $1 } END { print p }' packaging/releases)
@@ -51,22 +50,22 @@ for major in "${MAJORS[@]}"; do
             cargo pgrx test --release pg$major --no-default-features --runas postgres --pgdata /build/pgdata"
     fi
     bash packaging/deb.sh "$major"
-    deb=target/debian/postgresql-$major-fhir-sync_$VERSION-1_amd64.deb
+    deb=$(deb_file "$major" "$VERSION")
+    previous=$(deb_file "$major" "$PREVIOUS")
     previous_env=()
     if [[ " $UPGRADE_MAJORS " == *" $major "* ]]; then
         bash packaging/deb.sh --release "$PREVIOUS" "$major"
-        previous_env=(FHIR_SYNC_PREVIOUS_DEB=/tmp/postgresql-$major-fhir-sync_$PREVIOUS-1_amd64.deb
-                      FHIR_SYNC_CURRENT_DEB=/tmp/$(basename "$deb"))
+        previous_env=(FHIR_SYNC_PREVIOUS_DEB=/tmp/$previous FHIR_SYNC_CURRENT_DEB=/tmp/$deb)
     fi
 
-    echo "[versions] PostgreSQL $major: $deb into a root with only postgresql-$major"
+    echo "[versions] PostgreSQL $major: $DEB_DIR/$deb into a root with only postgresql-$major"
     clean_root "$major"
     clean=$ROOT
     mount_system "$clean"
-    cp "$deb" "$clean/tmp/"
-    [ ${#previous_env[@]} -eq 0 ] || cp "$ROOTS/releases/postgresql-$major-fhir-sync_$PREVIOUS-1_amd64.deb" "$clean/tmp/"
+    cp "$DEB_DIR/$deb" "$clean/tmp/"
+    [ ${#previous_env[@]} -eq 0 ] || cp "$RELEASES_DIR/$previous" "$clean/tmp/"
     chroot "$clean" dpkg --purge "postgresql-$major-fhir-sync" >/dev/null
-    chroot "$clean" env DEBIAN_FRONTEND=noninteractive "${APT[@]}" install "/tmp/$(basename "$deb")" >/dev/null
+    chroot "$clean" env DEBIAN_FRONTEND=noninteractive "${APT[@]}" install "/tmp/$deb" >/dev/null
 
     echo "[versions] PostgreSQL $major: pytest tests/e2e -m every_version"
     env FHIR_SYNC_PG_MAJOR="$major" FHIR_SYNC_PG_ROOT="$clean" "${previous_env[@]}" \

@@ -13,7 +13,7 @@ import re
 import pytest
 
 from fhirsync import DB, MRN, WORKER_ROLE, App, make_app
-from harness.pg import PG, Postgres
+from harness.pg import PG, PG_USER, Postgres
 from harness.util import unique, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -42,7 +42,7 @@ ATTVER = re.compile(r"^ALTER TABLE ONLY \S+ ALTER COLUMN \S+ SET \(pg_attver=\d+
 
 def restore(target: Postgres, cluster, dump) -> None:
     """In one transaction, as the README says: the running worker sees nothing before everything."""
-    r = target.run("pg_restore", "-h", "127.0.0.1", "-p", cluster.port, "-U", "postgres", "-d", DB,
+    r = target.run("pg_restore", "-h", "127.0.0.1", "-p", cluster.port, "-U", PG_USER, "-d", DB,
                    "--single-transaction", "--exit-on-error", target.inner(dump), timeout=120)
     if r.returncode == 0:
         return
@@ -78,7 +78,7 @@ def _dump_restore_and_resume(make_cluster, helios, source: Postgres, target: Pos
     dump = target.e2e_dir(app.cluster.dir.parent) / f"{app.cluster.name}.dump"
     dump.parent.mkdir(parents=True, exist_ok=True)
     target.chown(dump.parent)
-    target.run("pg_dump", "-h", "127.0.0.1", "-p", app.cluster.port, "-U", "postgres", "-Fc",
+    target.run("pg_dump", "-h", "127.0.0.1", "-p", app.cluster.port, "-U", PG_USER, "-Fc",
                "-f", target.inner(dump), DB, check=True, timeout=120)
     app.cluster.stop()
 

@@ -453,6 +453,7 @@ def test_a_hot_standby_runs_no_worker_and_sends_nothing(make_cluster, faults):
 
     from harness.cluster import Cluster
     from harness.faults import FaultServer
+    from harness.pg import PG_USER
 
     app = make_app(make_cluster, faults.base_url)
     primary = app.cluster
@@ -463,7 +464,7 @@ def test_a_hot_standby_runs_no_worker_and_sends_nothing(make_cluster, faults):
         shutil.rmtree(standby.dir, ignore_errors=True)
         standby.dir.mkdir(parents=True)
         standby.pg.chown(standby.dir)
-        standby.pg.run("pg_basebackup", "-h", "127.0.0.1", "-p", primary.port, "-U", "postgres",
+        standby.pg.run("pg_basebackup", "-h", "127.0.0.1", "-p", primary.port, "-U", PG_USER,
                        "-D", standby.pg.inner(standby.data), "-R", "-X", "stream", "--checkpoint=fast", "--no-sync",
                        check=True, timeout=120)
         standby.set_conf(standby_conf)   # the primary's settings, with its own port, socket directory, server

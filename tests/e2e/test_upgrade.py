@@ -72,6 +72,26 @@ def surface(cluster, db: str) -> list[str]:
     return [r[0] for r in cluster.query(SURFACE_SQL, db=db)]
 
 
+def assert_same_surface(cluster, upgraded: str, fresh: str) -> None:
+    old, new = surface(cluster, upgraded), surface(cluster, fresh)
+    assert old == new, "\n".join(["upgraded vs fresh:"] + [f"- {x}" for x in old if x not in new]
+                                  + [f"+ {x}" for x in new if x not in old])
+
+
+def tracking_app(make_cluster, faults, version: str | None = None) -> App:
+    """A cluster whose workers run as WORKER_ROLE, database DB with fhir_sync (at `version`, or the
+    default one) and the patient tables tracked."""
+    cluster = make_cluster(conf={"fhir_sync.database": DB, "fhir_sync.server_url": faults.base_url,
+                                 "fhir_sync.username": WORKER_ROLE, "fhir_sync.poll_interval": "500ms"})
+    cluster.psql(f"CREATE ROLE {WORKER_ROLE} LOGIN")
+    cluster.create_db(DB)
+    app = App(cluster)
+    app.sql("CREATE EXTENSION fhir_sync" + (f" VERSION '{version}'" if version else ""))
+    app.sql((FIXTURES / "health_tables.sql").read_text())
+    app.sql("SELECT fhir_track('patient', 'Patient'), fhir_track('patient_other_identifiers', 'Patient')")
+    return app
+
+
 @pytest.mark.every_version
 @pytest.mark.parametrize("old", RELEASES)
 def test_alter_extension_update_from_an_earlier_release(make_cluster, faults, old):
@@ -85,16 +105,10 @@ def test_alter_extension_update_from_an_earlier_release(make_cluster, faults, ol
 
 
 def _update_and_compare(make_cluster, faults, OLD):
-    cluster = make_cluster(conf={"fhir_sync.database": DB, "fhir_sync.server_url": faults.base_url,
-                                 "fhir_sync.username": WORKER_ROLE, "fhir_sync.poll_interval": "500ms"})
-    cluster.psql(f"CREATE ROLE {WORKER_ROLE} LOGIN")
-    cluster.create_db(DB)
+    app = tracking_app(make_cluster, faults, OLD)
+    cluster = app.cluster
     cluster.create_db("fresh")
-    app = App(cluster)
-    app.sql(f"CREATE EXTENSION fhir_sync VERSION '{OLD}'")
     assert app.one("SELECT extversion FROM pg_extension WHERE extname = 'fhir_sync'") == OLD
-    app.sql((FIXTURES / "health_tables.sql").read_text())
-    app.sql("SELECT fhir_track('patient', 'Patient'), fhir_track('patient_other_identifiers', 'Patient')")
     # Changes captured by 0.1.0's triggers and not yet delivered: the new library cannot work with the old
     # schema (its worker says so in the log and retries), so they wait for the update.
     for i in range(3):
@@ -125,9 +139,7 @@ def _update_and_compare(make_cluster, faults, OLD):
     if OLD != "0.1.0":
         cluster.query("GRANT EXECUTE ON FUNCTION fhir_sync_worker_slots() TO ops", db="fresh")
         cluster.query("GRANT SELECT ON fhir_sync_workers TO ops", db="fresh")
-    old, new = surface(cluster, DB), surface(cluster, "fresh")
-    assert old == new, "\n".join(["upgraded vs fresh:"] + [f"- {x}" for x in old if x not in new]
-                                  + [f"+ {x}" for x in new if x not in old])
+    assert_same_surface(cluster, DB, "fresh")
 
     # The pending changes go out once each, and capture goes on through the triggers 0.1.0 installed.
     app.wait_drained(timeout=30)
@@ -175,16 +187,10 @@ def test_the_previous_release_upgrades_in_place_as_a_dba_does_it(make_cluster, f
 
 
 def _upgrade_the_package(make_cluster, faults):
-    cluster = make_cluster(conf={"fhir_sync.database": DB, "fhir_sync.server_url": faults.base_url,
-                                 "fhir_sync.username": WORKER_ROLE, "fhir_sync.poll_interval": "500ms"})
-    cluster.psql(f"CREATE ROLE {WORKER_ROLE} LOGIN")
-    cluster.create_db(DB)
-    app = App(cluster)
-    app.sql("CREATE EXTENSION fhir_sync")
+    app = tracking_app(make_cluster, faults)
+    cluster = app.cluster
     old = app.one("SELECT extversion FROM pg_extension WHERE extname = 'fhir_sync'")
     assert old in PREVIOUS_DEB, (old, PREVIOUS_DEB)
-    app.sql((FIXTURES / "health_tables.sql").read_text())
-    app.sql("SELECT fhir_track('patient', 'Patient'), fhir_track('patient_other_identifiers', 'Patient')")
     keys = {mrn: app.add_patient(mrn, family="Old") for mrn in ("pkg-0", "pkg-1")}
     app.add_patient("pkg-bad", gender="banana")     # the old worker dead-letters it
     app.wait_drained(timeout=30)
@@ -207,9 +213,7 @@ def _upgrade_the_package(make_cluster, faults):
     assert app.one("SELECT extversion FROM pg_extension WHERE extname = 'fhir_sync'") != old
     cluster.create_db("fresh")
     cluster.query("CREATE EXTENSION fhir_sync", db="fresh")
-    upgraded, fresh = surface(cluster, DB), surface(cluster, "fresh")
-    assert upgraded == fresh, "\n".join(["upgraded vs fresh:"] + [f"- {x}" for x in upgraded if x not in fresh]
-                                        + [f"+ {x}" for x in fresh if x not in upgraded])
+    assert_same_surface(cluster, DB, "fresh")
 
     app.wait_drained(timeout=30)
     assert faults.store.find("Patient", f"{MRN}|pkg-0") == ids["pkg-0"]
