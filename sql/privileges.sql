@@ -20,7 +20,8 @@ REVOKE EXECUTE ON FUNCTION
     fhir_sync_worker_slots(),
     fhir_sync_latency_histogram(),
     fhir_sync_call_errors(),
-    fhir_sync_grant_worker(regrole)
+    fhir_sync_grant_worker(regrole),
+    fhir_sync_jwks()
 FROM PUBLIC;
 REVOKE ALL ON fhir_sync_status, fhir_sync_workers, fhir_sync_tables, fhir_pending_transactions, fhir_sync_metrics FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION fhir_sync_reset_stats(), fhir_sync_explain_claim(integer) FROM PUBLIC;

@@ -117,6 +117,11 @@ CREATE TABLE fhir_sync_state (
     PRIMARY KEY (resource_table, resource_key)
 );
 
+-- Which rows already map to an identifier (one source row, one resource: a second row with
+-- the same MRN is dead-lettered, not merged into the first row's resource).
+CREATE INDEX fhir_sync_state_identifier_idx ON fhir_sync_state (identifier_value, identifier_system)
+    WHERE NOT deleted;
+
 -- pg_dump keeps what a user's database holds in these tables: tracking configuration, sync state
 -- (which FHIR id each row addresses), changes not yet delivered, dead letters. Not the delivered
 -- history: it would carry the identifiers of rows deleted since into every dump. The identity

@@ -666,3 +666,37 @@ fn fhir_mapper_names() -> Vec<&'static str> {
 fn fhir_builtin_mapper(resource_type: &str, columns: Vec<String>) -> Option<&'static str> {
     registry::detect(resource_type, &columns).map(Mapper::name)
 }
+
+/// The public JWK Set to register with the EHR for SMART Backend Services: the signing key
+/// (fhir_sync.smart_key_file) first, then the one being rotated out
+/// (fhir_sync.smart_previous_key_file). Public halves only. Read from the files as the worker
+/// reads them, so what it prints is what the worker signs with after the next reload.
+#[pg_extern(volatile)]
+fn fhir_sync_jwks() -> JsonB {
+    use crate::error::raise;
+    let hint = "Set fhir_sync.smart_key_file to a PEM private key (RSA or EC P-384) private to the PostgreSQL OS user, and reload.";
+    let current = crate::gucs::smart_signing_key().unwrap_or_else(|e| {
+        raise(
+            PgSqlErrorCode::ERRCODE_CONFIG_FILE_ERROR,
+            &format!("cannot read the SMART signing key: {e}"),
+            hint,
+        )
+    });
+    let previous = crate::gucs::smart_previous_key().unwrap_or_else(|e| {
+        raise(
+            PgSqlErrorCode::ERRCODE_CONFIG_FILE_ERROR,
+            &format!("cannot read the SMART key being rotated out: {e}"),
+            "Fix or clear fhir_sync.smart_previous_key_file.",
+        )
+    });
+    let Some(current) = current else {
+        raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "no SMART signing key is configured",
+            hint,
+        )
+    };
+    let keys: Vec<&fhir_sync_core::smart::SigningKey> =
+        std::iter::once(&current).chain(previous.as_ref()).collect();
+    JsonB(fhir_sync_core::smart::jwks(&keys))
+}

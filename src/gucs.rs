@@ -90,6 +90,8 @@ pub enum AuthMode {
     Basic,
     #[name = c"oauth2"]
     Oauth2,
+    #[name = c"smart_backend"]
+    SmartBackend,
 }
 
 /// How the workers authenticate to the FHIR server.
@@ -118,6 +120,25 @@ pub static OAUTH_CLIENT_SECRET_FILE: GucSetting<Option<CString>> =
 pub static OAUTH_SCOPE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 /// PEM file of CA certificates trusted for https (replaces the built-in web roots).
 pub static CA_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// SMART Backend Services (auth = smart_backend): the PEM private key assertions are signed
+/// with (RSA → RS384, EC P-384 → ES384), private to the PostgreSQL OS user.
+pub static SMART_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// The `kid` of that key as registered with the EHR; empty: its RFC 7638 thumbprint.
+pub static SMART_KEY_ID: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// A key being rotated out: published by `fhir_sync_jwks()` beside the signing key, never used
+/// to sign. Lets the EHR's cached JWKS hold both while it catches up.
+pub static SMART_PREVIOUS_KEY_FILE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(None);
+pub static SMART_PREVIOUS_KEY_ID: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(None);
+/// Mutual TLS: the client certificate chain (PEM) presented to the server.
+pub static TLS_CLIENT_CERT_FILE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(None);
+/// Its private key (PEM, unencrypted), private to the PostgreSQL OS user.
+pub static TLS_CLIENT_KEY_FILE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(None);
+/// Requests per second to the FHIR server, all workers together; 0: no cap.
+pub static MAX_REQUESTS_PER_SECOND: GucSetting<f64> = GucSetting::<f64>::new(0.0);
 
 pub fn init() {
     let secret = GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL;
@@ -303,8 +324,8 @@ pub fn init() {
     );
     GucRegistry::define_enum_guc(
         c"fhir_sync.auth",
-        c"Authentication to the FHIR server: none, bearer, basic or oauth2.",
-        c"bearer: auth_token(_file); basic: auth_username and auth_password(_file); oauth2: the client-credentials grant (oauth_*).",
+        c"Authentication to the FHIR server: none, bearer, basic, oauth2 or smart_backend.",
+        c"bearer: auth_token(_file); basic: auth_username and auth_password(_file); oauth2: the client-credentials grant (oauth_*); smart_backend: SMART Backend Services, a JWT assertion signed with smart_key_file (oauth_client_id, oauth_scope, oauth_token_url or the server's .well-known/smart-configuration).",
         &AUTH,
         Sighup,
         GucFlags::default(),
@@ -387,9 +408,61 @@ pub fn init() {
             &CA_FILE,
             GucFlags::default(),
         ),
+        (
+            c"fhir_sync.smart_key_file",
+            c"PEM private key that signs SMART Backend Services assertions (auth = smart_backend).",
+            c"RSA (2048 bits or more) signs RS384, EC P-384 (PKCS#8) signs ES384. Private to the PostgreSQL OS user (mode 0600); read at start and at every reload. fhir_sync_jwks() prints its public key.",
+            &SMART_KEY_FILE,
+            GucFlags::SUPERUSER_ONLY,
+        ),
+        (
+            c"fhir_sync.smart_key_id",
+            c"The kid of smart_key_file as registered with the EHR.",
+            c"Empty: the key's RFC 7638 thumbprint.",
+            &SMART_KEY_ID,
+            GucFlags::default(),
+        ),
+        (
+            c"fhir_sync.smart_previous_key_file",
+            c"A SMART key being rotated out: published by fhir_sync_jwks(), never used to sign.",
+            c"Set it to the old key when smart_key_file gets a new one; clear it once the EHR has the new JWKS.",
+            &SMART_PREVIOUS_KEY_FILE,
+            GucFlags::SUPERUSER_ONLY,
+        ),
+        (
+            c"fhir_sync.smart_previous_key_id",
+            c"The kid of smart_previous_key_file.",
+            c"Empty: the key's RFC 7638 thumbprint.",
+            &SMART_PREVIOUS_KEY_ID,
+            GucFlags::default(),
+        ),
+        (
+            c"fhir_sync.tls_client_cert_file",
+            c"Mutual TLS: PEM certificate chain presented to the FHIR server.",
+            c"With tls_client_key_file. The server's certificate is still verified (ca_file or the web roots).",
+            &TLS_CLIENT_CERT_FILE,
+            GucFlags::SUPERUSER_ONLY,
+        ),
+        (
+            c"fhir_sync.tls_client_key_file",
+            c"Mutual TLS: PEM private key of tls_client_cert_file.",
+            c"Unencrypted, private to the PostgreSQL OS user (mode 0600); read at start and at every reload.",
+            &TLS_CLIENT_KEY_FILE,
+            GucFlags::SUPERUSER_ONLY,
+        ),
     ] {
         GucRegistry::define_string_guc(name, short, long, setting, Sighup, flags);
     }
+    GucRegistry::define_float_guc(
+        c"fhir_sync.max_requests_per_second",
+        c"Cap on requests per second to the FHIR server, all workers together (0: none).",
+        c"Requests (a Bundle is one) are spaced at least 1/cap apart, with a 5 % margin, so the server never sees more than the cap in any second.",
+        &MAX_REQUESTS_PER_SECOND,
+        0.0,
+        100_000.0,
+        Sighup,
+        GucFlags::default(),
+    );
 }
 
 fn string(setting: &GucSetting<Option<CString>>) -> Option<String> {
@@ -469,6 +542,7 @@ pub fn auth_name() -> &'static str {
         AuthMode::Bearer => "bearer",
         AuthMode::Basic => "basic",
         AuthMode::Oauth2 => "oauth2",
+        AuthMode::SmartBackend => "smart_backend",
     }
 }
 pub fn auth_token() -> Result<Option<String>, String> {
@@ -513,9 +587,9 @@ fn secret(
     }
 }
 
-/// The first line of a secret file, which must be readable by its owner only (as PostgreSQL
-/// demands of ssl_key_file): a secret that other OS users can read is not one.
-pub fn read_secret_file(path: &std::path::Path) -> Result<String, String> {
+/// A file holding a secret, which must be readable by its owner only (as PostgreSQL demands of
+/// ssl_key_file): a secret that other OS users can read is not one.
+pub fn read_private_file(path: &std::path::Path) -> Result<Vec<u8>, String> {
     use std::os::unix::fs::PermissionsExt;
     let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
     if !meta.is_file() {
@@ -524,7 +598,13 @@ pub fn read_secret_file(path: &std::path::Path) -> Result<String, String> {
     if meta.permissions().mode() & 0o077 != 0 {
         return Err("has group or world access; it must be mode 0600 or 0400 (chmod 600)".into());
     }
-    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    std::fs::read(path).map_err(|e| e.to_string())
+}
+
+/// The first line of a secret file (see [`read_private_file`]).
+pub fn read_secret_file(path: &std::path::Path) -> Result<String, String> {
+    let bytes = read_private_file(path)?;
+    let text = String::from_utf8(bytes).map_err(|_| "is not text".to_string())?;
     let first = text.lines().next().unwrap_or("").trim();
     if first.is_empty() {
         return Err("is empty".into());
@@ -536,6 +616,58 @@ pub fn oauth_scope() -> Option<String> {
 }
 pub fn ca_file() -> Option<String> {
     string(&CA_FILE)
+}
+pub fn max_requests_per_second() -> f64 {
+    MAX_REQUESTS_PER_SECOND.get().max(0.0)
+}
+
+/// A SMART signing key: from `file`, named `kid`; None when the file setting is empty. The
+/// error names the setting and file, never the content.
+fn smart_key(
+    file: &GucSetting<Option<CString>>,
+    kid: &GucSetting<Option<CString>>,
+    setting: &str,
+) -> Result<Option<fhir_sync_core::smart::SigningKey>, String> {
+    let Some(path) = string(file) else {
+        return Ok(None);
+    };
+    let pem = read_private_file(std::path::Path::new(&path))
+        .map_err(|e| format!("{setting} \"{path}\": {e}"))?;
+    fhir_sync_core::smart::SigningKey::from_pem(&pem, string(kid).as_deref())
+        .map(Some)
+        .map_err(|e| format!("{setting} \"{path}\" {e}"))
+}
+/// The key that signs (fhir_sync.smart_key_file).
+pub fn smart_signing_key() -> Result<Option<fhir_sync_core::smart::SigningKey>, String> {
+    smart_key(&SMART_KEY_FILE, &SMART_KEY_ID, "fhir_sync.smart_key_file")
+}
+/// The key being rotated out (fhir_sync.smart_previous_key_file).
+pub fn smart_previous_key() -> Result<Option<fhir_sync_core::smart::SigningKey>, String> {
+    smart_key(
+        &SMART_PREVIOUS_KEY_FILE,
+        &SMART_PREVIOUS_KEY_ID,
+        "fhir_sync.smart_previous_key_file",
+    )
+}
+/// A certificate chain and its private key, PEM.
+pub type CertAndKey = (Vec<u8>, Vec<u8>);
+
+/// Mutual TLS: the certificate chain and the (private) key; None when not configured.
+pub fn tls_client_cert() -> Result<Option<CertAndKey>, String> {
+    match (string(&TLS_CLIENT_CERT_FILE), string(&TLS_CLIENT_KEY_FILE)) {
+        (None, None) => Ok(None),
+        (Some(cert), Some(key)) => {
+            let chain = std::fs::read(&cert)
+                .map_err(|e| format!("fhir_sync.tls_client_cert_file \"{cert}\": {e}"))?;
+            let key_pem = read_private_file(std::path::Path::new(&key))
+                .map_err(|e| format!("fhir_sync.tls_client_key_file \"{key}\": {e}"))?;
+            Ok(Some((chain, key_pem)))
+        }
+        _ => Err(
+            "fhir_sync.tls_client_cert_file and fhir_sync.tls_client_key_file must be set together"
+                .into(),
+        ),
+    }
 }
 
 pub fn bundle_size() -> usize {

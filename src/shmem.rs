@@ -51,6 +51,9 @@ pub struct Shared {
     /// A database being dropped: the launcher starts no worker there until the hold expires.
     pub db_hold_oid: AtomicU32,
     pub db_hold_until_ms: AtomicI64,
+    /// fhir_sync.max_requests_per_second: when the next request to the server may start
+    /// (µs on CLOCK_MONOTONIC), shared by every worker (`fhir_sync_core::rate`).
+    pub next_request_us: AtomicU64,
 }
 
 static mut SHARED: *mut Shared = std::ptr::null_mut();

@@ -379,6 +379,60 @@ pub fn sync_states(
     })
 }
 
+/// The source rows whose synced resource carries each identity now (fhir_sync_state, not
+/// deleted), and the names of their tables (oid → schema.table) for messages.
+#[allow(clippy::type_complexity)]
+pub fn identifier_holders(
+    schema: &str,
+    wanted: &[&fhir_sync_core::identity::Identity],
+) -> Result<
+    (
+        HashMap<fhir_sync_core::identity::Identity, Vec<fhir_sync_core::identity::RowRef>>,
+        HashMap<u32, String>,
+    ),
+    FhirSyncError,
+> {
+    let sql = format!(
+        "SELECT k.t, k.sys, k.val, s.resource_table::pg_catalog.oid, s.resource_key,
+                s.resource_table::pg_catalog.text
+           FROM unnest($1::text[], $2::text[], $3::text[]) AS k(t, sys, val)
+          CROSS JOIN LATERAL (
+                SELECT s.resource_table, s.resource_key FROM {schema}.fhir_sync_state s
+                 WHERE s.identifier_value = k.val AND s.identifier_system = k.sys
+                   AND s.resource_type = k.t AND NOT s.deleted
+                 LIMIT 16) AS s"
+    );
+    let col = |f: fn(&fhir_sync_core::identity::Identity) -> &String| -> Vec<Option<String>> {
+        wanted.iter().map(|w| Some(f(w).clone())).collect()
+    };
+    let args = [
+        col(|w| &w.resource_type).into(),
+        col(|w| &w.system).into(),
+        col(|w| &w.value).into(),
+    ];
+    Spi::connect(|client| {
+        let mut holders: HashMap<_, Vec<_>> = HashMap::new();
+        let mut names = HashMap::new();
+        for row in crate::plans::select(client, &sql, None, &args)? {
+            let identity = fhir_sync_core::identity::Identity {
+                resource_type: row.get(1)?.unwrap_or_default(),
+                system: row.get(2)?.unwrap_or_default(),
+                value: row.get(3)?.unwrap_or_default(),
+            };
+            let table: pg_sys::Oid = row.get(4)?.unwrap_or(pg_sys::InvalidOid);
+            let key: String = row.get(5)?.unwrap_or_default();
+            if let Some(n) = row.get::<String>(6)? {
+                names.insert(table.to_u32(), n);
+            }
+            let rows = holders.entry(identity).or_default();
+            if !rows.contains(&(table.to_u32(), key.clone())) {
+                rows.push((table.to_u32(), key));
+            }
+        }
+        Ok((holders, names))
+    })
+}
+
 /// The mapping function fhir_tracked names for `relid` now, and the owner accepted for it: the
 /// tracks the worker keeps may be a few seconds old, and a DBA who tracks a table again (a new
 /// function) and requeues at once must not see the old function refused again.

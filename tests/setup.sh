@@ -23,6 +23,7 @@ SEARCH_PARAMS=$MEDPLUM_DIR/search-parameters-r4.json
 VENV=$FHIR_SYNC_CACHE/venv
 PYTEST_PIN="pytest==8.4.2"
 PSYCOPG_PIN="psycopg[binary]==3.2.13"
+JWT_PINS="PyJWT==2.10.1 cryptography==44.0.2"   # the SMART token endpoint of tests/e2e verifies fhir_sync's assertions
 PYYAML_PIN="PyYAML==6.0.2"             # tests/lint and tests/e2e/test_observability.py read the docker/ YAML
 
 step() { printf '[setup] %-22s %s\n' "$1" "$2"; }
@@ -104,15 +105,15 @@ else
 fi
 
 # ----------------------------------------------------------------------------------- Python venv
-if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c 'import pytest, psycopg, yaml' 2>/dev/null; then
+if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c 'import pytest, psycopg, yaml, jwt, cryptography' 2>/dev/null; then
     step venv "$VENV present (skip)"
 else
-    step venv "creating $VENV ($PYTEST_PIN, $PSYCOPG_PIN, $PYYAML_PIN)"
+    step venv "creating $VENV ($PYTEST_PIN, $PSYCOPG_PIN, $PYYAML_PIN, $JWT_PINS)"
     if ! "$VENV/bin/python" -c 'import sys' 2>/dev/null; then
         rm -rf "$VENV"
         /usr/bin/python3 -m venv "$VENV"
     fi
-    "$VENV/bin/pip" install -q --disable-pip-version-check "$PYTEST_PIN" "$PSYCOPG_PIN" "$PYYAML_PIN"
+    "$VENV/bin/pip" install -q --disable-pip-version-check "$PYTEST_PIN" "$PSYCOPG_PIN" "$PYYAML_PIN" $JWT_PINS
 fi
 
 step done "FHIR_SYNC_CACHE=$FHIR_SYNC_CACHE"

@@ -66,6 +66,39 @@ pub enum Auth {
         client_secret: String,
         scope: Option<String>,
     },
+    /// SMART Backend Services: the client-credentials grant, authenticated by a JWT assertion
+    /// signed with `key`. No `token_url`: read from `[base]/.well-known/smart-configuration`.
+    Smart {
+        token_url: Option<String>,
+        client_id: String,
+        scope: Option<String>,
+        key: Arc<crate::smart::SigningKey>,
+    },
+}
+
+impl Auth {
+    /// Whether requests carry a token fetched from a token endpoint (which a 401 may mean has
+    /// been revoked).
+    fn fetches_tokens(&self) -> bool {
+        matches!(self, Auth::OAuth2 { .. } | Auth::Smart { .. })
+    }
+}
+
+/// What shapes a client besides its base URL; the extension builds it from the settings.
+pub struct Options<'a> {
+    /// Bound on one request, connection included.
+    pub timeout: Duration,
+    pub in_flight: usize,
+    pub auth: Auth,
+    /// PEM file of the CA certificates to trust instead of the web roots.
+    pub ca_file: Option<&'a str>,
+    /// Mutual TLS: the client's certificate chain and private key, both PEM (their files are
+    /// read, and the key's checked to be private, by the caller).
+    pub client_cert: Option<(&'a [u8], &'a [u8])>,
+    /// The request-rate cap, shared by every worker that sends to this server.
+    pub rate: Option<crate::rate::Gate>,
+    /// Whether a discovered token endpoint may be plain http:// (fhir_sync.allow_http_credentials).
+    pub allow_http_credentials: bool,
 }
 
 /// Everything the worker needs to talk to the server; rebuilt when settings change.
@@ -74,6 +107,12 @@ pub struct Client {
     agent: Agent,
     auth: Auth,
     token: Mutex<Option<(String, Instant)>>,
+    /// The token endpoint read from the SMART configuration, once per client.
+    discovered: Mutex<Option<String>>,
+    rate: Option<crate::rate::Gate>,
+    allow_http_credentials: bool,
+    /// The most entries a Bundle may have, lowered when the server refuses one as too large.
+    bundle_limit: std::sync::atomic::AtomicUsize,
     resolved: Resolved,
 }
 
@@ -173,13 +212,16 @@ impl<R: ureq::unversioned::resolver::Resolver> ureq::unversioned::resolver::Reso
 }
 
 impl Client {
-    pub fn new(
-        base: String,
-        timeout: Duration,
-        in_flight: usize,
-        auth: Auth,
-        ca_file: Option<&str>,
-    ) -> Result<Client, String> {
+    pub fn new(base: String, o: Options) -> Result<Client, String> {
+        let Options {
+            timeout,
+            in_flight,
+            auth,
+            ca_file,
+            client_cert,
+            rate,
+            allow_http_credentials,
+        } = o;
         let mut config = Agent::config_builder()
             .timeout_global(Some(timeout))
             .http_status_as_error(false)
@@ -188,24 +230,30 @@ impl Client {
             .max_idle_connections_per_host(in_flight.max(1) * 2)
             .max_idle_connections(in_flight.max(1) * 4)
             .accept("application/fhir+json, application/json;q=0.9");
-        if let Some(path) = ca_file {
-            let pem = std::fs::read(path)
-                .map_err(|e| format!("cannot read fhir_sync.ca_file \"{path}\": {e}"))?;
-            let certs: Vec<_> = ureq::tls::parse_pem(&pem)
-                .filter_map(|item| match item {
-                    Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
-                    _ => None,
-                })
-                .collect();
-            if certs.is_empty() {
-                return Err(format!(
-                    "fhir_sync.ca_file \"{path}\" holds no PEM certificate"
-                ));
+        if ca_file.is_some() || client_cert.is_some() {
+            let mut tls = ureq::tls::TlsConfig::builder();
+            if let Some(path) = ca_file {
+                let pem = std::fs::read(path)
+                    .map_err(|e| format!("cannot read fhir_sync.ca_file \"{path}\": {e}"))?;
+                let certs = certificates(&pem);
+                if certs.is_empty() {
+                    return Err(format!(
+                        "fhir_sync.ca_file \"{path}\" holds no PEM certificate"
+                    ));
+                }
+                tls = tls.root_certs(ureq::tls::RootCerts::new_with_certs(&certs));
             }
-            let tls = ureq::tls::TlsConfig::builder()
-                .root_certs(ureq::tls::RootCerts::new_with_certs(&certs))
-                .build();
-            config = config.tls_config(tls);
+            if let Some((chain, key)) = client_cert {
+                let certs = certificates(chain);
+                if certs.is_empty() {
+                    return Err("fhir_sync.tls_client_cert_file holds no PEM certificate".into());
+                }
+                let key = ureq::tls::PrivateKey::from_pem(key).map_err(|_| {
+                    "fhir_sync.tls_client_key_file holds no unencrypted PEM private key".to_string()
+                })?;
+                tls = tls.client_cert(Some(ureq::tls::ClientCert::new_with_certs(&certs, key)));
+            }
+            config = config.tls_config(tls.build());
         }
         let resolver: CachedResolver = CachedResolver::default();
         Ok(Client {
@@ -218,11 +266,30 @@ impl Client {
             ),
             auth,
             token: Mutex::new(None),
+            discovered: Mutex::new(None),
+            rate,
+            allow_http_credentials,
+            bundle_limit: std::sync::atomic::AtomicUsize::new(usize::MAX),
         })
+    }
+
+    /// The most entries a Bundle to this server may have (what it has refused, halved).
+    pub fn bundle_limit(&self) -> usize {
+        self.bundle_limit.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The server refused a Bundle as too large: send at most `n` entries (at least one) from
+    /// now on.
+    pub fn lower_bundle_limit(&self, n: usize) {
+        self.bundle_limit
+            .fetch_min(n.max(1), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// One request. `path` is relative to the base URL ("Patient?identifier=…", "metadata").
     /// `if_match` makes an update conditional on the version the server holds (`W/"3"`).
+    ///
+    /// A 401 to a request that carried a cached token fetches a new token and sends the request
+    /// once more at once: the token may have been revoked. A second 401 is the answer.
     pub fn request(
         &self,
         method: Method,
@@ -236,23 +303,49 @@ impl Client {
         } else {
             format!("{}/{}", self.base, path)
         };
-        let auth = match self.authorization() {
-            Ok(a) => a,
-            Err(e) => return failed(Transport::ConnectFailed, e, started),
-        };
+        let mut refreshed = false;
+        loop {
+            let (auth, fresh) = match self.authorization() {
+                Ok(a) => a,
+                Err(e) => return failed(Transport::ConnectFailed, e, started),
+            };
+            if let Some(gate) = &self.rate {
+                gate.wait();
+            }
+            let resp = self.exchange(method, &url, body, if_match, auth.as_deref(), started);
+            if resp.transport == Transport::Status(401) && self.auth.fetches_tokens() {
+                *self.token.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                if !fresh && !refreshed {
+                    refreshed = true;
+                    continue;
+                }
+            }
+            return resp;
+        }
+    }
+
+    fn exchange(
+        &self,
+        method: Method,
+        url: &str,
+        body: Option<&[u8]>,
+        if_match: Option<&str>,
+        auth: Option<&str>,
+        started: Instant,
+    ) -> Response {
         let result = match method {
             Method::Put | Method::Post => {
                 let b = if method == Method::Put {
-                    self.agent.put(&url)
+                    self.agent.put(url)
                 } else {
-                    self.agent.post(&url)
+                    self.agent.post(url)
                 };
                 let b = b.header("Content-Type", "application/fhir+json");
                 let b = match if_match {
                     Some(v) => b.header("If-Match", v),
                     None => b,
                 };
-                let b = match &auth {
+                let b = match auth {
                     Some(h) => b.header("Authorization", h),
                     None => b,
                 };
@@ -260,11 +353,11 @@ impl Client {
             }
             Method::Delete | Method::Get => {
                 let b = if method == Method::Get {
-                    self.agent.get(&url)
+                    self.agent.get(url)
                 } else {
-                    self.agent.delete(&url)
+                    self.agent.delete(url)
                 };
-                let b = match &auth {
+                let b = match auth {
                     Some(h) => b.header("Authorization", h),
                     None => b,
                 };
@@ -282,10 +375,6 @@ impl Client {
                 };
                 let (etag, location, retry_after) =
                     (header("etag"), header("location"), header("retry-after"));
-                if status == 401 {
-                    // A cached OAuth2 token may have been revoked: fetch a new one next time.
-                    *self.token.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                }
                 let (body, error, transport) = match read_capped(resp.body_mut(), MAX_BODY) {
                     Ok(b) => (b, None, Transport::Status(status)),
                     Err(ReadError::TooLarge) => (
@@ -327,40 +416,118 @@ impl Client {
         }
     }
 
-    fn authorization(&self) -> Result<Option<String>, String> {
+    /// The Authorization header, and whether its token was fetched just now.
+    fn authorization(&self) -> Result<(Option<String>, bool), String> {
         match &self.auth {
-            Auth::None => Ok(None),
-            Auth::Bearer(t) => Ok(Some(format!("Bearer {t}"))),
-            Auth::Basic(b) => Ok(Some(format!("Basic {b}"))),
-            Auth::OAuth2 {
-                token_url,
-                client_id,
-                client_secret,
-                scope,
-            } => {
+            Auth::None => Ok((None, false)),
+            Auth::Bearer(t) => Ok((Some(format!("Bearer {t}")), false)),
+            Auth::Basic(b) => Ok((Some(format!("Basic {b}")), false)),
+            Auth::OAuth2 { .. } | Auth::Smart { .. } => {
                 let mut cached = self.token.lock().unwrap_or_else(|p| p.into_inner());
                 if let Some((t, until)) = cached.as_ref() {
                     if Instant::now() < *until {
-                        return Ok(Some(format!("Bearer {t}")));
+                        return Ok((Some(format!("Bearer {t}")), false));
                     }
                 }
-                let (token, lifetime) = fetch_token(
-                    &self.agent,
-                    token_url,
-                    client_id,
-                    client_secret,
-                    scope.as_deref(),
-                )?;
+                let (token, lifetime) = self.fetch_token()?;
                 // Refresh before expiry so no request goes out with a token about to lapse.
                 let margin = (lifetime / 10).clamp(Duration::from_secs(5), Duration::from_secs(60));
                 *cached = Some((
                     token.clone(),
                     Instant::now() + lifetime.saturating_sub(margin),
                 ));
-                Ok(Some(format!("Bearer {token}")))
+                Ok((Some(format!("Bearer {token}")), true))
             }
         }
     }
+
+    fn fetch_token(&self) -> Result<(String, Duration), String> {
+        match &self.auth {
+            Auth::OAuth2 {
+                token_url,
+                client_id,
+                client_secret,
+                scope,
+            } => {
+                let mut form = vec![("grant_type", "client_credentials")];
+                if let Some(s) = scope {
+                    form.push(("scope", s));
+                }
+                let basic = base64(
+                    format!("{}:{}", url_encode(client_id), url_encode(client_secret)).as_bytes(),
+                );
+                token_request(&self.agent, token_url, form, Some(&basic))
+                    .map_err(|e| format!("fhir_sync.oauth_token_url: {e}"))
+            }
+            Auth::Smart {
+                token_url,
+                client_id,
+                scope,
+                key,
+            } => {
+                let url = match token_url {
+                    Some(u) => u.clone(),
+                    None => self.smart_token_endpoint()?,
+                };
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                let assertion = key.assertion(client_id, &url, now, &crate::smart::new_jti())?;
+                let mut form = vec![
+                    ("grant_type", "client_credentials"),
+                    ("client_assertion_type", crate::smart::ASSERTION_TYPE),
+                    ("client_assertion", assertion.as_str()),
+                ];
+                if let Some(s) = scope {
+                    form.push(("scope", s));
+                }
+                token_request(&self.agent, &url, form, None)
+                    .map_err(|e| format!("SMART token endpoint: {e}"))
+            }
+            _ => Err("this authentication fetches no token".into()),
+        }
+    }
+
+    /// `token_endpoint` of `[base]/.well-known/smart-configuration`, read once per client.
+    fn smart_token_endpoint(&self) -> Result<String, String> {
+        let mut known = self.discovered.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(u) = known.as_ref() {
+            return Ok(u.clone());
+        }
+        let url = format!("{}/.well-known/smart-configuration", self.base);
+        let mut resp = self
+            .agent
+            .get(&url)
+            .header("Accept", "application/json")
+            .call()
+            .map_err(|e| format!("reading the SMART configuration failed: {}", describe(&e)))?;
+        let status = resp.status().as_u16();
+        if status != 200 {
+            return Err(format!(
+                "reading the SMART configuration ({url}) answered HTTP {status}; set fhir_sync.oauth_token_url"
+            ));
+        }
+        let body = read_capped(resp.body_mut(), 256 * 1024).unwrap_or_default();
+        let endpoint = crate::smart::token_endpoint(&body)?;
+        if !self.allow_http_credentials && endpoint.to_ascii_lowercase().starts_with("http://") {
+            return Err(
+                "the SMART configuration names a plain http:// token endpoint; the assertion is not sent there (fhir_sync.allow_http_credentials)"
+                    .into(),
+            );
+        }
+        *known = Some(endpoint.clone());
+        Ok(endpoint)
+    }
+}
+
+fn certificates(pem: &[u8]) -> Vec<ureq::tls::Certificate<'static>> {
+    ureq::tls::parse_pem(pem)
+        .filter_map(|item| match item {
+            Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
+            _ => None,
+        })
+        .collect()
 }
 
 fn failed(transport: Transport, error: String, started: Instant) -> Response {
@@ -404,30 +571,23 @@ fn describe(e: &ureq::Error) -> String {
     s.chars().take(300).collect()
 }
 
-/// OAuth2 client-credentials grant (RFC 6749 §4.4): client authenticates with HTTP Basic.
-fn fetch_token(
+/// A client-credentials token request (RFC 6749 §4.4): with HTTP Basic client authentication
+/// (OAuth2) or a client assertion in the form (SMART Backend Services). The errors name the
+/// status, never the endpoint's body (it may echo the request).
+fn token_request(
     agent: &Agent,
     url: &str,
-    id: &str,
-    secret: &str,
-    scope: Option<&str>,
+    form: Vec<(&str, &str)>,
+    basic: Option<&str>,
 ) -> Result<(String, Duration), String> {
-    let mut form = vec![("grant_type", "client_credentials")];
-    if let Some(s) = scope {
-        form.push(("scope", s));
-    }
-    let basic = base64(format!("{}:{}", url_encode(id), url_encode(secret)).as_bytes());
-    let resp = agent
-        .post(url)
-        .header("Authorization", &format!("Basic {basic}"))
-        .header("Accept", "application/json")
-        .send_form(form);
-    let mut resp = resp.map_err(|e| {
-        format!(
-            "token request to fhir_sync.oauth_token_url failed: {}",
-            describe(&e)
-        )
-    })?;
+    let b = agent.post(url).header("Accept", "application/json");
+    let b = match basic {
+        Some(basic) => b.header("Authorization", &format!("Basic {basic}")),
+        None => b,
+    };
+    let mut resp = b
+        .send_form(form)
+        .map_err(|e| format!("token request failed: {}", describe(&e)))?;
     let status = resp.status().as_u16();
     let body = read_capped(resp.body_mut(), 64 * 1024).unwrap_or_default();
     if !(200..300).contains(&status) {
@@ -456,6 +616,7 @@ pub fn credentials_in_clear(base: &str, auth: &Auth) -> bool {
     match auth {
         Auth::None => false,
         Auth::OAuth2 { token_url, .. } => plain(base) || plain(token_url),
+        Auth::Smart { token_url, .. } => plain(base) || token_url.as_deref().is_some_and(plain),
         _ => plain(base),
     }
 }

@@ -8,11 +8,14 @@
 
 pub mod floor;
 pub mod http;
+pub mod identity;
 pub mod mapping;
 pub mod pause;
 pub mod policy;
 pub mod pool;
+pub mod rate;
 pub mod response;
 pub mod send;
+pub mod smart;
 pub mod threads;
 pub mod verdict;

@@ -27,10 +27,13 @@ pub enum Class {
     Dependency,
     /// Transient failures went on past fhir_sync.max_retries.
     Exhausted,
+    /// Another tracked row already maps to the resource's identifier (a duplicate MRN): sending
+    /// would overwrite that row's resource. No request was made.
+    IdentifierConflict,
 }
 
 impl Class {
-    pub const ALL: [Class; 8] = [
+    pub const ALL: [Class; 9] = [
         Class::Transient,
         Class::Unreachable,
         Class::Auth,
@@ -39,6 +42,7 @@ impl Class {
         Class::Unmappable,
         Class::Dependency,
         Class::Exhausted,
+        Class::IdentifierConflict,
     ];
 
     pub fn name(self) -> &'static str {
@@ -51,6 +55,7 @@ impl Class {
             Class::Unmappable => "unmappable",
             Class::Dependency => "dependency",
             Class::Exhausted => "exhausted",
+            Class::IdentifierConflict => "identifier_conflict",
         }
     }
 

@@ -68,7 +68,7 @@ pub struct InFlight {
 /// Starts sending every request on up to `g.in_flight` of the worker's sending threads and
 /// returns at once.
 pub fn start(client: &Arc<Client>, requests: Vec<Outgoing>, g: Grouping) -> InFlight {
-    let size = if g.bundle_size > 1 { g.bundle_size } else { 1 };
+    let size = g.bundle_size.min(client.bundle_limit()).max(1);
     let units: Vec<std::ops::Range<usize>> = (0..requests.len())
         .step_by(size)
         .map(|s| s..(s + size).min(requests.len()))
@@ -150,7 +150,12 @@ fn work(shared: &Shared, client: &Client) {
         let responses = if chunk.len() == 1 {
             vec![send_one(client, &chunk[0])]
         } else {
-            send_bundle(client, chunk, shared.grouping.bundle_type)
+            send_bundle(
+                client,
+                chunk,
+                shared.grouping.bundle_type,
+                shared.grouping.deadline,
+            )
         };
         if shared.stop.load(Ordering::Acquire) {
             // The worker has moved on and released these changes: their answer must not be
@@ -249,9 +254,51 @@ fn current_version(client: &Conn, path: &str) -> Result<Option<String>, Box<Resp
 /// POSTs one Bundle and splits its answer into one response per entry. A transaction that
 /// fails as a whole does not say which entry was at fault: its entries are then sent one by
 /// one, so that only the bad one is dead-lettered.
-fn send_bundle(client: &Conn, chunk: &[Outgoing], kind: BundleType) -> Vec<Response> {
+///
+/// A Bundle the server refuses as too large (413, or an OperationOutcome saying so) or that
+/// times out is sent again as two halves, down to single requests, instead of being retried at
+/// the same size until its changes are dead-lettered; after a refusal the client sends Bundles
+/// of at most half that size until the settings are reloaded.
+fn send_bundle(
+    client: &Conn,
+    chunk: &[Outgoing],
+    kind: BundleType,
+    deadline: std::time::Instant,
+) -> Vec<Response> {
     let bundle = bundle_bytes(chunk, kind);
     let resp = call_raw(client, Method::Post, "", Some(&bundle), None);
+    if let Some(why) = too_large(&resp) {
+        if why == Split::Refused {
+            client.client.lower_bundle_limit(chunk.len() / 2);
+        }
+        if std::time::Instant::now() >= deadline {
+            // Not sent again: the claim's lease may end before the halves are answered.
+            let mut held = resp.clone();
+            held.transport = Transport::Broken;
+            held.error = Some(format!(
+                "a Bundle of {} entries was refused or timed out and the batch ran out of time to send it in halves",
+                chunk.len()
+            ));
+            return vec![held; chunk.len()];
+        }
+        if chunk.len() == 1 {
+            return vec![send_one(client, &chunk[0])];
+        }
+        let (a, b) = chunk.split_at(chunk.len() / 2);
+        let mut out = send_bundle(client, a, kind, deadline);
+        if why == Split::TimedOut && out.iter().all(|r| r.transport == Transport::Broken) {
+            // Half the size timed out as well: the server is slow, not the Bundle too big.
+            // The other half is not tried (a hung server would otherwise see 2n requests).
+            out.extend(std::iter::repeat_n(resp, b.len()));
+            return out;
+        }
+        if why == Split::TimedOut {
+            // A half got through where the whole did not: keep to that size.
+            client.client.lower_bundle_limit(a.len());
+        }
+        out.extend(send_bundle(client, b, kind, deadline));
+        return out;
+    }
     match resp.transport {
         Transport::Status(200..=299) => match split_bundle_response(&resp, chunk.len()) {
             // An entry that lost a race (409) or a version precondition (412) is sent again on
@@ -279,6 +326,41 @@ fn send_bundle(client: &Conn, chunk: &[Outgoing], kind: BundleType) -> Vec<Respo
             chunk.iter().map(|r| send_one(client, r)).collect()
         }
         _ => vec![resp; chunk.len()],
+    }
+}
+
+/// Why a Bundle is sent again in halves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Split {
+    /// The server said it is too large.
+    Refused,
+    /// No answer in time (or the connection broke): a smaller one may get through.
+    TimedOut,
+}
+
+fn too_large(resp: &Response) -> Option<Split> {
+    match resp.transport {
+        Transport::Broken => Some(Split::TimedOut),
+        Transport::Status(413) => Some(Split::Refused),
+        Transport::Status(400 | 422) => {
+            let outcome = crate::response::operation_outcome(resp)?;
+            let issues = outcome.get("issue")?.as_array()?;
+            issues
+                .iter()
+                .any(|i| {
+                    let code = i.get("code").and_then(|c| c.as_str()).unwrap_or("");
+                    let diag = i
+                        .get("diagnostics")
+                        .and_then(|d| d.as_str())
+                        .unwrap_or("")
+                        .to_ascii_lowercase();
+                    matches!(code, "too-costly" | "too-long")
+                        || diag.contains("too large")
+                        || diag.contains("too many")
+                })
+                .then_some(Split::Refused)
+        }
+        _ => None,
     }
 }
 

@@ -1,6 +1,6 @@
 //! Settings → HTTP client: what of the configuration shapes the client, and building it.
 
-use crate::http::{Auth, Client};
+use crate::http::{Auth, Client, Options};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,9 +12,23 @@ pub struct ClientSettings {
     in_flight: usize,
     auth: Auth,
     ca_file: Option<String>,
+    /// Mutual TLS: certificate chain and key, PEM.
+    client_cert: Option<(Vec<u8>, Secret)>,
+    per_second: f64,
+    allow_http_credentials: bool,
     /// Why the settings cannot be used (an unreadable secret file): nothing is sent until a
     /// reload fixes it.
     pub problem: Option<String>,
+}
+
+/// Key material: compared to notice a change, never printed.
+#[derive(Clone, PartialEq)]
+struct Secret(Vec<u8>);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<secret>")
+    }
 }
 
 impl ClientSettings {
@@ -45,6 +59,37 @@ impl ClientSettings {
                 client_secret: secret(g::oauth_client_secret()),
                 scope: g::oauth_scope(),
             },
+            AuthMode::SmartBackend => match (g::smart_signing_key(), g::oauth_client_id()) {
+                (Ok(Some(key)), Some(client_id)) => Auth::Smart {
+                    token_url: g::oauth_token_url(),
+                    client_id,
+                    scope: g::oauth_scope(),
+                    key: Arc::new(key),
+                },
+                (Err(e), _) => {
+                    problem = Some(e);
+                    Auth::None
+                }
+                (Ok(None), _) => {
+                    problem = Some(
+                        "fhir_sync.auth = 'smart_backend' needs fhir_sync.smart_key_file".into(),
+                    );
+                    Auth::None
+                }
+                (_, None) => {
+                    problem = Some(
+                        "fhir_sync.auth = 'smart_backend' needs fhir_sync.oauth_client_id".into(),
+                    );
+                    Auth::None
+                }
+            },
+        };
+        let client_cert = match g::tls_client_cert() {
+            Ok(c) => c.map(|(chain, key)| (chain, Secret(key))),
+            Err(e) => {
+                problem.get_or_insert(e);
+                None
+            }
         };
         let base = g::server_url();
         if problem.is_none()
@@ -64,6 +109,9 @@ impl ClientSettings {
             in_flight: g::max_in_flight(),
             auth,
             ca_file: g::ca_file(),
+            client_cert,
+            per_second: g::max_requests_per_second(),
+            allow_http_credentials: g::allow_http_credentials(),
             problem,
         }
     }
@@ -76,12 +124,22 @@ impl ClientSettings {
             pgrx::log!("fhir_sync worker: sending nothing: {problem}");
             return None;
         }
+        let rate = crate::shmem::shared()
+            .and_then(|sh| fhir_sync_core::rate::Gate::new(&sh.next_request_us, self.per_second));
         match Client::new(
             base,
-            self.timeout,
-            self.in_flight,
-            self.auth.clone(),
-            self.ca_file.as_deref(),
+            Options {
+                timeout: self.timeout,
+                in_flight: self.in_flight,
+                auth: self.auth.clone(),
+                ca_file: self.ca_file.as_deref(),
+                client_cert: self
+                    .client_cert
+                    .as_ref()
+                    .map(|(c, k)| (c.as_slice(), k.0.as_slice())),
+                rate,
+                allow_http_credentials: self.allow_http_credentials,
+            },
         ) {
             Ok(c) => Some(Arc::new(c)),
             Err(e) => {

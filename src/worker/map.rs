@@ -11,6 +11,7 @@ use crate::error::FhirSyncError;
 use crate::http::{identifier_query, weak_etag};
 use crate::mapping::{self, Ctx, Refs, Row};
 use crate::source::{self, Mapper, Synced, Track};
+use fhir_sync_core::identity;
 use pgrx::pg_sys;
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -72,6 +73,9 @@ pub fn plan(
 ) -> Result<Vec<Action>, FhirSyncError> {
     let base = crate::gucs::identifier_system();
     let mut actions: Vec<Option<Action>> = vec![None; claimed.len()];
+    // Resources whose identifier comes from the row's data (and so may be shared by another
+    // row), with what is planned for them: checked together once every table is planned.
+    let mut identities: Vec<(usize, identity::Claim)> = Vec::new();
     let mut by_table: HashMap<pg_sys::Oid, Vec<usize>> = HashMap::new();
     for (i, c) in claimed.iter().enumerate() {
         by_table.entry(c.resource_table).or_default().push(i);
@@ -199,13 +203,106 @@ pub fn plan(
                     Err(action) => action,
                 }
             };
+            if identifier_from_data(track) {
+                let planned = match &action {
+                    Action::Put { identifier, .. } => {
+                        Some((identifier.clone(), identity::Plan::Put))
+                    }
+                    Action::Delete { .. } => state
+                        .identifier
+                        .clone()
+                        .or_else(|| c.identifier.clone())
+                        .map(|id| (id, identity::Plan::Delete)),
+                    _ => None,
+                };
+                if let Some(((system, value), plan)) = planned {
+                    identities.push((
+                        i,
+                        identity::Claim {
+                            row: (c.resource_table.to_u32(), c.resource_key.clone()),
+                            first_change: c.outbox_ids.iter().copied().min().unwrap_or(i64::MAX),
+                            identity: identity::Identity {
+                                resource_type: track.resource_type.clone(),
+                                system,
+                                value,
+                            },
+                            plan,
+                        },
+                    ));
+                }
+            }
             actions[i] = Some(action);
         }
     }
+    guard_identities(schema, tracks, claimed, &identities, &mut actions)?;
     Ok(actions
         .into_iter()
         .map(|a| a.unwrap_or(Action::Fail(Class::Unmappable, "not planned".into())))
         .collect())
+}
+
+/// Whether a track's identifier comes from its rows' data (an MRN), so that two rows may carry
+/// the same one. A derived identifier (table and key) is unique by construction.
+fn identifier_from_data(track: &Track) -> bool {
+    match track.mapper {
+        Mapper::Patient => true,
+        Mapper::Function => track.identifier_column.is_some(),
+        _ => false,
+    }
+}
+
+/// One source row, one resource (`fhir_sync_core::identity`): a PUT whose identifier another
+/// row already maps to is dead-lettered instead of overwriting that row's resource, or waits
+/// when that row is letting go of it in this batch; a DELETE of a resource another row still
+/// maps to sends nothing. Rows are named by table and key, never by the identifier.
+fn guard_identities(
+    schema: &str,
+    tracks: &HashMap<pg_sys::Oid, Track>,
+    claimed: &[Claimed],
+    identities: &[(usize, identity::Claim)],
+    actions: &mut [Option<Action>],
+) -> Result<(), FhirSyncError> {
+    if identities.is_empty() {
+        return Ok(());
+    }
+    let wanted: Vec<&identity::Identity> = identities.iter().map(|(_, c)| &c.identity).collect();
+    let (holders, mut names) = source::identifier_holders(schema, &wanted)?;
+    for t in tracks.values() {
+        names.insert(t.relid.to_u32(), t.name.clone());
+    }
+    let claims: Vec<identity::Claim> = identities.iter().map(|(_, c)| c.clone()).collect();
+    let name = |r: &identity::RowRef| {
+        format!(
+            "{} key {}",
+            names
+                .get(&r.0)
+                .map(String::as_str)
+                .unwrap_or("a dropped table"),
+            r.1
+        )
+    };
+    for ((i, claim), verdict) in identities.iter().zip(identity::guard(&claims, &holders)) {
+        let me = name(&claim.row);
+        let kind = &claim.identity.resource_type;
+        let replaced = match verdict {
+            identity::Guard::Go => continue,
+            identity::Guard::Conflict(other) => Action::Fail(
+                Class::IdentifierConflict,
+                format!(
+                    "{me}: its identifier already addresses the {kind} of {}; not sent, so that that row's resource is not overwritten. Change or delete one of the two rows, then requeue",
+                    name(&other)
+                ),
+            ),
+            identity::Guard::WaitFor(other) => Action::Wait(format!(
+                "its identifier is being released by {}",
+                name(&other)
+            )),
+            identity::Guard::KeepShared(_) => Action::AlreadyGone,
+        };
+        debug_assert!(claimed[*i].resource_key == claim.row.1);
+        actions[*i] = Some(replaced);
+    }
+    Ok(())
 }
 
 fn text_of(v: Option<&Value>) -> Option<String> {

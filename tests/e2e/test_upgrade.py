@@ -21,11 +21,12 @@ from harness.pg import PG
 
 pytestmark = pytest.mark.e2e
 
-RELEASES = ["0.1.0", "0.2.0", "0.3.0"]
+RELEASES = ["0.1.0", "0.2.0", "0.3.0", "0.4.0"]
 # fhir_track's signature as each release defined it (a DBA's grant on it must carry over).
 TRACK_SIGNATURE = {"0.1.0": "regclass, text, regprocedure, name, text, text",
                    "0.2.0": "regclass, text, regprocedure, name, text, text, boolean",
-                   "0.3.0": "regclass, text, regprocedure, name, text, text, boolean"}
+                   "0.3.0": "regclass, text, regprocedure, name, text, text, boolean",
+                   "0.4.0": "regclass, text, regprocedure, name, text, text, boolean"}
 
 # Everything an extension's SQL defines, rendered so that two databases can be compared: its member
 # objects, functions with body, settings, privileges and strictness, tables with columns, defaults,
