@@ -4,7 +4,7 @@
 -- they only turn a row the caller can already read into JSON.
 REVOKE ALL ON fhir_tracked, fhir_outbox, fhir_dlq, fhir_sync_state FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION
-    fhir_track(regclass, text, regprocedure, name, text, text, boolean),
+    fhir_track(regclass, text, regprocedure, name, text, text, boolean, text),
     fhir_untrack(regclass, boolean),
     fhir_backfill(regclass),
     fhir_backfill_keys(oid),
@@ -21,9 +21,11 @@ REVOKE EXECUTE ON FUNCTION
     fhir_sync_latency_histogram(),
     fhir_sync_call_errors(),
     fhir_sync_grant_worker(regrole),
-    fhir_sync_jwks()
+    fhir_sync_jwks(),
+    fhir_sync_server_capabilities()
 FROM PUBLIC;
-REVOKE ALL ON fhir_sync_status, fhir_sync_workers, fhir_sync_tables, fhir_pending_transactions, fhir_sync_metrics FROM PUBLIC;
+REVOKE ALL ON fhir_sync_status, fhir_sync_workers, fhir_sync_tables, fhir_pending_transactions, fhir_sync_metrics,
+    fhir_sync_server FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION fhir_sync_reset_stats(), fhir_sync_explain_claim(integer) FROM PUBLIC;
 
 -- The worker role named by fhir_sync.username gets what it needs at once (also after a DROP

@@ -21,6 +21,9 @@ CREATE TABLE fhir_tracked (
     -- (fhir_track(..., function_owner_trusted => true)); NULL: only the table's owner will do.
     -- (Last: 0.2.0 added it, and an upgraded table must look like a new one.)
     map_function_owner regrole,
+    -- How its resources are written (upsert, create, create_only); NULL: fhir_sync.write_mode.
+    -- (Last: 0.5.0 added it.)
+    write_mode        text        CHECK (write_mode IN ('upsert', 'create', 'create_only')),
     CHECK ((parent_table IS NULL) = (parent_column IS NULL)),
     CHECK ((mapper = 'function') = (map_function IS NOT NULL))
 );

@@ -34,7 +34,8 @@ CREATE FUNCTION fhir_track(
     identifier_column name DEFAULT NULL,
     identifier_system text DEFAULT NULL,
     mapper            text DEFAULT NULL,
-    function_owner_trusted boolean DEFAULT false
+    function_owner_trusted boolean DEFAULT false,
+    write_mode        text DEFAULT NULL
 ) RETURNS text
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -118,6 +119,10 @@ BEGIN
         RAISE EXCEPTION 'mapper "function" needs a map_function' USING ERRCODE = 'invalid_parameter_value',
             HINT = 'Pass map_function => ''my_mapper(my_table)''::regprocedure.';
     END IF;
+    IF write_mode IS NOT NULL AND NOT (write_mode = ANY (ARRAY['upsert', 'create', 'create_only'])) THEN
+        RAISE EXCEPTION 'unknown write mode "%"', write_mode USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Use upsert, create or create_only, or pass NULL for fhir_sync.write_mode.';
+    END IF;
     IF identifier_column IS NOT NULL AND NOT (identifier_column::text = ANY (cols)) THEN
         RAISE EXCEPTION 'table % has no column "%"', "table", identifier_column USING ERRCODE = 'undefined_column';
     END IF;
@@ -140,15 +145,15 @@ BEGIN
 
     INSERT INTO @extschema@.fhir_tracked AS t (table_name, resource_type, mapper, key_column, parent_table,
                                                parent_column, map_function, identifier_column, identifier_system,
-                                               map_function_owner)
+                                               map_function_owner, write_mode)
     VALUES ("table", fhir_track.resource_type, chosen, key_col, parent, parent_col, fhir_track.map_function,
-            fhir_track.identifier_column, fhir_track.identifier_system, fn_owner)
+            fhir_track.identifier_column, fhir_track.identifier_system, fn_owner, fhir_track.write_mode)
     ON CONFLICT ON CONSTRAINT fhir_tracked_pkey DO UPDATE SET
         resource_type = excluded.resource_type, mapper = excluded.mapper, key_column = excluded.key_column,
         parent_table = excluded.parent_table, parent_column = excluded.parent_column,
         map_function = excluded.map_function, identifier_column = excluded.identifier_column,
         identifier_system = excluded.identifier_system,
-        map_function_owner = excluded.map_function_owner;
+        map_function_owner = excluded.map_function_owner, write_mode = excluded.write_mode;
 
     IF EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = "table" AND tgname = 'fhir_sync_capture') THEN
         EXECUTE format('DROP TRIGGER fhir_sync_capture ON %s', "table");

@@ -79,3 +79,18 @@ UNION ALL SELECT 'fhir_sync_workers', pg_catalog.jsonb_build_object('state', w.s
             FROM @extschema@.fhir_sync_workers w GROUP BY w.state
 UNION ALL SELECT 'fhir_outbox_table_pending', pg_catalog.jsonb_build_object('table', t.table_name, 'resource_type', t.resource_type), t.pending::float8
             FROM @extschema@.fhir_sync_tables t;
+
+-- What the FHIR server's CapabilityStatement says, for the tracked resource types, and what the
+-- workers do about it (notes): conditional creates where it takes no update-as-create, no
+-- If-Match where it does not honour versions, single requests where it takes no Bundle.
+CREATE VIEW fhir_sync_server AS
+SELECT c OPERATOR(pg_catalog.->>) 'server_url' AS server_url,
+       (c OPERATOR(pg_catalog.->>) 'read_at')::timestamptz AS read_at,
+       c OPERATOR(pg_catalog.->>) 'fhir_version' AS fhir_version,
+       c OPERATOR(pg_catalog.->>) 'software' AS software,
+       (c OPERATOR(pg_catalog.->>) 'batch')::boolean AS batch,
+       (c OPERATOR(pg_catalog.->>) 'transaction')::boolean AS transaction,
+       c OPERATOR(pg_catalog.->) 'resources' AS resources,
+       ARRAY(SELECT pg_catalog.jsonb_array_elements_text(c OPERATOR(pg_catalog.->) 'notes')) AS notes
+  FROM @extschema@.fhir_sync_server_capabilities() AS c
+ WHERE c IS NOT NULL;

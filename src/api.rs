@@ -354,6 +354,7 @@ fn preview(table: pg_sys::Oid, key: &str) -> Result<Option<Value>, FhirSyncError
         &tracks,
         std::slice::from_ref(&claimed),
         Mode::Preview,
+        None,
         &mut deps,
     )?;
     match actions.into_iter().next() {
@@ -699,4 +700,12 @@ fn fhir_sync_jwks() -> JsonB {
     let keys: Vec<&fhir_sync_core::smart::SigningKey> =
         std::iter::once(&current).chain(previous.as_ref()).collect();
     JsonB(fhir_sync_core::smart::jwks(&keys))
+}
+
+/// What the server's CapabilityStatement says and what the workers make of it (JSON), as the
+/// last worker to read it published it; NULL until one has. Behind the fhir_sync_server view.
+#[pg_extern(volatile)]
+fn fhir_sync_server_capabilities() -> Option<JsonB> {
+    let text = shmem::shared()?.server.read()?;
+    serde_json::from_str(&text).ok().map(JsonB)
 }

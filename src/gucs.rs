@@ -6,7 +6,7 @@
 //! holds it: PostgreSQL logs a setting's new value when a reload changes it, so a secret set
 //! with ALTER SYSTEM reaches the log; a file's content never does.
 
-use fhir_sync_core::send::BundleType;
+use fhir_sync_core::send::{BundleType, WriteMode};
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
 use std::ffi::CString;
 
@@ -137,6 +137,9 @@ pub static TLS_CLIENT_CERT_FILE: GucSetting<Option<CString>> =
 /// Its private key (PEM, unencrypted), private to the PostgreSQL OS user.
 pub static TLS_CLIENT_KEY_FILE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(None);
+/// How resources are first written, for tables tracked without a `write_mode` (the enum is
+/// `send::WriteMode`, shared with the sending code).
+pub static WRITE_MODE: GucSetting<WriteMode> = GucSetting::<WriteMode>::new(WriteMode::Upsert);
 /// Requests per second to the FHIR server, all workers together; 0: no cap.
 pub static MAX_REQUESTS_PER_SECOND: GucSetting<f64> = GucSetting::<f64>::new(0.0);
 
@@ -453,6 +456,14 @@ pub fn init() {
     ] {
         GucRegistry::define_string_guc(name, short, long, setting, Sighup, flags);
     }
+    GucRegistry::define_enum_guc(
+        c"fhir_sync.write_mode",
+        c"How resources are written, for tables tracked without a write_mode: upsert, create or create_only.",
+        c"upsert: conditional update by identifier, then by id. create: POST with If-None-Exist, then updates by id (servers without update-as-create). create_only: POST with If-None-Exist only; a later change of a created resource is dead-lettered as not_sendable.",
+        &WRITE_MODE,
+        Sighup,
+        GucFlags::default(),
+    );
     GucRegistry::define_float_guc(
         c"fhir_sync.max_requests_per_second",
         c"Cap on requests per second to the FHIR server, all workers together (0: none).",
@@ -616,6 +627,9 @@ pub fn oauth_scope() -> Option<String> {
 }
 pub fn ca_file() -> Option<String> {
     string(&CA_FILE)
+}
+pub fn write_mode() -> WriteMode {
+    WRITE_MODE.get()
 }
 pub fn max_requests_per_second() -> f64 {
     MAX_REQUESTS_PER_SECOND.get().max(0.0)

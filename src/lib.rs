@@ -48,7 +48,12 @@ extension_sql_file!("../sql/admin.sql", name = "admin", requires = ["schema"]);
 extension_sql_file!(
     "../sql/views.sql",
     name = "views",
-    requires = ["schema", api::fhir_sync_stats, api::fhir_sync_worker_slots]
+    requires = [
+        "schema",
+        api::fhir_sync_stats,
+        api::fhir_sync_worker_slots,
+        api::fhir_sync_server_capabilities
+    ]
 );
 extension_sql_file!("../sql/privileges.sql", name = "privileges", finalize);
 

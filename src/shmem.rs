@@ -54,6 +54,73 @@ pub struct Shared {
     /// fhir_sync.max_requests_per_second: when the next request to the server may start
     /// (µs on CLOCK_MONOTONIC), shared by every worker (`fhir_sync_core::rate`).
     pub next_request_us: AtomicU64,
+    /// What the server's CapabilityStatement said and what the workers made of it (JSON, for
+    /// the fhir_sync_server view): written by a worker when it reads the statement.
+    pub server: TextSlot,
+}
+
+/// Words of the TextSlot (8 KiB of text).
+const TEXT_WORDS: usize = 1024;
+
+/// A short text many processes read and one writes now and then, behind a sequence counter
+/// (odd while a write is under way): readers retry instead of locking.
+#[repr(C)]
+pub struct TextSlot {
+    seq: AtomicU64,
+    len: AtomicU64,
+    words: [AtomicU64; TEXT_WORDS],
+}
+
+impl TextSlot {
+    /// Stores `text` (cut to 8 KiB at a character boundary). Concurrent writers (two workers
+    /// publishing at once) take turns on the odd counter.
+    pub fn write(&self, text: &str) {
+        let mut end = text.len().min(TEXT_WORDS * 8);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        let bytes = &text.as_bytes()[..end];
+        loop {
+            let s = self.seq.load(Ordering::Acquire);
+            if s.is_multiple_of(2)
+                && self
+                    .seq
+                    .compare_exchange(s, s + 1, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+            {
+                break;
+            }
+            std::hint::spin_loop();
+        }
+        for (i, chunk) in bytes.chunks(8).enumerate() {
+            let mut w = [0u8; 8];
+            w[..chunk.len()].copy_from_slice(chunk);
+            self.words[i].store(u64::from_le_bytes(w), Ordering::Relaxed);
+        }
+        self.len.store(bytes.len() as u64, Ordering::Relaxed);
+        self.seq.fetch_add(1, Ordering::Release);
+    }
+
+    /// The text, or None when nothing was written yet.
+    pub fn read(&self) -> Option<String> {
+        loop {
+            let before = self.seq.load(Ordering::Acquire);
+            if !before.is_multiple_of(2) {
+                std::hint::spin_loop();
+                continue;
+            }
+            let len = (self.len.load(Ordering::Relaxed) as usize).min(TEXT_WORDS * 8);
+            let mut bytes = Vec::with_capacity(len);
+            for w in &self.words[..len.div_ceil(8)] {
+                bytes.extend_from_slice(&w.load(Ordering::Relaxed).to_le_bytes());
+            }
+            bytes.truncate(len);
+            std::sync::atomic::fence(Ordering::Acquire);
+            if self.seq.load(Ordering::Acquire) == before {
+                return (before > 0).then(|| String::from_utf8_lossy(&bytes).into_owned());
+            }
+        }
+    }
 }
 
 static mut SHARED: *mut Shared = std::ptr::null_mut();

@@ -37,6 +37,8 @@ pub struct Track {
     pub map_function: Option<pg_sys::Oid>,
     pub identifier_column: Option<String>,
     pub identifier_system: Option<String>,
+    /// How its resources are written; None: fhir_sync.write_mode.
+    pub write_mode: Option<fhir_sync_core::send::WriteMode>,
     /// Tables that the patient_id and form_id columns point at (foreign key, or else the
     /// tracked Patient / Encounter table of the same owner: never another owner's).
     pub patient_ref: Option<pg_sys::Oid>,
@@ -88,7 +90,10 @@ pub fn load_tracks(schema: &str) -> Result<HashMap<pg_sys::Oid, Track>, FhirSync
                 (SELECT pg_catalog.format_type(a.atttypid, a.atttypmod) FROM pg_catalog.pg_attribute a
                   WHERE a.attrelid = t.table_name AND a.attname = t.parent_column),
                 t.map_function::pg_catalog.oid, t.identifier_column::text, t.identifier_system,
-                {patient_ref}, {encounter_ref}, t.relowner, t.reltype, t.map_function_owner::pg_catalog.oid
+                {patient_ref}, {encounter_ref}, t.relowner, t.reltype, t.map_function_owner::pg_catalog.oid,
+                -- Read through the row: a worker of this version may run against the previous
+                -- schema until ALTER EXTENSION … UPDATE, which has no such column yet.
+                pg_catalog.to_jsonb(t) ->> 'write_mode'
            FROM t",
         patient_ref = ref_target(schema, &crate::mapping::registry::PATIENT_REF),
         encounter_ref = ref_target(schema, &crate::mapping::registry::ENCOUNTER_REF),
@@ -130,6 +135,9 @@ pub fn load_tracks(schema: &str) -> Result<HashMap<pg_sys::Oid, Track>, FhirSync
                     identifier_system: row.get(13)?,
                     patient_ref: row.get(14)?,
                     encounter_ref: row.get(15)?,
+                    write_mode: row
+                        .get::<String>(19)?
+                        .and_then(|m| fhir_sync_core::send::WriteMode::parse(&m)),
                 },
             );
         }

@@ -113,6 +113,12 @@ pub struct Client {
     allow_http_credentials: bool,
     /// The most entries a Bundle may have, lowered when the server refuses one as too large.
     bundle_limit: std::sync::atomic::AtomicUsize,
+    /// The CapabilityStatement once read, and when it was last tried.
+    #[allow(clippy::type_complexity)]
+    capabilities: Mutex<(
+        Option<Arc<crate::capability::Capabilities>>,
+        Option<Instant>,
+    )>,
     resolved: Resolved,
 }
 
@@ -146,6 +152,12 @@ impl Method {
         }
     }
 }
+
+/// A CapabilityStatement is read up to this size (an EHR's lists hundreds of types).
+const MAX_CAPABILITIES: u64 = 16 << 20;
+
+/// How often an unreadable CapabilityStatement is asked for again.
+const CAPABILITIES_RETRY: Duration = Duration::from_secs(60);
 
 /// How long a host name's addresses are reused before it is looked up again.
 const RESOLVED_TTL: Duration = Duration::from_secs(10);
@@ -270,6 +282,7 @@ impl Client {
             rate,
             allow_http_credentials,
             bundle_limit: std::sync::atomic::AtomicUsize::new(usize::MAX),
+            capabilities: Mutex::new((None, None)),
         })
     }
 
@@ -297,6 +310,18 @@ impl Client {
         body: Option<&[u8]>,
         if_match: Option<&str>,
     ) -> Response {
+        self.request_with(method, path, body, if_match, None)
+    }
+
+    /// [`Client::request`] with an `If-None-Exist` search (a conditional create, `POST [base]/Type`).
+    pub fn request_with(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&[u8]>,
+        if_match: Option<&str>,
+        if_none_exist: Option<&str>,
+    ) -> Response {
         let started = Instant::now();
         let url = if path.is_empty() {
             self.base.clone()
@@ -312,7 +337,14 @@ impl Client {
             if let Some(gate) = &self.rate {
                 gate.wait();
             }
-            let resp = self.exchange(method, &url, body, if_match, auth.as_deref(), started);
+            let resp = self.exchange(
+                method,
+                &url,
+                body,
+                (if_match, if_none_exist),
+                auth.as_deref(),
+                (started, MAX_BODY),
+            );
             if resp.transport == Transport::Status(401) && self.auth.fetches_tokens() {
                 *self.token.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 if !fresh && !refreshed {
@@ -329,9 +361,9 @@ impl Client {
         method: Method,
         url: &str,
         body: Option<&[u8]>,
-        if_match: Option<&str>,
+        (if_match, if_none_exist): (Option<&str>, Option<&str>),
         auth: Option<&str>,
-        started: Instant,
+        (started, cap): (Instant, u64),
     ) -> Response {
         let result = match method {
             Method::Put | Method::Post => {
@@ -343,6 +375,10 @@ impl Client {
                 let b = b.header("Content-Type", "application/fhir+json");
                 let b = match if_match {
                     Some(v) => b.header("If-Match", v),
+                    None => b,
+                };
+                let b = match if_none_exist {
+                    Some(v) => b.header("If-None-Exist", v),
                     None => b,
                 };
                 let b = match auth {
@@ -375,7 +411,7 @@ impl Client {
                 };
                 let (etag, location, retry_after) =
                     (header("etag"), header("location"), header("retry-after"));
-                let (body, error, transport) = match read_capped(resp.body_mut(), MAX_BODY) {
+                let (body, error, transport) = match read_capped(resp.body_mut(), cap) {
                     Ok(b) => (b, None, Transport::Status(status)),
                     Err(ReadError::TooLarge) => (
                         Vec::new(),
@@ -405,6 +441,36 @@ impl Client {
                 failed(t, describe(&e), started)
             }
         }
+    }
+
+    /// The server's CapabilityStatement, read on first use (and again at most every
+    /// CAPABILITIES_RETRY while it cannot be read); None while unknown.
+    pub fn capabilities(&self) -> Option<Arc<crate::capability::Capabilities>> {
+        let mut known = self.capabilities.lock().unwrap_or_else(|p| p.into_inner());
+        if let (Some(c), _) = &*known {
+            return Some(c.clone());
+        }
+        if known.1.is_some_and(|t| t.elapsed() < CAPABILITIES_RETRY) {
+            return None;
+        }
+        known.1 = Some(Instant::now());
+        let (auth, _) = self.authorization().ok()?;
+        let resp = self.exchange(
+            Method::Get,
+            // `mode=full` (R4's capabilities interaction): the whole statement, and a request the
+            // test servers can tell from the reachability probe.
+            &format!("{}/metadata?mode=full", self.base),
+            None,
+            (None, None),
+            auth.as_deref(),
+            (Instant::now(), MAX_CAPABILITIES),
+        );
+        if resp.transport != Transport::Status(200) {
+            return None;
+        }
+        let caps = Arc::new(crate::capability::parse(&resp.body).ok()?);
+        known.0 = Some(caps.clone());
+        Some(caps)
     }
 
     /// Whether the server answers HTTP at all (any status). Reads no body: a CapabilityStatement

@@ -6,6 +6,7 @@
 //! Nothing here may call into PostgreSQL: the sending threads run this code, and PostgreSQL is
 //! single-threaded. The extension crate applies the decisions (SQL, shared memory, the log).
 
+pub mod capability;
 pub mod floor;
 pub mod http;
 pub mod identity;

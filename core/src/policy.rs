@@ -30,10 +30,13 @@ pub enum Class {
     /// Another tracked row already maps to the resource's identifier (a duplicate MRN): sending
     /// would overwrite that row's resource. No request was made.
     IdentifierConflict,
+    /// The server does not take this kind of write: a change of a resource in a `create_only`
+    /// table (no request made), or a DELETE it answers 405 to.
+    NotSendable,
 }
 
 impl Class {
-    pub const ALL: [Class; 9] = [
+    pub const ALL: [Class; 10] = [
         Class::Transient,
         Class::Unreachable,
         Class::Auth,
@@ -43,6 +46,7 @@ impl Class {
         Class::Dependency,
         Class::Exhausted,
         Class::IdentifierConflict,
+        Class::NotSendable,
     ];
 
     pub fn name(self) -> &'static str {
@@ -56,6 +60,7 @@ impl Class {
             Class::Dependency => "dependency",
             Class::Exhausted => "exhausted",
             Class::IdentifierConflict => "identifier_conflict",
+            Class::NotSendable => "not_sendable",
         }
     }
 
@@ -82,6 +87,7 @@ pub fn classify(t: &Transport, is_delete: bool) -> Verdict {
         Transport::Status(s) => match *s {
             200..=299 => Verdict::Delivered,
             404 | 410 if is_delete => Verdict::Delivered,
+            405 if is_delete => Verdict::DeadLetter(Class::NotSendable),
             401 | 403 => Verdict::Pause(Class::Auth),
             408 | 429 | 500 | 502 | 503 | 504 => Verdict::Retry(Class::Transient),
             409 => Verdict::Retry(Class::Conflict),

@@ -18,6 +18,53 @@ pub struct Outgoing {
     pub body: Option<Value>,
     /// The version the update is conditional on (`W/"3"`), sent as If-Match.
     pub if_match: Option<String>,
+    /// A conditional create (`POST [base]/Type`, `If-None-Exist`) instead of an update.
+    pub create: Option<Create>,
+}
+
+/// A first write as a conditional create: the server makes the resource unless one matches the
+/// search; a retried create therefore finds what its lost predecessor made.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Create {
+    /// The search (`identifier=system%7Cvalue`), sent as If-None-Exist.
+    pub if_none_exist: String,
+    /// When the server already holds a matching resource (it answers 200 and writes nothing):
+    /// update it by id with this body (write mode `create`), or leave it as it is (`create_only`).
+    pub update_found: bool,
+}
+
+/// How a tracked table's resources are written (`fhir_track(write_mode => …)`, default
+/// `fhir_sync.write_mode`). Also the enum of that setting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "guc", derive(pgrx::PostgresGucEnum))]
+pub enum WriteMode {
+    /// Conditional update by identifier first (update-as-create), by id after that.
+    #[cfg_attr(feature = "guc", name = c"upsert")]
+    Upsert,
+    /// Conditional create (`POST` with `If-None-Exist`) first, updates by id after that: for
+    /// servers that do not allow update-as-create.
+    #[cfg_attr(feature = "guc", name = c"create")]
+    Create,
+    /// Conditional create only, for servers that accept no update of the type: a later change
+    /// of a created resource is not sent (dead-lettered as `not_sendable`).
+    #[cfg_attr(feature = "guc", name = c"create_only")]
+    CreateOnly,
+}
+
+impl WriteMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            WriteMode::Upsert => "upsert",
+            WriteMode::Create => "create",
+            WriteMode::CreateOnly => "create_only",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<WriteMode> {
+        [WriteMode::Upsert, WriteMode::Create, WriteMode::CreateOnly]
+            .into_iter()
+            .find(|m| m.name() == s)
+    }
 }
 
 /// Bundle type: batch (entries succeed or fail one by one) or transaction (all or nothing; a
@@ -179,7 +226,7 @@ fn call(
     if_match: Option<&str>,
 ) -> Response {
     let bytes = body.and_then(|b| serde_json::to_vec(b).ok());
-    call_raw(client, method, path, bytes.as_deref(), if_match)
+    call_raw(client, method, path, bytes.as_deref(), (if_match, None))
 }
 
 fn call_raw(
@@ -187,9 +234,11 @@ fn call_raw(
     method: Method,
     path: &str,
     body: Option<&[u8]>,
-    if_match: Option<&str>,
+    (if_match, if_none_exist): (Option<&str>, Option<&str>),
 ) -> Response {
-    let resp = client.client.request(method, path, body, if_match);
+    let resp = client
+        .client
+        .request_with(method, path, body, if_match, if_none_exist);
     // A connection that could not be made is not a call: its near-zero duration would only
     // drag the latency quantiles down during an outage.
     if resp.transport != Transport::ConnectFailed {
@@ -205,6 +254,18 @@ struct Conn<'a> {
 }
 
 fn send_one(client: &Conn, req: &Outgoing) -> Response {
+    if let Some(create) = &req.create {
+        let bytes = req.body.as_ref().and_then(|b| serde_json::to_vec(b).ok());
+        let resp = call_raw(
+            client,
+            Method::Post,
+            &req.path,
+            bytes.as_deref(),
+            (None, Some(&create.if_none_exist)),
+        );
+        let resp = after_create(client, req, create, resp);
+        return with_id(client, req, resp);
+    }
     let mut if_match = req.if_match.clone();
     let mut resends = 0;
     loop {
@@ -231,9 +292,107 @@ fn send_one(client: &Conn, req: &Outgoing) -> Response {
                     Err(failed) => return *failed,
                 }
             }
-            _ => return resp,
+            _ => return with_id(client, req, resp),
         }
         resends += 1;
+    }
+}
+
+/// The answer to a conditional create. 201: made. 200: the server already held a matching
+/// resource and wrote nothing; in write mode `create` the row's state is then written to it by
+/// id (the id read from the answer, or searched for when the answer does not say).
+fn after_create(client: &Conn, req: &Outgoing, create: &Create, resp: Response) -> Response {
+    if resp.transport != Transport::Status(200) || !create.update_found {
+        return resp;
+    }
+    let id = match crate::response::resource_id(&resp) {
+        Ok((Some(id), _)) => id,
+        Ok((None, _)) => match find_one(client, &req.path, &create.if_none_exist) {
+            Ok((id, _)) => id,
+            Err(failed) => return *failed,
+        },
+        Err(_) => return resp,
+    };
+    let mut body = req.body.clone().unwrap_or(Value::Null);
+    body["id"] = Value::String(id.clone());
+    call(
+        client,
+        Method::Put,
+        &format!("{}/{id}", req.path),
+        Some(&body),
+        None,
+    )
+}
+
+/// A write by identifier (a conditional update or create) the server applied but answered
+/// without naming the resource (no body, Location or ETag, as with `Prefer: return=minimal`):
+/// the id is read with a search, so that later writes address it by id.
+fn with_id(client: &Conn, req: &Outgoing, mut resp: Response) -> Response {
+    let Transport::Status(200..=299) = resp.transport else {
+        return resp;
+    };
+    // Cheap tests first: this runs on every delivered write, and the body is parsed once later.
+    if resp.location.is_some() || !resp.body.is_empty() {
+        return resp;
+    }
+    let (type_path, search) = match (&req.create, req.path.split_once('?')) {
+        (Some(c), _) => (req.path.as_str(), c.if_none_exist.as_str()),
+        (None, Some((t, q))) if req.method == Method::Put => (t, q),
+        _ => return resp,
+    };
+    if let Ok((id, version)) = find_one(client, type_path, search) {
+        resp.location = Some(match version {
+            Some(v) => format!("{type_path}/{id}/_history/{v}"),
+            None => format!("{type_path}/{id}"),
+        });
+    }
+    resp
+}
+
+/// The id (and version) of the one resource of `type_path` that `search` finds.
+fn find_one(
+    client: &Conn,
+    type_path: &str,
+    search: &str,
+) -> Result<(String, Option<String>), Box<Response>> {
+    let resp = call(
+        client,
+        Method::Get,
+        &format!("{type_path}?{search}"),
+        None,
+        None,
+    );
+    if resp.transport != Transport::Status(200) {
+        return Err(Box::new(resp));
+    }
+    let ids: Option<Vec<(String, Option<String>)>> = serde_json::from_slice::<Value>(&resp.body)
+        .ok()
+        .and_then(|b| {
+            b.get("entry")?
+                .as_array()?
+                .iter()
+                .map(|e| {
+                    let id = e.pointer("/resource/id")?.as_str()?.to_string();
+                    let v = e
+                        .pointer("/resource/meta/versionId")
+                        .and_then(Value::as_str)
+                        .filter(|v| crate::http::is_fhir_id(v))
+                        .map(str::to_string);
+                    Some((id, v))
+                })
+                .collect()
+        });
+    match ids.as_deref() {
+        Some([(id, v)]) if crate::http::is_fhir_id(id) => Ok((id.clone(), v.clone())),
+        _ => {
+            let mut broken = resp.clone();
+            broken.transport = Transport::Broken;
+            broken.error = Some(
+                "the server matched an existing resource but did not say which, and a search found none or several"
+                    .into(),
+            );
+            Err(Box::new(broken))
+        }
     }
 }
 
@@ -266,7 +425,7 @@ fn send_bundle(
     deadline: std::time::Instant,
 ) -> Vec<Response> {
     let bundle = bundle_bytes(chunk, kind);
-    let resp = call_raw(client, Method::Post, "", Some(&bundle), None);
+    let resp = call_raw(client, Method::Post, "", Some(&bundle), (None, None));
     if let Some(why) = too_large(&resp) {
         if why == Split::Refused {
             client.client.lower_bundle_limit(chunk.len() / 2);
@@ -306,10 +465,14 @@ fn send_bundle(
             Some(parts) => parts
                 .into_iter()
                 .zip(chunk)
-                .map(|(part, r)| match part.transport {
-                    Transport::Status(409) => send_one(client, r),
-                    Transport::Status(412) if r.if_match.is_some() => send_one(client, r),
-                    _ => part,
+                .map(|(part, r)| match (part.transport.clone(), &r.create) {
+                    (Transport::Status(409), _) => send_one(client, r),
+                    (Transport::Status(412), _) if r.if_match.is_some() => send_one(client, r),
+                    (Transport::Status(200), Some(c)) => {
+                        let done = after_create(client, r, c, part);
+                        with_id(client, r, done)
+                    }
+                    _ => with_id(client, r, part),
                 })
                 .collect(),
             None => {
@@ -382,6 +545,9 @@ fn bundle_bytes(chunk: &[Outgoing], kind: BundleType) -> Vec<u8> {
         let mut request = json!({"method": r.method.name(), "url": r.path});
         if let Some(v) = &r.if_match {
             request["ifMatch"] = Value::String(v.clone());
+        }
+        if let Some(c) = &r.create {
+            request["ifNoneExist"] = Value::String(c.if_none_exist.clone());
         }
         out.extend_from_slice(br#"{"request":"#);
         serde_json::to_writer(&mut out, &request).expect("a Value always serialises");
@@ -579,18 +745,21 @@ mod tests {
                     json!({"resourceType": "Patient", "name": [{"family": "Ünïcode \"q\""}]}),
                 ),
                 if_match: None,
+                create: None,
             },
             Outgoing {
                 method: Method::Put,
                 path: "Patient/abc".into(),
                 body: Some(json!({"resourceType": "Patient", "id": "abc"})),
                 if_match: Some("W/\"4\"".into()),
+                create: None,
             },
             Outgoing {
                 method: Method::Delete,
                 path: "Patient/gone".into(),
                 body: None,
                 if_match: None,
+                create: None,
             },
         ];
         let v: Value =

@@ -11,7 +11,9 @@ use crate::error::FhirSyncError;
 use crate::http::{identifier_query, weak_etag};
 use crate::mapping::{self, Ctx, Refs, Row};
 use crate::source::{self, Mapper, Synced, Track};
+use fhir_sync_core::capability::{self, Capabilities};
 use fhir_sync_core::identity;
+use fhir_sync_core::send::{Create, WriteMode};
 use pgrx::pg_sys;
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -31,6 +33,8 @@ pub enum Action {
         body: Box<Value>,
         identifier: (String, String),
         if_match: Option<String>,
+        /// A first write as a conditional create (`POST` to `path`, the resource type).
+        create: Option<Box<Create>>,
     },
     Delete {
         path: String,
@@ -64,11 +68,15 @@ fn not_read(e: &FhirSyncError, mode: Mode) -> Action {
 
 /// Plans every claimed resource. In Deliver mode, `deps` collects the (table, key) of
 /// referenced resources that must be enqueued because nothing pending will sync them.
+///
+/// `caps` is what the server's CapabilityStatement says (None: unknown, or a preview): it can
+/// change a table's write mode, drop If-Match, or refuse a delete the server does not take.
 pub fn plan(
     schema: &str,
     tracks: &HashMap<pg_sys::Oid, Track>,
     claimed: &[Claimed],
     mode: Mode,
+    caps: Option<&Capabilities>,
     deps: &mut Vec<(pg_sys::Oid, String)>,
 ) -> Result<Vec<Action>, FhirSyncError> {
     let base = crate::gucs::identifier_system();
@@ -142,7 +150,7 @@ pub fn plan(
             } else if let Some(Err(e)) = custom.get(&c.resource_key) {
                 not_read(e, mode)
             } else if !exists {
-                plan_delete(track, c, &state, &base)
+                plan_delete(track, c, &state, &base, caps)
             } else {
                 let ctx = Ctx {
                     table: &track.name,
@@ -199,7 +207,14 @@ pub fn plan(
                     )),
                 };
                 match mapped {
-                    Ok(body) => plan_put(track, body, rows.get(&c.resource_key), c, &state, &base),
+                    Ok(body) => plan_put(
+                        track,
+                        body,
+                        rows.get(&c.resource_key),
+                        c,
+                        &state,
+                        (&base, caps),
+                    ),
                     Err(action) => action,
                 }
             };
@@ -343,13 +358,28 @@ fn identifier_for(track: &Track, row: Option<&Row>, key: &str, base: &str) -> (S
     (mapping::derived_system(base, &track.name), key.to_string())
 }
 
+/// How a table's resources are written: its write mode (or fhir_sync.write_mode), as the
+/// server's CapabilityStatement allows.
+fn write_plan(track: &Track, caps: Option<&Capabilities>) -> capability::Plan {
+    let configured = track.write_mode.unwrap_or_else(crate::gucs::write_mode);
+    match caps {
+        Some(c) => c.plan(&track.resource_type, configured),
+        None => capability::Plan {
+            write_mode: configured,
+            if_match: true,
+            delete: true,
+            notes: Vec::new(),
+        },
+    }
+}
+
 fn plan_put(
     track: &Track,
     mut body: Value,
     row: Option<&Row>,
     c: &Claimed,
     state: &Synced,
-    base: &str,
+    (base, caps): (&str, Option<&Capabilities>),
 ) -> Action {
     let identifier = identifier_for(track, row, &c.resource_key, base);
     // Once the server has given the resource an id, address it by that id: a conditional PUT
@@ -357,30 +387,71 @@ fn plan_put(
     // identifier changed or if the server parses it differently (a '|' in the system). The
     // version precondition makes a write the worker gave up on (timeout) fail if it reaches
     // the server after a newer one: without it a late request could leave a stale state there.
+    let how = write_plan(track, caps);
+    let mode = how.write_mode;
     if let (Some(id), false) = (&state.fhir_id, state.deleted) {
+        if mode == WriteMode::CreateOnly {
+            return Action::Fail(
+                Class::NotSendable,
+                format!(
+                    "{} row {}: the table's write mode is create_only and its resource was created; the server takes no update of it",
+                    track.name, c.resource_key
+                ),
+            );
+        }
         body["id"] = Value::String(id.clone());
         return Action::Put {
             path: format!("{}/{}", track.resource_type, id),
             body: Box::new(body),
             identifier,
-            if_match: state.version.as_deref().map(weak_etag),
+            if_match: state
+                .version
+                .as_deref()
+                .filter(|_| how.if_match)
+                .map(weak_etag),
+            create: None,
+        };
+    }
+    let search = identifier_query(&identifier.0, &identifier.1);
+    if mode == WriteMode::Upsert {
+        return Action::Put {
+            path: format!("{}?{search}", track.resource_type),
+            body: Box::new(body),
+            identifier,
+            if_match: None,
+            create: None,
         };
     }
     Action::Put {
-        path: format!(
-            "{}?{}",
-            track.resource_type,
-            identifier_query(&identifier.0, &identifier.1)
-        ),
+        path: track.resource_type.clone(),
         body: Box::new(body),
         identifier,
         if_match: None,
+        create: Some(Box::new(Create {
+            if_none_exist: search,
+            update_found: mode == WriteMode::Create,
+        })),
     }
 }
 
-fn plan_delete(track: &Track, c: &Claimed, state: &Synced, base: &str) -> Action {
+fn plan_delete(
+    track: &Track,
+    c: &Claimed,
+    state: &Synced,
+    base: &str,
+    caps: Option<&Capabilities>,
+) -> Action {
     if state.deleted {
         return Action::AlreadyGone;
+    }
+    if (state.fhir_id.is_some() || state.identifier.is_some()) && !write_plan(track, caps).delete {
+        return Action::Fail(
+            Class::NotSendable,
+            format!(
+                "{} row {}: the server's CapabilityStatement declares no delete of {}",
+                track.name, c.resource_key, track.resource_type
+            ),
+        );
     }
     if let Some(id) = &state.fhir_id {
         return Action::Delete {

@@ -14,6 +14,7 @@ pub mod claim;
 mod client;
 pub mod map;
 mod pipeline;
+mod server;
 pub mod settle;
 
 pub use fhir_sync_core::{policy, send};
@@ -54,6 +55,8 @@ struct Worker {
     floor: claim::Floor,
     /// The last failed cycle's step and error, and when it was logged.
     last_failure: Option<(&'static str, String, Instant)>,
+    /// The CapabilityStatement last published (server.rs); a new client reads it again.
+    published: Option<std::sync::Arc<fhir_sync_core::capability::Capabilities>>,
 }
 
 /// Batches delivered back to back in one cycle before the worker looks at its latch, signals
@@ -110,6 +113,7 @@ pub extern "C-unwind" fn fhir_sync_worker_main(arg: pg_sys::Datum) {
         paced: None,
         floor: Default::default(),
         last_failure: None,
+        published: None,
     };
     loop {
         // SAFETY: a read of a sig_atomic_t PostgreSQL's signal handlers set, on the main thread.

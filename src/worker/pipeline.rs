@@ -199,8 +199,14 @@ impl Worker {
     /// Starts sending, at the concurrency the server currently allows.
     fn launch(&mut self, requests: Vec<send::Outgoing>) -> send::InFlight {
         use crate::gucs as g;
+        // A server whose CapabilityStatement leaves this Bundle type out gets single requests.
+        let bundles = self
+            .client
+            .as_ref()
+            .and_then(|c| c.capabilities())
+            .is_none_or(|c| c.bundles(g::bundle_type()));
         let grouping = send::Grouping {
-            bundle_size: g::bundle_size(),
+            bundle_size: if bundles { g::bundle_size() } else { 0 },
             bundle_type: g::bundle_type(),
             in_flight: self.in_flight(g::max_in_flight()),
             // Half the lease: a request started before this ends (http_timeout) well within it.
@@ -224,8 +230,16 @@ impl Worker {
         tier: Vec<Claimed>,
     ) -> Result<Mapped, FhirSyncError> {
         let mut deps = Vec::new();
+        let caps = self.capabilities(tracks);
         let mut actions = crate::subxact::transaction_flat(|| {
-            map::plan(schema, tracks, &tier, Mode::Deliver, &mut deps)
+            map::plan(
+                schema,
+                tracks,
+                &tier,
+                Mode::Deliver,
+                caps.as_deref(),
+                &mut deps,
+            )
         })?;
         let mut requests = Vec::new();
         let mut request_of = vec![None; tier.len()];
@@ -235,19 +249,26 @@ impl Worker {
                     path,
                     body,
                     if_match,
+                    create,
                     ..
                 } => send::Outgoing {
-                    method: Method::Put,
+                    method: if create.is_some() {
+                        Method::Post
+                    } else {
+                        Method::Put
+                    },
                     path: path.clone(),
                     // Moved, not copied: judge() needs only the kind and identifier.
                     body: Some(std::mem::take(&mut **body)),
                     if_match: if_match.clone(),
+                    create: create.as_deref().cloned(),
                 },
                 Action::Delete { path } => send::Outgoing {
                     method: Method::Delete,
                     path: path.clone(),
                     body: None,
                     if_match: None,
+                    create: None,
                 },
                 _ => continue,
             };

@@ -342,3 +342,166 @@ def test_a_bundle_that_times_out_is_sent_in_halves(make_cluster, faults):
         assert sizes[0] == 20 and min(sizes) <= 5, sizes
     finally:
         faults.release_hangs()
+
+
+# ---------------------------------------------------------------------------------------------- write modes
+def track_patients(app, mode: str | None) -> None:
+    app.sql("SELECT fhir_track('patient', 'Patient', write_mode => %s)", (mode,))
+
+
+@pytest.mark.fault
+def test_write_mode_create_posts_with_if_none_exist_and_then_updates_by_id(make_cluster, faults):
+    """On a server without update-as-create: the first write is POST [base]/Patient with If-None-Exist on
+    the identifier, later ones PUT Patient/<id>. A Patient the server already holds for the identifier
+    (made by someone else) is found, not duplicated, and gets the row's data by id."""
+    faults.update_create = False
+    app = make_app(make_cluster, faults.base_url)
+    track_patients(app, "create")
+    pid = app.add_patient("create-1", family="Created")
+    app.wait_drained()
+    post = [r for r in faults.requests if r.method == "POST"]
+    assert [(r.url_path, r.headers.get("if-none-exist")) for r in post] == \
+        [("/Patient", f"identifier={MRN.replace(':', '%3A').replace('/', '%2F')}%7Ccreate-1")]
+    [rid] = faults.store.find("Patient", f"{MRN}|create-1")
+    app.sql("UPDATE patient SET name_family = 'Updated' WHERE id = %s", (pid,))
+    app.wait_drained()
+    assert faults.requests[-1].method == "PUT" and faults.requests[-1].url_path == f"/Patient/{rid}"
+    assert faults.store.items[("Patient", rid)]["resource"]["name"][0]["family"] == "Updated"
+
+    other = faults.store.put("Patient", None, {"resourceType": "Patient", "identifier": [
+        {"system": MRN, "value": "create-2"}], "name": [{"family": "Elsewhere"}]}, faults.base_url).body["id"]
+    app.add_patient("create-2", family="Ours")
+    app.wait_drained()
+    assert faults.store.find("Patient", f"{MRN}|create-2") == [other]
+    assert faults.store.items[("Patient", other)]["resource"]["name"][0]["family"] == "Ours"
+    assert app.one("SELECT fhir_id FROM fhir_sync_state WHERE identifier_value = 'create-2'") == other
+    assert app.one("SELECT count(*) FROM fhir_dlq") == 0
+
+
+@pytest.mark.fault
+def test_the_default_write_mode_applies_to_bundles_too(make_cluster, faults):
+    """fhir_sync.write_mode = create for tables tracked without one: Bundle entries are POSTs with
+    ifNoneExist, and nothing is created twice when the same rows are sent again (backfill)."""
+    faults.update_create = False
+    app = make_app(make_cluster, faults.base_url, conf={"fhir_sync.write_mode": "create", "fhir_sync.bundle_size": 10})
+    add_patients(app, "bundle-create-", 10)
+    app.wait_drained()
+    [bundle] = [r for r in faults.requests if bundle_entries(r)]
+    assert {(e["request"]["method"], e["request"]["url"], "ifNoneExist" in e["request"])
+            for e in bundle.json()["entry"]} == {("POST", "Patient", True)}
+    assert delivered_once(faults, "bundle-create-", 10)
+    app.sql("DELETE FROM fhir_sync_state")      # the worker forgets what it made: the next writes are creates
+    app.sql("SELECT fhir_backfill('patient')")
+    app.wait_drained()
+    assert delivered_once(faults, "bundle-create-", 10)
+    assert app.one("SELECT count(*) FROM fhir_dlq") == 0
+
+
+@pytest.mark.fault
+def test_write_mode_create_only_records_later_changes_as_not_sendable(make_cluster, faults):
+    """A server that takes no update of Patient: the row is created once; a later change is dead-lettered as
+    not_sendable with no request made (not retried); a DELETE the server answers 405 is not_sendable too,
+    sent once."""
+    faults.update_create = False
+    faults.no_update = {"Patient"}
+    faults.no_delete = {"Patient"}
+    app = make_app(make_cluster, faults.base_url)
+    track_patients(app, "create_only")
+    pid = app.add_patient("once-1", family="Once")
+    app.wait_drained()
+    [rid] = faults.store.find("Patient", f"{MRN}|once-1")
+    sent = len(faults.requests)
+    app.sql("UPDATE patient SET name_family = 'Twice' WHERE id = %s", (pid,))
+    app.wait_drained()
+    assert len(faults.requests) == sent, "no request for a change the server would refuse"
+    assert app.sql("SELECT error_class, http_status, attempts FROM fhir_dlq") == [("not_sendable", None, 0)]
+    assert "create_only" in app.one("SELECT error FROM fhir_dlq")
+    assert faults.store.items[("Patient", rid)]["resource"]["name"][0]["family"] == "Once"
+
+    app.sql("DELETE FROM patient WHERE id = %s", (pid,))
+    app.wait_drained()
+    deletes = [r for r in faults.requests if r.method == "DELETE"]
+    assert len(deletes) == 1
+    assert app.sql("SELECT error_class, http_status FROM fhir_dlq ORDER BY id DESC LIMIT 1") == [("not_sendable", 405)]
+
+
+@pytest.mark.e2e
+def test_write_mode_create_against_helios(make_cluster, helios):
+    """create, update and delete with write_mode => 'create' on a real server."""
+    app = make_app(make_cluster, helios.base_url)
+    track_patients(app, "create")
+    mrn = f"helios-create-{os.getpid()}-{id(app)}"
+    pid = app.add_patient(mrn, family="Posted")
+    app.wait_drained()
+    [p] = helios.search("Patient", MRN, mrn)
+    assert p["name"][0]["family"] == "Posted"
+    app.sql("UPDATE patient SET name_family = 'Put' WHERE id = %s", (pid,))
+    app.wait_drained()
+    [q] = helios.search("Patient", MRN, mrn)
+    assert (q["id"], q["name"][0]["family"]) == (p["id"], "Put")
+    app.sql("DELETE FROM patient WHERE id = %s", (pid,))
+    app.wait_drained()
+    assert helios.search("Patient", MRN, mrn) == []
+    assert app.one("SELECT count(*) FROM fhir_dlq") == 0
+
+
+@pytest.mark.fault
+@pytest.mark.parametrize("bundle", [0, 10])
+def test_a_write_answered_with_no_body_location_or_etag_learns_the_id_with_a_search(make_cluster, faults, bundle):
+    """A server that answers writes with a bare 200/201 (no body, Location or ETag): the worker reads the
+    id with a search, so the next update goes to Patient/<id>, not by identifier again."""
+    faults.bare = True
+    app = make_app(make_cluster, faults.base_url, conf={"fhir_sync.bundle_size": bundle})
+    add_patients(app, "bare-", 3)
+    app.wait_drained()
+    [rid] = faults.store.find("Patient", f"{MRN}|bare-1")
+    assert app.one("SELECT fhir_id FROM fhir_sync_state WHERE identifier_value = 'bare-1'") == rid
+    app.sql("UPDATE patient SET name_family = 'Again' WHERE identifier_value = 'bare-1'")
+    app.wait_drained()
+    last = faults.requests[-1]
+    urls = [e["request"]["url"] for e in last.json()["entry"]] if bundle_entries(last) else [last.url_path.lstrip("/")]
+    assert urls == [f"Patient/{rid}"]
+    assert app.one("SELECT count(*) FROM fhir_dlq") == 0
+
+
+# ---------------------------------------------------------------------------------------------- capabilities
+@pytest.mark.fault
+def test_what_the_capability_statement_declares_is_used_and_shown(make_cluster, faults):
+    """A server that declares no update-as-create for Patient, no versions (so no If-Match), and transaction but
+    no batch Bundles: with the default settings (upsert, batch Bundles of 10) the worker sends conditional
+    creates, one request each, and updates without If-Match; fhir_sync_server and the log say why."""
+    faults.update_create = False
+    faults.rest = {"interaction": [{"code": "transaction"}],
+                   "resource": [{"type": "Patient", "interaction": [{"code": c} for c in ("create", "update", "delete")],
+                                 "updateCreate": False, "conditionalCreate": True, "versioning": "no-version"}]}
+    app = make_app(make_cluster, faults.base_url, conf={"fhir_sync.bundle_size": 10})
+    add_patients(app, "caps-", 3)
+    app.wait_drained()
+    writes = [r for r in faults.requests if r.method in ("POST", "PUT")]
+    assert [(r.method, r.url_path, "if-none-exist" in r.headers) for r in writes] == [("POST", "/Patient", True)] * 3
+    app.sql("UPDATE patient SET name_family = 'Unconditional' WHERE identifier_value = 'caps-1'")
+    app.wait_drained()
+    last = faults.requests[-1]
+    assert last.method == "PUT" and "if-match" not in last.headers
+    assert app.one("SELECT count(*) FROM fhir_dlq") == 0
+
+    server, batch, transaction, patient, notes = app.sql(
+        "SELECT server_url, batch, transaction, resources->'Patient', notes FROM fhir_sync_server")[0]
+    assert (server, batch, transaction) == (faults.base_url, False, True)
+    assert (patient["write_mode"], patient["if_match"], patient["update_create"]) == ("create", False, False)
+    assert any("no update-as-create of Patient" in n for n in notes), notes
+    assert any("no batch Bundle" in n for n in notes), notes
+    assert "the server's CapabilityStatement: the server takes no update-as-create of Patient" in worker_log(app.cluster)
+
+
+@pytest.mark.e2e
+def test_helios_capability_statement_is_read_and_shown(make_cluster, helios):
+    app = make_app(make_cluster, helios.base_url)
+    app.add_patient(f"caps-helios-{os.getpid()}")
+    app.wait_drained()
+    fhir_version, resources = eventually(lambda: app.sql("SELECT fhir_version, resources FROM fhir_sync_server"),
+                                         message="fhir_sync_server")[0]
+    assert fhir_version.startswith("4.")
+    assert resources["Patient"]["listed"] is True
+    assert resources["Patient"]["write_mode"] in ("upsert", "create")
+    assert app.one("SELECT count(*) FROM fhir_dlq") == 0

@@ -39,7 +39,7 @@ pytestmark = pytest.mark.deploy
 EXPORTER_BIN = shutil.which("prometheus-postgres-exporter") or "/usr/bin/prometheus-postgres-exporter"
 
 ERROR_CLASSES = ["transient", "unreachable", "auth", "conflict", "rejected", "unmappable", "dependency",
-                 "exhausted"]
+                 "exhausted", "identifier_conflict", "not_sendable"]
 LATENCY_BOUNDS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
 WORKER_STATES = ["starting", "idle", "working", "paused"]
 

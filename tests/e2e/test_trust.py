@@ -259,7 +259,7 @@ def test_fhir_track_checks_who_tracks_and_which_function(make_cluster, faults):
     owner.execute("CREATE FUNCTION text_fhir(t text) RETURNS jsonb LANGUAGE sql AS $$ SELECT '{}'::jsonb $$")
     app.sql("CREATE FUNCTION dba_note_fhir(n note) RETURNS jsonb LANGUAGE sql AS $$ SELECT '{}'::jsonb $$")
     app.sql("CREATE ROLE clerk LOGIN")
-    app.sql("GRANT EXECUTE ON FUNCTION fhir_track(regclass, text, regprocedure, name, text, text, boolean)"
+    app.sql("GRANT EXECUTE ON FUNCTION fhir_track(regclass, text, regprocedure, name, text, text, boolean, text)"
             " TO clerk, appowner")
     clerk = connect_as(app.cluster, "clerk")
     msg = denied(clerk, "SELECT fhir_track('note', 'Basic', map_function => 'note_fhir(note)'::regprocedure)")

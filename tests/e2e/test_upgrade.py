@@ -132,10 +132,10 @@ def _update_and_compare(make_cluster, faults, OLD):
     app.sql("ALTER EXTENSION fhir_sync UPDATE")
     assert app.one("SELECT extversion FROM pg_extension WHERE extname = 'fhir_sync'") != OLD
     assert app.one("SELECT has_function_privilege('ops', 'fhir_track(regclass, text, regprocedure, name, text, text,"
-                   " boolean)', 'EXECUTE') AND has_function_privilege('ops', 'fhir_backfill_keys(oid)', 'EXECUTE')")
+                   " boolean, text)', 'EXECUTE') AND has_function_privilege('ops', 'fhir_backfill_keys(oid)', 'EXECUTE')")
     cluster.query("CREATE EXTENSION fhir_sync", db="fresh")
     # ... what a DBA gives the same role on a fresh install.
-    cluster.query("GRANT EXECUTE ON FUNCTION fhir_track(regclass, text, regprocedure, name, text, text, boolean),"
+    cluster.query("GRANT EXECUTE ON FUNCTION fhir_track(regclass, text, regprocedure, name, text, text, boolean, text),"
                   " fhir_backfill(regclass), fhir_backfill_keys(oid) TO ops", db="fresh")
     if OLD != "0.1.0":
         cluster.query("GRANT EXECUTE ON FUNCTION fhir_sync_worker_slots() TO ops", db="fresh")

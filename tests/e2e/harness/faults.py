@@ -265,6 +265,13 @@ class _Handler(BaseHTTPRequestHandler):
         owner: FaultServer = self.server.owner
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
+        if self.command == "GET" and self.path == "/metadata?mode=full":
+            # The worker reading the CapabilityStatement: counted apart, never matched by a rule, so
+            # that the requests and rules of a test are about delivery.
+            owner.capability_reads += 1
+            resp = owner._fhir("GET", "/metadata", b"", {})
+            self.send(resp.status, resp.body, resp.headers, resp.content_type)
+            return
         req = owner._record(self.command, self.path, self.headers, body, self.client_address)
         owner._dispatch(self, req)
 
@@ -307,6 +314,16 @@ class FaultServer:
         self._thread: threading.Thread | None = None
         self._seq = itertools.count(1)
         self._new_request = threading.Condition(self._lock)
+        # What the server allows, like an EHR's CapabilityStatement says: update-as-create (a PUT that
+        # would make a resource), and the types it takes no update (PUT) or DELETE of at all (405).
+        self.update_create = True
+        # Answers to writes that name nothing: no body, Location or ETag (a bare 200/201).
+        self.bare = False
+        # The CapabilityStatement's rest entry (interaction, resource), as an EHR declares it; None: none.
+        self.rest: dict | None = None
+        self.capability_reads = 0
+        self.no_update: set[str] = set()
+        self.no_delete: set[str] = set()
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -568,21 +585,32 @@ class FaultServer:
         def finish(resp: _Resp) -> _Resp:
             if prefer_minimal and resp.status in (200, 201) and method in ("PUT", "POST"):
                 resp.body = None
+            if self.bare and resp.status in (200, 201) and method in ("PUT", "POST"):
+                resp.body, resp.headers = None, {}
             return resp
 
         if method == "GET" and segs in (["metadata"],):
-            return _Resp(200, {"resourceType": "CapabilityStatement", "status": "active", "kind": "instance",
-                               "fhirVersion": "4.0.1", "format": ["json"]})
+            statement = {"resourceType": "CapabilityStatement", "status": "active", "kind": "instance",
+                         "fhirVersion": "4.0.1", "format": ["json"]}
+            if self.rest is not None:
+                statement["rest"] = [{"mode": "server", **self.rest}]
+            return _Resp(200, statement)
         if method == "GET" and segs in (["health"], []):
             return _Resp(200, {"status": "ok"}, content_type="application/json")
         if method == "POST" and not segs:
             return self._bundle(body)
+        if method == "POST" and len(segs) == 1:
+            return finish(self._create(segs[0], body, headers.get("if-none-exist"), base))
 
         if not segs:
             return _Resp(400, operation_outcome("invalid", "no resource type"))
         rtype = segs[0]
         rid = segs[1] if len(segs) > 1 else None
 
+        if method == "PUT" and rtype in self.no_update:
+            return _Resp(405, operation_outcome("not-supported", f"{rtype} cannot be updated here"))
+        if method == "DELETE" and rtype in self.no_delete:
+            return _Resp(405, operation_outcome("not-supported", f"{rtype} cannot be deleted here"))
         if method == "PUT":
             try:
                 resource = json.loads(body or b"null")
@@ -593,6 +621,8 @@ class FaultServer:
             if rid is not None:
                 if resource.get("id") not in (None, rid):
                     return _Resp(400, operation_outcome("invalid", "id in body does not match URL"))
+                if not self.update_create and (rtype, rid) not in self.store.items:
+                    return _Resp(422, operation_outcome("not-supported", "update-as-create is not allowed; POST it"))
                 return finish(self.store.put(rtype, rid, resource, base, headers.get("if-match")))
             ident = query.get("identifier")
             if ident is None:
@@ -601,6 +631,8 @@ class FaultServer:
             if len(ids) > 1:
                 return _Resp(412, operation_outcome("duplicate", f"{len(ids)} matches for identifier={ident}"))
             resource.pop("id", None)
+            if not ids and not self.update_create:
+                return _Resp(422, operation_outcome("not-supported", "update-as-create is not allowed; POST it"))
             return finish(self.store.put(rtype, ids[0] if ids else None, resource, base,
                                          headers.get("if-match")))
         if method == "DELETE":
@@ -650,6 +682,26 @@ class FaultServer:
                                    "entry": entries})
         return _Resp(405, operation_outcome("not-supported", f"{method} {full_path}"))
 
+    def _create(self, rtype: str, body: bytes, if_none_exist: str | None, base: str) -> _Resp:
+        """POST [base]/Type: a create, conditional on If-None-Exist (identifier=system|value) when given: one
+        match answers 200 with the resource and writes nothing, several 412."""
+        try:
+            resource = json.loads(body or b"null")
+        except ValueError as e:
+            return _Resp(400, operation_outcome("structure", f"invalid JSON: {e}"))
+        if not isinstance(resource, dict) or resource.get("resourceType") != rtype:
+            return _Resp(400, operation_outcome("invalid", f"body is not a {rtype}"))
+        if if_none_exist:
+            search = dict(parse_qsl(if_none_exist, keep_blank_values=True))
+            ids = self.store.find(rtype, search.get("identifier", ""))
+            if len(ids) > 1:
+                return _Resp(412, operation_outcome("duplicate", f"{len(ids)} matches for If-None-Exist"))
+            if ids:
+                it = self.store.items[(rtype, ids[0])]
+                return _Resp(200, it["resource"], {"ETag": f'W/"{it["version"]}"'})
+        resource.pop("id", None)
+        return self.store.put(rtype, None, resource, base)
+
     def _bundle(self, body: bytes) -> _Resp:
         try:
             bundle = json.loads(body or b"null")
@@ -671,7 +723,8 @@ class FaultServer:
                 resp = _Resp(rule.status, body_, rule.headers)
             else:
                 data = json.dumps(ereq.resource).encode() if ereq.resource is not None else b""
-                resp = self._fhir(ereq.method.upper(), "/" + ereq.url.lstrip("/"), data, {})
+                hdrs = {"if-none-exist": r["ifNoneExist"]} if r.get("ifNoneExist") else {}
+                resp = self._fhir(ereq.method.upper(), "/" + ereq.url.lstrip("/"), data, hdrs)
             if tx and resp.status >= 400:
                 self.store.items = snapshot
                 return _Resp(resp.status, resp.body if isinstance(resp.body, dict) and
