@@ -505,3 +505,61 @@ def test_helios_capability_statement_is_read_and_shown(make_cluster, helios):
     assert resources["Patient"]["listed"] is True
     assert resources["Patient"]["write_mode"] in ("upsert", "create")
     assert app.one("SELECT count(*) FROM fhir_dlq") == 0
+
+
+@pytest.mark.fault
+def test_opaque_version_ids_are_sent_back_as_the_server_gave_them(make_cluster, faults):
+    """A server whose versionIds are opaque strings: the worker records it and the next update carries it in
+    If-Match unchanged (the server checks it and accepts)."""
+    faults.store.opaque_versions = True
+    app = make_app(make_cluster, faults.base_url)
+    pid = app.add_patient("opaque-1")
+    app.wait_drained()
+    [rid] = faults.store.find("Patient", f"{MRN}|opaque-1")
+    version = faults.store.items[("Patient", rid)]["resource"]["meta"]["versionId"]
+    assert not version.isdigit()
+    assert app.one("SELECT fhir_version FROM fhir_sync_state WHERE resource_key = %s", (str(pid),)) == version
+    app.sql("UPDATE patient SET name_family = 'Opaque' WHERE id = %s", (pid,))
+    app.wait_drained()
+    last = faults.requests[-1]
+    assert (last.method, last.url_path, last.headers.get("if-match")) == ("PUT", f"/Patient/{rid}", f'W/"{version}"')
+    assert faults.answer_to(last) == 200
+    assert app.one("SELECT count(*) FROM fhir_dlq") == 0
+
+
+@pytest.mark.fault
+def test_a_server_that_ignores_if_match_still_gets_the_current_row(make_cluster, faults):
+    """Another client changed the resource; a server that ignores If-Match applies our update anyway (no 412,
+    no re-read): the row's current state is what the server holds, and nothing is dead-lettered."""
+    faults.store.ignore_if_match = True
+    app = make_app(make_cluster, faults.base_url)
+    pid = app.add_patient("ignored-1")
+    app.wait_drained()
+    [rid] = faults.store.find("Patient", f"{MRN}|ignored-1")
+    other = dict(faults.store.items[("Patient", rid)]["resource"], name=[{"family": "Someone else"}])
+    faults.store.put("Patient", rid, other, faults.base_url)
+    app.sql("UPDATE patient SET name_family = 'Ours' WHERE id = %s", (pid,))
+    app.wait_drained()
+    assert [r.method for r in faults.requests if r.url_path == f"/Patient/{rid}"] == ["PUT"]
+    assert faults.store.items[("Patient", rid)]["resource"]["name"][0]["family"] == "Ours"
+    assert app.one("SELECT count(*) FROM fhir_dlq") == 0
+
+
+@pytest.mark.e2e
+def test_write_mode_create_only_against_helios(make_cluster, helios):
+    """create_only on a real server: created once; a later change is not sent (not_sendable) and the Patient
+    on the server stays as created; the row's delete is still sent."""
+    app = make_app(make_cluster, helios.base_url)
+    track_patients(app, "create_only")
+    mrn = f"helios-once-{os.getpid()}-{id(app)}"
+    pid = app.add_patient(mrn, family="Once")
+    app.wait_drained()
+    [p] = helios.search("Patient", MRN, mrn)
+    app.sql("UPDATE patient SET name_family = 'Twice' WHERE id = %s", (pid,))
+    app.wait_drained()
+    assert app.one("SELECT error_class FROM fhir_dlq") == "not_sendable"
+    [q] = helios.search("Patient", MRN, mrn)
+    assert (q["name"][0]["family"], q["meta"]["versionId"]) == ("Once", p["meta"]["versionId"])
+    app.sql("DELETE FROM patient WHERE id = %s", (pid,))
+    app.wait_drained()
+    assert helios.search("Patient", MRN, mrn) == []

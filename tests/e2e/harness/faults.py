@@ -139,6 +139,17 @@ class FhirStore:
         # checks each candidate against items, so a replaced or cleared `items` cannot mislead it.
         # Keeps conditional PUTs O(1) for stores of 100,000 resources.
         self._index: dict[tuple[str, str, str], dict[str, None]] = {}
+        # Opaque version ids (as some EHRs give): meta.versionId, ETag and Location carry a hash, not
+        # the number; If-Match is compared against it.
+        self.opaque_versions = False
+        # A server that ignores If-Match (applies the update whatever version it names).
+        self.ignore_if_match = False
+
+    def label(self, rid: str, version: int) -> str:
+        if not self.opaque_versions:
+            return str(version)
+        import hashlib
+        return hashlib.sha1(f"{rid}/{version}".encode()).hexdigest()[:16]
 
     def _new_id(self) -> str:
         return f"fs{next(self._ids)}"
@@ -176,15 +187,15 @@ class FhirStore:
         if rid is None:
             rid = self._new_id()
         it = self.items.get((rtype, rid))
-        if if_match is not None:
-            cur = f'W/"{it["version"]}"' if it and not it["deleted"] else None
+        if if_match is not None and not self.ignore_if_match:
+            cur = f'W/"{self.label(rid, it["version"])}"' if it and not it["deleted"] else None
             if cur is None or if_match.strip() not in (cur, cur[2:]):
                 return _Resp(412, operation_outcome("conflict", f"If-Match {if_match} != {cur}"))
         version = (it["version"] + 1) if it else 1
         res = copy.deepcopy(resource)
         res["id"] = rid
         res.setdefault("meta", {})
-        res["meta"]["versionId"] = str(version)
+        res["meta"]["versionId"] = self.label(rid, version)
         res["meta"]["lastUpdated"] = _now_iso()
         if it is None:
             it = self.items[(rtype, rid)] = {"history": []}
@@ -206,7 +217,7 @@ class FhirStore:
             it["version"] += 1
             it["deleted"] = True
             it["history"].append({"version": it["version"], "method": "DELETE", "resource": None})
-            return _Resp(204, None, {"ETag": f'W/"{it["version"]}"'})
+            return _Resp(204, None, {"ETag": f'W/"{self.label(rid, it["version"])}"'})
         return _Resp(204)
 
     def read(self, rtype: str, rid: str) -> _Resp:
@@ -215,11 +226,11 @@ class FhirStore:
             return _Resp(404, operation_outcome("not-found", f"{rtype}/{rid} not found"))
         if it["deleted"]:
             return _Resp(410, operation_outcome("deleted", f"{rtype}/{rid} was deleted"))
-        return _Resp(200, it["resource"], {"ETag": f'W/"{it["version"]}"'})
+        return _Resp(200, it["resource"], {"ETag": f'W/"{self.label(rid, it["version"])}"'})
 
-    @staticmethod
-    def _headers(base: str, rtype: str, rid: str, version: int) -> dict:
-        return {"Location": f"{base}/{rtype}/{rid}/_history/{version}", "ETag": f'W/"{version}"',
+    def _headers(self, base: str, rtype: str, rid: str, version: int) -> dict:
+        v = self.label(rid, version)
+        return {"Location": f"{base}/{rtype}/{rid}/_history/{v}", "ETag": f'W/"{v}"',
                 "Last-Modified": formatdate(usegmt=True)}
 
 
@@ -698,7 +709,7 @@ class FaultServer:
                 return _Resp(412, operation_outcome("duplicate", f"{len(ids)} matches for If-None-Exist"))
             if ids:
                 it = self.store.items[(rtype, ids[0])]
-                return _Resp(200, it["resource"], {"ETag": f'W/"{it["version"]}"'})
+                return _Resp(200, it["resource"], {"ETag": f'W/"{self.store.label(ids[0], it["version"])}"'})
         resource.pop("id", None)
         return self.store.put(rtype, None, resource, base)
 
