@@ -75,10 +75,24 @@ pub fn guard(claims: &[Claim], holders: &HashMap<Identity, Vec<RowRef>>) -> Vec<
                 .collect();
             match c.plan {
                 Plan::Other => Guard::Go,
-                Plan::Delete => match others.first() {
-                    Some(h) => Guard::KeepShared((*h).clone()),
-                    None => Guard::Go,
-                },
+                Plan::Delete => {
+                    // Others that are being deleted in this batch as well do not keep the
+                    // resource: of all its rows going, the oldest change sends the DELETE.
+                    let staying = others.iter().find(|h| {
+                        !in_batch.get(**h).is_some_and(|hc| {
+                            hc.plan == Plan::Delete && hc.identity == c.identity
+                        })
+                    });
+                    let first_going = others
+                        .iter()
+                        .filter_map(|h| in_batch.get(*h))
+                        .all(|hc| c.first_change < hc.first_change);
+                    match staying {
+                        Some(h) => Guard::KeepShared((*h).clone()),
+                        None if first_going => Guard::Go,
+                        None => Guard::KeepShared(others[0].clone()),
+                    }
+                }
                 Plan::Put => {
                     if let Some(h) = others.first() {
                         // Still holding it after this batch? Only if it is not changing, or
@@ -162,6 +176,9 @@ mod tests {
             ("a delete of a resource another row maps to sends nothing",
              vec![claim("1", 2, "X", Delete)], held(&[("X", &["1", "2"])]),
              vec![KeepShared(row("2"))]),
+            ("every row of a shared resource deleted in one batch: the oldest change deletes it",
+             vec![claim("2", 7, "X", Delete), claim("1", 4, "X", Delete)], held(&[("X", &["1", "2"])]),
+             vec![KeepShared(row("1")), Go]),
             ("the last row of a resource deletes it",
              vec![claim("1", 2, "X", Delete)], held(&[("X", &["1"])]), vec![Go]),
             ("other identifiers and unplanned rows are left alone",
