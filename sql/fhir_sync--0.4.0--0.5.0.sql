@@ -1,12 +1,19 @@
 -- fhir_sync 0.4.0 → 0.5.0. Released scripts are never edited; this one carries a 0.4.0 database
 -- to what a fresh 0.5.0 install defines (tests/e2e/test_upgrade.py compares the two).
 --
--- 0.5.0: one source row, one resource — the worker looks up which rows already map to an
--- identifier before it sends (this index); SMART Backend Services — fhir_sync_jwks() prints the
--- public keys to register with the EHR.
+-- 0.5.0, for the servers hospitals write to:
+-- - one source row, one resource: the worker looks up which rows already map to an identifier or
+--   a resource id before it sends (two indexes on fhir_sync_state);
+-- - SMART Backend Services: fhir_sync_jwks() prints the public keys to register with the EHR;
+-- - write modes: fhir_tracked.write_mode, and fhir_track(write_mode => …), for servers without
+--   update-as-create or that take no update at all;
+-- - fhir_sync_server: the server's CapabilityStatement as the workers read it.
 
 CREATE INDEX fhir_sync_state_identifier_idx ON @extschema@.fhir_sync_state (identifier_value, identifier_system)
     WHERE NOT deleted;
+-- Which rows map to a resource id (a delete or update of a resource another row still maps to is
+-- refused).
+CREATE INDEX fhir_sync_state_fhir_id_idx ON @extschema@.fhir_sync_state (fhir_id) WHERE NOT deleted;
 
 CREATE FUNCTION @extschema@."fhir_sync_jwks"() RETURNS jsonb
 STRICT

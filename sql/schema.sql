@@ -124,6 +124,9 @@ CREATE TABLE fhir_sync_state (
 -- the same MRN is dead-lettered, not merged into the first row's resource).
 CREATE INDEX fhir_sync_state_identifier_idx ON fhir_sync_state (identifier_value, identifier_system)
     WHERE NOT deleted;
+-- Which rows map to a resource id (a delete or update of a resource another row still maps to is
+-- refused).
+CREATE INDEX fhir_sync_state_fhir_id_idx ON fhir_sync_state (fhir_id) WHERE NOT deleted;
 
 -- pg_dump keeps what a user's database holds in these tables: tracking configuration, sync state
 -- (which FHIR id each row addresses), changes not yet delivered, dead letters. Not the delivered

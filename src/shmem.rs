@@ -92,6 +92,8 @@ impl TextSlot {
             }
             std::hint::spin_loop();
         }
+        // The words below must not be seen before the odd counter (as in crossbeam's SeqLock).
+        std::sync::atomic::fence(Ordering::Release);
         for (i, chunk) in bytes.chunks(8).enumerate() {
             let mut w = [0u8; 8];
             w[..chunk.len()].copy_from_slice(chunk);

@@ -387,20 +387,16 @@ pub fn sync_states(
     })
 }
 
-/// The source rows whose synced resource carries each identity now (fhir_sync_state, not
-/// deleted), and the names of their tables (oid → schema.table) for messages.
+/// Who else maps to each identity (fhir_sync_state rows not deleted: synced, or reserved for a
+/// first write) and to each resource id; and the names of their tables (oid → schema.table).
 #[allow(clippy::type_complexity)]
 pub fn identifier_holders(
     schema: &str,
     wanted: &[&fhir_sync_core::identity::Identity],
-) -> Result<
-    (
-        HashMap<fhir_sync_core::identity::Identity, Vec<fhir_sync_core::identity::RowRef>>,
-        HashMap<u32, String>,
-    ),
-    FhirSyncError,
-> {
-    let sql = format!(
+    ids: &[(String, String)],
+) -> Result<(fhir_sync_core::identity::Holders, HashMap<u32, String>), FhirSyncError> {
+    use fhir_sync_core::identity::{Holders, Identity};
+    let by_identity = format!(
         "SELECT k.t, k.sys, k.val, s.resource_table::pg_catalog.oid, s.resource_key,
                 s.resource_table::pg_catalog.text
            FROM unnest($1::text[], $2::text[], $3::text[]) AS k(t, sys, val)
@@ -410,7 +406,16 @@ pub fn identifier_holders(
                    AND s.resource_type = k.t AND NOT s.deleted
                  LIMIT 16) AS s"
     );
-    let col = |f: fn(&fhir_sync_core::identity::Identity) -> &String| -> Vec<Option<String>> {
+    let by_id = format!(
+        "SELECT k.t, k.id, s.resource_table::pg_catalog.oid, s.resource_key,
+                s.resource_table::pg_catalog.text
+           FROM unnest($1::text[], $2::text[]) AS k(t, id)
+          CROSS JOIN LATERAL (
+                SELECT s.resource_table, s.resource_key FROM {schema}.fhir_sync_state s
+                 WHERE s.fhir_id = k.id AND s.resource_type = k.t AND NOT s.deleted
+                 LIMIT 16) AS s"
+    );
+    let col = |f: fn(&Identity) -> &String| -> Vec<Option<String>> {
         wanted.iter().map(|w| Some(f(w).clone())).collect()
     };
     let args = [
@@ -419,10 +424,10 @@ pub fn identifier_holders(
         col(|w| &w.value).into(),
     ];
     Spi::connect(|client| {
-        let mut holders: HashMap<_, Vec<_>> = HashMap::new();
+        let mut holders = Holders::default();
         let mut names = HashMap::new();
-        for row in crate::plans::select(client, &sql, None, &args)? {
-            let identity = fhir_sync_core::identity::Identity {
+        for row in crate::plans::select(client, &by_identity, None, &args)? {
+            let identity = Identity {
                 resource_type: row.get(1)?.unwrap_or_default(),
                 system: row.get(2)?.unwrap_or_default(),
                 value: row.get(3)?.unwrap_or_default(),
@@ -432,12 +437,89 @@ pub fn identifier_holders(
             if let Some(n) = row.get::<String>(6)? {
                 names.insert(table.to_u32(), n);
             }
-            let rows = holders.entry(identity).or_default();
+            let rows = holders.by_identity.entry(identity).or_default();
             if !rows.contains(&(table.to_u32(), key.clone())) {
                 rows.push((table.to_u32(), key));
             }
         }
+        if !ids.is_empty() {
+            let types: Vec<Option<String>> = ids.iter().map(|(t, _)| Some(t.clone())).collect();
+            let fids: Vec<Option<String>> = ids.iter().map(|(_, i)| Some(i.clone())).collect();
+            for row in crate::plans::select(client, &by_id, None, &[types.into(), fids.into()])? {
+                let key = (
+                    row.get::<String>(1)?.unwrap_or_default(),
+                    row.get::<String>(2)?.unwrap_or_default(),
+                );
+                let table: pg_sys::Oid = row.get(3)?.unwrap_or(pg_sys::InvalidOid);
+                let rk: String = row.get(4)?.unwrap_or_default();
+                if let Some(n) = row.get::<String>(5)? {
+                    names.insert(table.to_u32(), n);
+                }
+                let rows = holders.by_id.entry(key).or_default();
+                if !rows.contains(&(table.to_u32(), rk.clone())) {
+                    rows.push((table.to_u32(), rk));
+                }
+            }
+        }
         Ok((holders, names))
+    })
+}
+
+/// Serialises first writes of one identifier across workers: a transaction-level advisory lock
+/// per identity (in fhir_sync's own key space, a two-int lock whose first half spells 'FHRS'),
+/// taken in one order so that two workers never wait on each other in a circle.
+pub fn lock_identities(
+    wanted: &[&fhir_sync_core::identity::Identity],
+) -> Result<(), FhirSyncError> {
+    let keys: Vec<Option<String>> = wanted
+        .iter()
+        .map(|w| Some(format!("{}|{}|{}", w.resource_type, w.system, w.value)))
+        .collect();
+    Spi::connect(|client| {
+        crate::plans::select(
+            client,
+            "SELECT pg_catalog.pg_advisory_xact_lock(1179144787, h)
+               FROM (SELECT DISTINCT pg_catalog.hashtext(k) AS h FROM unnest($1::text[]) AS k ORDER BY 1) AS x",
+            None,
+            &[keys.into()],
+        )?;
+        Ok(())
+    })
+}
+
+/// Records, before a first write is sent, that the row holds its identifier: a fhir_sync_state
+/// row without a resource id (a row's earlier, deleted resource is forgotten: the write makes
+/// a new one). Settling the write fills in the id.
+pub fn reserve_identities(
+    schema: &str,
+    claims: &[&fhir_sync_core::identity::Claim],
+) -> Result<(), FhirSyncError> {
+    let rts: Vec<pg_sys::Oid> = claims.iter().map(|c| pg_sys::Oid::from(c.row.0)).collect();
+    let rks: Vec<String> = claims.iter().map(|c| c.row.1.clone()).collect();
+    let tys: Vec<String> = claims
+        .iter()
+        .map(|c| c.identity.resource_type.clone())
+        .collect();
+    let sys: Vec<String> = claims.iter().map(|c| c.identity.system.clone()).collect();
+    let vals: Vec<String> = claims.iter().map(|c| c.identity.value.clone()).collect();
+    Spi::connect_mut(|client| {
+        crate::plans::update(
+            client,
+            &format!(
+                "INSERT INTO {schema}.fhir_sync_state AS s (resource_table, resource_key, resource_type,
+                        identifier_system, identifier_value, deleted, last_synced_at)
+                 SELECT u.rt::pg_catalog.regclass, u.rk, u.ty, u.sys, u.val, false, pg_catalog.now()
+                   FROM unnest($1::oid[], $2::text[], $3::text[], $4::text[], $5::text[]) AS u(rt, rk, ty, sys, val)
+                 ON CONFLICT (resource_table, resource_key) DO UPDATE SET
+                        resource_type = excluded.resource_type,
+                        identifier_system = excluded.identifier_system,
+                        identifier_value = excluded.identifier_value,
+                        fhir_id = NULL, fhir_version = NULL, deleted = false
+                  WHERE s.fhir_id IS NULL OR s.deleted"
+            ),
+            &[rts.into(), rks.into(), tys.into(), sys.into(), vals.into()],
+        )?;
+        Ok(())
     })
 }
 

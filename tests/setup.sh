@@ -39,7 +39,8 @@ pkg_installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'insta
 want=(postgresql-15 postgresql-server-dev-15 libclang-dev clang sudo
       prometheus-postgres-exporter prometheus curl ca-certificates
       build-essential pkg-config perl       # gcc/make/perl: pgrx and Helios (vendored OpenSSL) build C code
-      debootstrap)                          # tests/versions.sh, packaging/deb.sh: a Debian root per major
+      debootstrap                           # tests/versions.sh, packaging/deb.sh: a Debian root per major
+      openssl)                              # tests/e2e: certificates (TLS, mutual TLS) and SMART keys
 command -v npm >/dev/null || want+=(npm)
 [ -x /usr/bin/python3 ] || want+=(python3)
 pkg_installed python3-venv || want+=(python3-venv)

@@ -139,11 +139,24 @@ impl Capabilities {
             plan.write_mode = WriteMode::CreateOnly;
         } else if configured == WriteMode::Upsert
             && (t.conditional_update == Some(false) || t.update_create == Some(false))
-            && t.conditional_create != Some(false)
         {
-            plan.write_mode = WriteMode::Create;
+            // Only a conditional create the server promises: one that ignored If-None-Exist
+            // would make a new resource for every retry.
+            if t.conditional_create == Some(true) {
+                plan.write_mode = WriteMode::Create;
+                plan.notes.push(format!(
+                    "the server takes no update-as-create of {resource_type}: first writes are conditional creates"
+                ));
+            } else {
+                plan.notes.push(format!(
+                    "the server takes no update-as-create of {resource_type} and does not state conditional create: first writes stay conditional updates and may be rejected; set write_mode if the server takes If-None-Exist"
+                ));
+            }
+        }
+        if configured != WriteMode::Upsert && t.conditional_create == Some(false) {
             plan.notes.push(format!(
-                "the server takes no update-as-create of {resource_type}: first writes are conditional creates"
+                "write mode {} sends conditional creates, which the server states it does not take for {resource_type}",
+                configured.name()
             ));
         }
         // Only a server that keeps no versions loses If-Match: one that keeps them but does not
@@ -244,10 +257,12 @@ mod tests {
             ("everything allowed",
              json!({"type": "Patient", "interaction": i(&["create", "update", "delete"]), "conditionalUpdate": true,
                     "updateCreate": true, "versioning": "versioned-update"}), Upsert, (Upsert, true, true)),
-            ("no update-as-create: conditional creates",
-             json!({"type": "Patient", "updateCreate": false}), Upsert, (Create, true, true)),
-            ("no conditional update: conditional creates",
-             json!({"type": "Patient", "conditionalUpdate": false}), Upsert, (Create, true, true)),
+            ("no update-as-create, conditional create stated: conditional creates",
+             json!({"type": "Patient", "updateCreate": false, "conditionalCreate": true}), Upsert, (Create, true, true)),
+            ("no conditional update, conditional create stated: conditional creates",
+             json!({"type": "Patient", "conditionalUpdate": false, "conditionalCreate": true}), Upsert, (Create, true, true)),
+            ("no update-as-create, conditional create not stated: the settings stand",
+             json!({"type": "Patient", "updateCreate": false}), Upsert, (Upsert, true, true)),
             ("no conditional create either: the settings stand",
              json!({"type": "Patient", "conditionalUpdate": false, "conditionalCreate": false}), Upsert, (Upsert, true, true)),
             ("create and no update: create_only",
@@ -262,10 +277,10 @@ mod tests {
         for (what, resource, configured, want) in cases {
             let p = statement(resource, json!([])).plan("Patient", configured);
             assert_eq!((p.write_mode, p.if_match, p.delete), want, "{what}");
-            assert_eq!(
-                p.notes.is_empty(),
-                (p.write_mode, p.if_match, p.delete) == (configured, true, true),
-                "{what}"
+            let changed = (p.write_mode, p.if_match, p.delete) != (configured, true, true);
+            assert!(
+                !changed || !p.notes.is_empty(),
+                "{what}: a change comes with its reason"
             );
         }
         assert_eq!(

@@ -286,6 +286,14 @@ impl Client {
         })
     }
 
+    /// Forgets what was learnt about the server (its CapabilityStatement, the Bundle size it
+    /// refused): a reload reads it again.
+    pub fn relearn(&self) {
+        *self.capabilities.lock().unwrap_or_else(|p| p.into_inner()) = (None, None);
+        self.bundle_limit
+            .store(usize::MAX, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// The most entries a Bundle to this server may have (what it has refused, halved).
     pub fn bundle_limit(&self) -> usize {
         self.bundle_limit.load(std::sync::atomic::Ordering::Relaxed)
@@ -332,7 +340,12 @@ impl Client {
         loop {
             let (auth, fresh) = match self.authorization() {
                 Ok(a) => a,
-                Err(e) => return failed(Transport::ConnectFailed, e, started),
+                Err(NoToken::Unreachable(e)) => {
+                    return failed(Transport::ConnectFailed, e, started)
+                }
+                // A token endpoint that refuses (a key it does not know, a wrong client id, a
+                // clock it finds skewed) is a credentials problem: the auth pause, not an outage.
+                Err(NoToken::Refused(e)) => return failed(Transport::Status(401), e, started),
             };
             if let Some(gate) = &self.rate {
                 gate.wait();
@@ -483,7 +496,7 @@ impl Client {
     }
 
     /// The Authorization header, and whether its token was fetched just now.
-    fn authorization(&self) -> Result<(Option<String>, bool), String> {
+    fn authorization(&self) -> Result<(Option<String>, bool), NoToken> {
         match &self.auth {
             Auth::None => Ok((None, false)),
             Auth::Bearer(t) => Ok((Some(format!("Bearer {t}")), false)),
@@ -507,7 +520,7 @@ impl Client {
         }
     }
 
-    fn fetch_token(&self) -> Result<(String, Duration), String> {
+    fn fetch_token(&self) -> Result<(String, Duration), NoToken> {
         match &self.auth {
             Auth::OAuth2 {
                 token_url,
@@ -523,7 +536,7 @@ impl Client {
                     format!("{}:{}", url_encode(client_id), url_encode(client_secret)).as_bytes(),
                 );
                 token_request(&self.agent, token_url, form, Some(&basic))
-                    .map_err(|e| format!("fhir_sync.oauth_token_url: {e}"))
+                    .map_err(|e| e.context("fhir_sync.oauth_token_url"))
             }
             Auth::Smart {
                 token_url,
@@ -549,14 +562,16 @@ impl Client {
                     form.push(("scope", s));
                 }
                 token_request(&self.agent, &url, form, None)
-                    .map_err(|e| format!("SMART token endpoint: {e}"))
+                    .map_err(|e| e.context("SMART token endpoint"))
             }
-            _ => Err("this authentication fetches no token".into()),
+            _ => Err(NoToken::Refused(
+                "this authentication fetches no token".into(),
+            )),
         }
     }
 
     /// `token_endpoint` of `[base]/.well-known/smart-configuration`, read once per client.
-    fn smart_token_endpoint(&self) -> Result<String, String> {
+    fn smart_token_endpoint(&self) -> Result<String, NoToken> {
         let mut known = self.discovered.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(u) = known.as_ref() {
             return Ok(u.clone());
@@ -567,20 +582,25 @@ impl Client {
             .get(&url)
             .header("Accept", "application/json")
             .call()
-            .map_err(|e| format!("reading the SMART configuration failed: {}", describe(&e)))?;
+            .map_err(|e| {
+                NoToken::Unreachable(format!(
+                    "reading the SMART configuration failed: {}",
+                    describe(&e)
+                ))
+            })?;
         let status = resp.status().as_u16();
         if status != 200 {
-            return Err(format!(
+            return Err(NoToken::Refused(format!(
                 "reading the SMART configuration ({url}) answered HTTP {status}; set fhir_sync.oauth_token_url"
-            ));
+            )));
         }
         let body = read_capped(resp.body_mut(), 256 * 1024).unwrap_or_default();
         let endpoint = crate::smart::token_endpoint(&body)?;
         if !self.allow_http_credentials && endpoint.to_ascii_lowercase().starts_with("http://") {
-            return Err(
+            return Err(NoToken::Refused(
                 "the SMART configuration names a plain http:// token endpoint; the assertion is not sent there (fhir_sync.allow_http_credentials)"
                     .into(),
-            );
+            ));
         }
         *known = Some(endpoint.clone());
         Ok(endpoint)
@@ -640,12 +660,42 @@ fn describe(e: &ureq::Error) -> String {
 /// A client-credentials token request (RFC 6749 §4.4): with HTTP Basic client authentication
 /// (OAuth2) or a client assertion in the form (SMART Backend Services). The errors name the
 /// status, never the endpoint's body (it may echo the request).
+/// Why no token could be had.
+#[derive(Debug)]
+enum NoToken {
+    /// The endpoint could not be reached: like any unreachable server.
+    Unreachable(String),
+    /// It answered, and gave no token.
+    Refused(String),
+}
+
+impl NoToken {
+    fn context(self, what: &str) -> NoToken {
+        match self {
+            NoToken::Unreachable(e) => NoToken::Unreachable(format!("{what}: {e}")),
+            NoToken::Refused(e) => NoToken::Refused(format!("{what}: {e}")),
+        }
+    }
+}
+
+impl From<String> for NoToken {
+    fn from(e: String) -> NoToken {
+        NoToken::Refused(e)
+    }
+}
+
+impl From<&str> for NoToken {
+    fn from(e: &str) -> NoToken {
+        NoToken::Refused(e.to_string())
+    }
+}
+
 fn token_request(
     agent: &Agent,
     url: &str,
     form: Vec<(&str, &str)>,
     basic: Option<&str>,
-) -> Result<(String, Duration), String> {
+) -> Result<(String, Duration), NoToken> {
     let b = agent.post(url).header("Accept", "application/json");
     let b = match basic {
         Some(basic) => b.header("Authorization", &format!("Basic {basic}")),
@@ -653,14 +703,14 @@ fn token_request(
     };
     let mut resp = b
         .send_form(form)
-        .map_err(|e| format!("token request failed: {}", describe(&e)))?;
+        .map_err(|e| NoToken::Unreachable(format!("token request failed: {}", describe(&e))))?;
     let status = resp.status().as_u16();
     let body = read_capped(resp.body_mut(), 64 * 1024).unwrap_or_default();
     if !(200..300).contains(&status) {
-        return Err(format!("token endpoint answered HTTP {status}"));
+        return Err(format!("token endpoint answered HTTP {status}").into());
     }
     let json: serde_json::Value = serde_json::from_slice(&body)
-        .map_err(|_| "token endpoint answered with no JSON".to_string())?;
+        .map_err(|_| NoToken::from("token endpoint answered with no JSON"))?;
     let token = json
         .get("access_token")
         .and_then(|t| t.as_str())

@@ -10,6 +10,9 @@ use std::time::Duration;
 /// with scheduling and the network, and the cap is a promise about what the server sees.
 const MARGIN: f64 = 1.05;
 
+/// How many requests may queue for a start time before the queue is cut short.
+const HORIZON: u64 = 64;
+
 /// A cap on requests per second, shared through `next`.
 #[derive(Clone, Copy, Debug)]
 pub struct Gate {
@@ -47,7 +50,9 @@ impl Gate {
 pub fn reserve(next: &AtomicU64, now: u64, interval_us: u64) -> u64 {
     let mut seen = next.load(Ordering::Acquire);
     loop {
-        let start = seen.max(now);
+        // Never further ahead than a queue of HORIZON requests: a reservation made under a
+        // much lower cap (or a clock step) must not hold every worker back after a reload.
+        let start = seen.max(now).min(now + HORIZON * interval_us);
         match next.compare_exchange_weak(
             seen,
             start + interval_us,
@@ -85,6 +90,9 @@ mod tests {
         // After a long idle spell the next starts at once, and the one after waits again.
         assert_eq!(reserve(&next, 10_000, 100), 10_000);
         assert_eq!(reserve(&next, 10_000, 100), 10_100);
+        // A start reserved hours ahead under another cap is pulled back to the horizon.
+        next.store(u64::MAX / 2, Ordering::Relaxed);
+        assert_eq!(reserve(&next, 20_000, 100), 20_000 + HORIZON * 100);
     }
 
     #[test]

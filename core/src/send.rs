@@ -305,22 +305,39 @@ fn after_create(client: &Conn, req: &Outgoing, create: &Create, resp: Response) 
     if resp.transport != Transport::Status(200) || !create.update_found {
         return resp;
     }
-    let id = match crate::response::resource_id(&resp) {
-        Ok((Some(id), _)) => id,
-        Ok((None, _)) => match find_one(client, &req.path, &create.if_none_exist) {
-            Ok((id, _)) => id,
+    // The answer names the resource only if it is one of the type asked for: an id read from
+    // an OperationOutcome, a Bundle or another type must not choose which resource is updated.
+    let typed = serde_json::from_slice::<Stored>(&resp.body)
+        .ok()
+        .and_then(|b| b.resource_type)
+        .is_none_or(|t| t == req.path)
+        && resp
+            .location
+            .as_deref()
+            .is_none_or(|l| l.split('/').any(|seg| seg == req.path));
+    let named = match crate::response::resource_id(&resp) {
+        Ok((Some(id), version)) if typed => Some((id, version)),
+        Ok(_) if typed => None,
+        _ => return resp,
+    };
+    let (id, version) = match named {
+        Some(n) => n,
+        None => match find_one(client, &req.path, &create.if_none_exist) {
+            Ok(found) => found,
             Err(failed) => return *failed,
         },
-        Err(_) => return resp,
     };
     let mut body = req.body.clone().unwrap_or(Value::Null);
     body["id"] = Value::String(id.clone());
+    // On the version the server just showed: if this PUT arrives late, after a newer write,
+    // it fails its precondition instead of undoing that write.
+    let if_match = version.map(|v| weak_etag(&v));
     call(
         client,
         Method::Put,
         &format!("{}/{id}", req.path),
         Some(&body),
-        None,
+        if_match.as_deref(),
     )
 }
 
@@ -450,10 +467,6 @@ fn send_bundle(
             // The other half is not tried (a hung server would otherwise see 2n requests).
             out.extend(std::iter::repeat_n(resp, b.len()));
             return out;
-        }
-        if why == Split::TimedOut {
-            // A half got through where the whole did not: keep to that size.
-            client.client.lower_bundle_limit(a.len());
         }
         out.extend(send_bundle(client, b, kind, deadline));
         return out;

@@ -166,3 +166,95 @@ impl Worker {
         s
     }
 }
+
+/// A first write is resolved by the server by identifier, and the server may match more than
+/// the identifier fhir_sync checked (a Patient's other identifiers, a case-insensitive match):
+/// a first write whose answer names a resource another row already maps to has just written
+/// this row's data onto that row's resource. It cannot be undone; it is made loud and stopped
+/// from happening again: the change is dead-lettered (identifier_conflict), and the row's state
+/// records the shared id, so that the identity guard refuses its later updates and keeps its
+/// deletes from deleting the other row's resource.
+pub(super) fn merged_on_the_server(
+    schema: &str,
+    tier: &[Claimed],
+    actions: &[Action],
+    s: &mut Settlement,
+) -> Result<(), crate::error::FhirSyncError> {
+    let first: Vec<usize> = s
+        .delivered
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| d.fhir_id.is_some() && !d.deleted)
+        .filter(|(_, d)| {
+            tier.iter()
+                .zip(actions)
+                .any(|(c, a)| c.outbox_ids == d.outbox_ids && a.is_first_write())
+        })
+        .map(|(i, _)| i)
+        .collect();
+    if first.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<(String, String)> = first
+        .iter()
+        .map(|i| {
+            let d = &s.delivered[*i];
+            (
+                d.resource_type.clone(),
+                d.fhir_id.clone().unwrap_or_default(),
+            )
+        })
+        .collect();
+    // Its own short transaction (the answers are judged with none open), only when there is
+    // a first write to check.
+    let (holders, names) =
+        crate::subxact::transaction_flat(|| crate::source::identifier_holders(schema, &[], &ids))?;
+    for i in first.into_iter().rev() {
+        let d = &s.delivered[i];
+        let me = (d.resource_table.to_u32(), d.resource_key.clone());
+        let key = (
+            d.resource_type.clone(),
+            d.fhir_id.clone().unwrap_or_default(),
+        );
+        let Some(other) = holders
+            .by_id
+            .get(&key)
+            .and_then(|rows| rows.iter().find(|r| **r != me))
+        else {
+            continue;
+        };
+        let name = |r: &(u32, String)| {
+            format!(
+                "{} key {}",
+                names
+                    .get(&r.0)
+                    .map(String::as_str)
+                    .unwrap_or("a dropped table"),
+                r.1
+            )
+        };
+        let mut record = s.delivered.remove(i);
+        pgrx::warning!(
+            "fhir_sync worker: outbox rows {:?} dead-lettered (identifier_conflict): the server matched {} to the resource {} maps to",
+            record.outbox_ids,
+            name(&me),
+            name(other)
+        );
+        s.dead.push(settle::DeadLetter {
+            outbox_ids: std::mem::take(&mut record.outbox_ids),
+            class: Class::IdentifierConflict.name(),
+            error: format!(
+                "{}: the server matched its first write to the {} of {} (by another of that resource's identifiers, or a looser match) and wrote this row's data there; check that resource, then give this row an identifier of its own",
+                name(&me),
+                record.resource_type,
+                name(other)
+            ),
+            http_status: None,
+            outcome: None,
+            attempted: true,
+        });
+        // Kept as the server left it: both rows now map to one resource.
+        s.delivered.push(record);
+    }
+    Ok(())
+}

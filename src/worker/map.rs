@@ -38,12 +38,26 @@ pub enum Action {
     },
     Delete {
         path: String,
+        /// The identifier a conditional delete searches (None when by id): what the identity
+        /// guard checks.
+        identifier: Option<(String, String)>,
     },
     /// The row is gone and nothing of it is on the server: settled without a request.
     AlreadyGone,
     /// A referenced resource is not on the server yet.
     Wait(String),
     Fail(Class, String),
+}
+
+impl Action {
+    /// A write the server resolves by identifier (a conditional update or create): the
+    /// resource's first, or a first again after a delete.
+    pub fn is_first_write(&self) -> bool {
+        match self {
+            Action::Put { create, path, .. } => create.is_some() || path.contains('?'),
+            _ => false,
+        }
+    }
 }
 
 /// What becomes of a resource whose rows could not be read or mapped: a table locked past
@@ -71,12 +85,18 @@ fn not_read(e: &FhirSyncError, mode: Mode) -> Action {
 ///
 /// `caps` is what the server's CapabilityStatement says (None: unknown, or a preview): it can
 /// change a table's write mode, drop If-Match, or refuse a delete the server does not take.
+///
+/// `flying` are the identities of the batch still in flight; the identities this plan sends are
+/// added to `sending` (the caller keeps them while the batch is in flight).
+#[allow(clippy::too_many_arguments)]
 pub fn plan(
     schema: &str,
     tracks: &HashMap<pg_sys::Oid, Track>,
     claimed: &[Claimed],
     mode: Mode,
     caps: Option<&Capabilities>,
+    flying: &[identity::Claim],
+    sending: &mut Vec<identity::Claim>,
     deps: &mut Vec<(pg_sys::Oid, String)>,
 ) -> Result<Vec<Action>, FhirSyncError> {
     let base = crate::gucs::identifier_system();
@@ -220,14 +240,16 @@ pub fn plan(
             };
             if identifier_from_data(track) {
                 let planned = match &action {
-                    Action::Put { identifier, .. } => {
-                        Some((identifier.clone(), identity::Plan::Put))
+                    Action::Put { identifier, .. } if action.is_first_write() => {
+                        Some((identifier.clone(), identity::Plan::FirstWrite))
                     }
-                    Action::Delete { .. } => state
-                        .identifier
-                        .clone()
-                        .or_else(|| c.identifier.clone())
-                        .map(|id| (id, identity::Plan::Delete)),
+                    Action::Put { identifier, .. } => {
+                        Some((identifier.clone(), identity::Plan::Update))
+                    }
+                    Action::Delete {
+                        identifier: Some(id),
+                        ..
+                    } => Some((id.clone(), identity::Plan::Delete)),
                     _ => None,
                 };
                 if let Some(((system, value), plan)) = planned {
@@ -241,6 +263,7 @@ pub fn plan(
                                 system,
                                 value,
                             },
+                            fhir_id: state.fhir_id.clone().filter(|_| !state.deleted),
                             plan,
                         },
                     ));
@@ -249,7 +272,13 @@ pub fn plan(
             actions[i] = Some(action);
         }
     }
-    guard_identities(schema, tracks, claimed, &identities, &mut actions)?;
+    guard_identities(
+        schema,
+        tracks,
+        (claimed, mode),
+        (&identities, flying, sending),
+        &mut actions,
+    )?;
     Ok(actions
         .into_iter()
         .map(|a| a.unwrap_or(Action::Fail(Class::Unmappable, "not planned".into())))
@@ -266,22 +295,43 @@ fn identifier_from_data(track: &Track) -> bool {
     }
 }
 
-/// One source row, one resource (`fhir_sync_core::identity`): a PUT whose identifier another
-/// row already maps to is dead-lettered instead of overwriting that row's resource, or waits
-/// when that row is letting go of it in this batch; a DELETE of a resource another row still
-/// maps to sends nothing. Rows are named by table and key, never by the identifier.
+/// One source row, one resource (`fhir_sync_core::identity`): a write whose identifier (or
+/// resource) another row already maps to is dead-lettered instead of overwriting that row's
+/// resource, or waits when that row is letting go of it; a DELETE of a resource another row
+/// still maps to sends nothing. Rows are named by table and key, never by the identifier.
+///
+/// When delivering, a first write reserves its identifier in fhir_sync_state before it is sent
+/// (so that a row whose write is retrying, or was dead-lettered after the server may have
+/// applied it, still holds it), under a transaction-level advisory lock per identifier, so that
+/// two workers cannot both find it free.
 fn guard_identities(
     schema: &str,
     tracks: &HashMap<pg_sys::Oid, Track>,
-    claimed: &[Claimed],
-    identities: &[(usize, identity::Claim)],
+    (claimed, mode): (&[Claimed], Mode),
+    (identities, flying, sending): (
+        &[(usize, identity::Claim)],
+        &[identity::Claim],
+        &mut Vec<identity::Claim>,
+    ),
     actions: &mut [Option<Action>],
 ) -> Result<(), FhirSyncError> {
     if identities.is_empty() {
         return Ok(());
     }
+    let first_writes: Vec<&identity::Identity> = identities
+        .iter()
+        .filter(|(_, c)| c.plan == identity::Plan::FirstWrite)
+        .map(|(_, c)| &c.identity)
+        .collect();
+    if mode == Mode::Deliver && !first_writes.is_empty() {
+        source::lock_identities(&first_writes)?;
+    }
     let wanted: Vec<&identity::Identity> = identities.iter().map(|(_, c)| &c.identity).collect();
-    let (holders, mut names) = source::identifier_holders(schema, &wanted)?;
+    let ids: Vec<(String, String)> = identities
+        .iter()
+        .filter_map(|(_, c)| Some((c.identity.resource_type.clone(), c.fhir_id.clone()?)))
+        .collect();
+    let (holders, mut names) = source::identifier_holders(schema, &wanted, &ids)?;
     for t in tracks.values() {
         names.insert(t.relid.to_u32(), t.name.clone());
     }
@@ -296,15 +346,25 @@ fn guard_identities(
             r.1
         )
     };
-    for ((i, claim), verdict) in identities.iter().zip(identity::guard(&claims, &holders)) {
+    let mut reserve = Vec::new();
+    for ((i, claim), verdict) in identities
+        .iter()
+        .zip(identity::guard(&claims, flying, &holders))
+    {
         let me = name(&claim.row);
         let kind = &claim.identity.resource_type;
         let replaced = match verdict {
-            identity::Guard::Go => continue,
+            identity::Guard::Go => {
+                sending.push(claim.clone());
+                if claim.plan == identity::Plan::FirstWrite {
+                    reserve.push(claim);
+                }
+                continue;
+            }
             identity::Guard::Conflict(other) => Action::Fail(
                 Class::IdentifierConflict,
                 format!(
-                    "{me}: its identifier already addresses the {kind} of {}; not sent, so that that row's resource is not overwritten. Change or delete one of the two rows, then requeue",
+                    "{me}: its identifier (or its resource) already belongs to the {kind} of {}; not sent, so that that row's resource is not overwritten. Change or delete one of the two rows, then requeue",
                     name(&other)
                 ),
             ),
@@ -316,6 +376,9 @@ fn guard_identities(
         };
         debug_assert!(claimed[*i].resource_key == claim.row.1);
         actions[*i] = Some(replaced);
+    }
+    if mode == Mode::Deliver && !reserve.is_empty() {
+        source::reserve_identities(schema, &reserve)?;
     }
     Ok(())
 }
@@ -456,6 +519,7 @@ fn plan_delete(
     if let Some(id) = &state.fhir_id {
         return Action::Delete {
             path: format!("{}/{}", track.resource_type, id),
+            identifier: state.identifier.clone(),
         };
     }
     let identifier = match track.mapper {
@@ -466,6 +530,7 @@ fn plan_delete(
     match identifier {
         Some((s, v)) => Action::Delete {
             path: format!("{}?{}", track.resource_type, identifier_query(&s, &v)),
+            identifier: Some((s, v)),
         },
         None => Action::AlreadyGone,
     }

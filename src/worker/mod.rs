@@ -57,6 +57,8 @@ struct Worker {
     last_failure: Option<(&'static str, String, Instant)>,
     /// The CapabilityStatement last published (server.rs); a new client reads it again.
     published: Option<std::sync::Arc<fhir_sync_core::capability::Capabilities>>,
+    /// The identities the tier in flight writes (map.rs guard_identities).
+    flying: Vec<fhir_sync_core::identity::Claim>,
 }
 
 /// Batches delivered back to back in one cycle before the worker looks at its latch, signals
@@ -114,6 +116,7 @@ pub extern "C-unwind" fn fhir_sync_worker_main(arg: pg_sys::Datum) {
         floor: Default::default(),
         last_failure: None,
         published: None,
+        flying: Vec::new(),
     };
     loop {
         // SAFETY: a read of a sig_atomic_t PostgreSQL's signal handlers set, on the main thread.
@@ -133,7 +136,12 @@ pub extern "C-unwind" fn fhir_sync_worker_main(arg: pg_sys::Datum) {
             if s != w.settings {
                 w.client = s.client();
                 w.settings = s;
+            } else if let Some(c) = &w.client {
+                // The same server may have changed what it can do, and the settings shown
+                // with it (write modes, bundle size) may have changed: read and show it anew.
+                c.relearn();
             }
+            w.published = None;
             // New credentials or a new URL deserve an immediate try.
             w.pause.lift();
         }

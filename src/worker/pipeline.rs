@@ -38,6 +38,8 @@ struct Mapped {
     /// For each claimed resource, its request (None: settled without one).
     request_of: Vec<Option<usize>>,
     deps: Vec<(pg_sys::Oid, String)>,
+    /// The identities its requests write (identity::guard sees them while they are in flight).
+    identities: Vec<fhir_sync_core::identity::Claim>,
     stage: Stage,
 }
 
@@ -60,6 +62,8 @@ impl Worker {
         batch: Next,
         ahead: bool,
     ) -> Result<Option<Next>, FhirSyncError> {
+        // What was in flight before this batch has been settled.
+        self.flying.clear();
         let tracks = match self.tracks(schema, &batch.claimed) {
             Ok(t) => t,
             Err(e) => {
@@ -113,8 +117,12 @@ impl Worker {
                 actions,
                 request_of,
                 deps,
+                identities,
                 stage,
             } = work;
+            // What this tier writes is in flight until it is settled: the batch claimed ahead
+            // is planned against it.
+            self.flying = identities;
             let flight = match stage {
                 Stage::Sent(f) => f,
                 Stage::Ready(requests) => self.launch(requests),
@@ -123,7 +131,16 @@ impl Worker {
                 next = Some(self.claim_ahead(schema, &tracks, &in_flight));
             }
             let responses = self.collect(flight);
-            let settlement = self.judge(&tier, &actions, &request_of, &responses, deps);
+            let mut settlement = self.judge(&tier, &actions, &request_of, &responses, deps);
+            if let Err(e) =
+                super::apply::merged_on_the_server(schema, &tier, &actions, &mut settlement)
+            {
+                // Not worth failing the batch for: the settlement stands as judged.
+                pgrx::log!(
+                    "fhir_sync worker: could not check first writes for shared resources: {}",
+                    e.log_form()
+                );
+            }
             if is_last && !self.holding_back() {
                 // The next batch's first tier refers to nothing in this one: it goes out now,
                 // and its HTTP overlaps this settle.
@@ -137,7 +154,9 @@ impl Worker {
                     }
                 }
             }
-            if let Err(e) = self.settle(schema, &settlement) {
+            let settled = self.settle(schema, &settlement);
+            self.flying.clear();
+            if let Err(e) = settled {
                 // The batch claimed ahead goes back at once rather than when its lease ends
                 // (after the answers to what of it was sent: a re-send is harmless).
                 if let Some(Ok(n)) = next {
@@ -231,16 +250,22 @@ impl Worker {
     ) -> Result<Mapped, FhirSyncError> {
         let mut deps = Vec::new();
         let caps = self.capabilities(tracks);
-        let mut actions = crate::subxact::transaction_flat(|| {
+        let mut identities = Vec::new();
+        let flying = std::mem::take(&mut self.flying);
+        let planned = crate::subxact::transaction_flat(|| {
             map::plan(
                 schema,
                 tracks,
                 &tier,
                 Mode::Deliver,
                 caps.as_deref(),
+                &flying,
+                &mut identities,
                 &mut deps,
             )
-        })?;
+        });
+        self.flying = flying;
+        let mut actions = planned?;
         let mut requests = Vec::new();
         let mut request_of = vec![None; tier.len()];
         for (i, a) in actions.iter_mut().enumerate() {
@@ -263,7 +288,7 @@ impl Worker {
                     if_match: if_match.clone(),
                     create: create.as_deref().cloned(),
                 },
-                Action::Delete { path } => send::Outgoing {
+                Action::Delete { path, .. } => send::Outgoing {
                     method: Method::Delete,
                     path: path.clone(),
                     body: None,
@@ -280,6 +305,7 @@ impl Worker {
             actions,
             request_of,
             deps,
+            identities,
             stage: Stage::Ready(requests),
         })
     }

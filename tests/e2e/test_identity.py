@@ -146,3 +146,83 @@ def test_a_delete_leaves_a_resource_another_row_still_maps_to(make_cluster, heli
     eventually(lambda: helios.read("Patient", p["id"]) is None, message="the last row's delete")
     app.wait_drained()
     assert app.one("SELECT count(*) FROM fhir_dlq") == 0
+
+
+# ---------------------------------------------------------------------------------------------- in flight, retries, workers
+
+def families(faults, mrn):
+    return [faults.store.items[("Patient", i)]["resource"]["name"][0]["family"]
+            for i in faults.store.find("Patient", f"{MRN}|{mrn}")]
+
+
+def test_a_duplicate_claimed_while_the_first_row_is_in_flight_is_held_back(make_cluster, faults):
+    """batch_size = 1 and a slow server: the second row is claimed and mapped while the first row's write
+    is still on the wire (the worker pipelines batches). It must not go out as a second conditional write
+    that lands on the first row's new resource."""
+    faults.delay(1.0, times=1, match={"method": "PUT"})
+    app = make_app(make_cluster, faults.base_url, conf={"fhir_sync.batch_size": 1})
+    with app.conn.transaction():
+        app.add_patient("inflight", family="First")
+        second = app.add_patient("inflight", family="Second")
+    app.wait_drained()
+    assert families(faults, "inflight") == ["First"]
+    assert app.sql("SELECT resource_key, error_class FROM fhir_dlq") == [(str(second), "identifier_conflict")]
+
+
+def test_a_first_write_that_timed_out_still_holds_its_identifier(make_cluster, faults):
+    """The server applies the first row's write after the worker gave up on it (timeout): the row retries,
+    and meanwhile a second row with the same MRN arrives. The second row is dead-lettered (the first holds
+    the identifier from the moment its write was sent), not written onto the first row's resource."""
+    faults.delay(2.5, times=1, match={"method": "PUT"})
+    app = make_app(make_cluster, faults.base_url, conf={"fhir_sync.http_timeout": "1s"})
+    app.add_patient("late", family="First")
+    eventually(lambda: app.one("SELECT attempts FROM fhir_outbox WHERE NOT processed") == 1, message="a timeout")
+    second = app.add_patient("late", family="Second")
+    app.wait_drained(timeout=60)
+    assert families(faults, "late") == ["First"]
+    assert app.sql("SELECT resource_key, error_class FROM fhir_dlq") == [(str(second), "identifier_conflict")]
+
+
+def test_two_workers_never_merge_duplicates(make_cluster, faults):
+    """Two workers, one-resource batches, 15 pairs of rows that share an MRN committed one after the other:
+    each MRN ends as one Patient carrying the data of the row fhir_sync_state maps it to, and the other
+    row of each pair is dead-lettered."""
+    faults.delay(0.05, times=None, match={"method": "PUT"})
+    app = make_app(make_cluster, faults.base_url, conf={"fhir_sync.workers": 2, "fhir_sync.batch_size": 1})
+    for i in range(15):
+        app.add_patient(f"pair-{i}", family=f"A{i}")
+        app.add_patient(f"pair-{i}", family=f"B{i}")
+    app.wait_drained(timeout=90)
+    mapped = dict(app.sql("SELECT identifier_value, fhir_id FROM fhir_sync_state WHERE fhir_id IS NOT NULL"))
+    owner = dict(app.sql("SELECT s.identifier_value, p.name_family FROM fhir_sync_state s"
+                         " JOIN patient p ON p.id::text = s.resource_key WHERE s.fhir_id IS NOT NULL"))
+    for i in range(15):
+        [rid] = faults.store.find("Patient", f"{MRN}|pair-{i}")
+        assert mapped[f"pair-{i}"] == rid
+        assert faults.store.items[("Patient", rid)]["resource"]["name"][0]["family"] == owner[f"pair-{i}"]
+    assert app.one("SELECT count(*) FROM fhir_dlq WHERE error_class = 'identifier_conflict'") == 15
+
+
+def test_a_server_that_matches_another_identifier_of_a_patient_is_caught_and_stopped(make_cluster, faults):
+    """Row A's Patient also carries identifier Z (patient_other_identifiers); row B's MRN is Z. The server
+    resolves B's conditional write to A's resource (any identifier matches). fhir_sync cannot see that
+    coming; it sees the answer: B's change is dead-lettered (identifier_conflict) with the reason, and B's
+    later changes and its delete are not sent to the resource it now shares with A."""
+    app = make_app(make_cluster, faults.base_url, conf={"log_min_messages": "warning"})
+    a = app.add_patient("primary-a", family="A")
+    app.sql("INSERT INTO patient_other_identifiers (patient_id, identifier_system, identifier_value)"
+            " VALUES (%s, %s, 'also-a')", (a, MRN))
+    app.wait_drained()
+    b = app.add_patient("also-a", family="B")
+    app.wait_drained()
+    _, key, cls, error, _ = conflict(app)
+    assert (key, cls) == (str(b), "identifier_conflict")
+    assert "matched" in error and f"public.patient key {a}" in error and "also-a" not in error
+    assert "identifier_conflict" in worker_log(app.cluster)
+    sent = len(faults.requests)
+    app.sql("UPDATE patient SET name_family = 'B2' WHERE id = %s", (b,))
+    app.sql("DELETE FROM patient WHERE id = %s", (b,))
+    app.wait_drained()
+    assert len(faults.requests) == sent, "nothing more is written to (or deleted from) A's resource"
+    rid = app.one("SELECT fhir_id FROM fhir_sync_state WHERE resource_key = %s", (str(a),))
+    assert faults.store.items[("Patient", rid)]["deleted"] is False
