@@ -426,6 +426,12 @@ fn identifier_for(track: &Track, row: Option<&Row>, key: &str, base: &str) -> (S
 fn write_plan(track: &Track, caps: Option<&Capabilities>) -> capability::Plan {
     let configured = track.write_mode.unwrap_or_else(crate::gucs::write_mode);
     match caps {
+        // A write mode given for the table is the DBA's word about this server: the statement
+        // still drops If-Match or a delete it does not take, but does not change the mode.
+        Some(c) if track.write_mode.is_some() => capability::Plan {
+            write_mode: configured,
+            ..c.plan(&track.resource_type, configured)
+        },
         Some(c) => c.plan(&track.resource_type, configured),
         None => capability::Plan {
             write_mode: configured,

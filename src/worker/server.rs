@@ -35,6 +35,12 @@ impl Worker {
         types.dedup_by(|a, b| a.0 == b.0);
         let bundles = (crate::gucs::bundle_size() > 1).then(crate::gucs::bundle_type);
         let mut summary = caps.summary(&types, bundles);
+        // A table's own write mode stands whatever the statement says (map.rs write_plan).
+        for t in tracks.values() {
+            if let Some(mode) = t.write_mode {
+                summary["resources"][t.resource_type.as_str()]["write_mode"] = mode.name().into();
+            }
+        }
         summary["server_url"] = self.settings.base.clone().into();
         summary["read_at"] = chrono::Utc::now().to_rfc3339().into();
         // What the statement changes is configuration, never patient data: safe to log.

@@ -502,8 +502,10 @@ def test_helios_capability_statement_is_read_and_shown(make_cluster, helios):
     fhir_version, resources = eventually(lambda: app.sql("SELECT fhir_version, resources FROM fhir_sync_server"),
                                          message="fhir_sync_server")[0]
     assert fhir_version.startswith("4.")
-    assert resources["Patient"]["listed"] is True
-    assert resources["Patient"]["write_mode"] in ("upsert", "create")
+    # Helios 0.2.7 states update-as-create and conditional update for Patient: nothing changes.
+    patient = resources["Patient"]
+    assert (patient["listed"], patient["update_create"], patient["conditional_update"]) == (True, True, True)
+    assert (patient["write_mode"], patient["if_match"], patient["delete"]) == ("upsert", True, True)
     assert app.one("SELECT count(*) FROM fhir_dlq") == 0
 
 
