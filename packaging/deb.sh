@@ -50,17 +50,21 @@ package_tree() {  # package_tree MAJOR: builds; sets TREE to the host path of `c
     PG_ROOT=$root
     mount_build "$root"
     ensure_cargo_pgrx "$root"
+    local target=/build/target
     if [ -n "$RELEASE" ]; then
-        # The release's tree as committed, beside the current one (same target directory: the
-        # dependencies they share are built once).
+        # The release's tree as committed, beside the current one, with a target directory of its
+        # own: sharing the current tree's, cargo pgrx package generated the current tree's SQL
+        # under the release's name (found in session 9; the check in make_deb catches it).
         SRC=/build/src-$RELEASE
+        target=/build/target-$RELEASE
         rm -rf "$root$SRC"
         mkdir -p "$root$SRC"
         git archive "$commit" | tar -x -C "$root$SRC"
     fi
-    TREE=$root/build/target/release/fhir_sync-pg$major
+    TREE=$root$target/release/fhir_sync-pg$major
     rm -rf "$TREE"
     in_build_root "$root" "
+        export CARGO_TARGET_DIR=$target
         cd $SRC
         [ -f /build/pgrx/config.toml ] || cargo pgrx init --pg$major $pg_config >/dev/null
         cargo pgrx package --no-default-features --pg-config $pg_config"
@@ -85,6 +89,13 @@ make_deb() {  # make_deb MAJOR TREE MINOR: sets DEB to the package built from TR
         esac
     done
     [ -f "$ext/fhir_sync--$VERSION.sql" ] && [ -f "$so" ]
+    # A released version's install script is the one frozen when it was released.
+    local frozen=tests/fixtures/fhir_sync--$VERSION.sql
+    if [ -n "$RELEASE" ] && [ -f "$frozen" ] \
+        && ! cmp -s <(sort "$frozen") <(sort "$ext/fhir_sync--$VERSION.sql"); then
+        echo "[deb] the install script built for release $VERSION is not $frozen: not the release's SQL" >&2
+        return 1
+    fi
     strip --strip-unneeded "$so"
     local glibc
     # The newest glibc symbol version the library needs: what dpkg-shlibdeps would derive.
