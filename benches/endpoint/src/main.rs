@@ -788,7 +788,14 @@ fn handle(shared: &Shared, req: Request) -> Reply {
             let mut st = shared.lock();
             st.stats = Stats::default();
             if query_param(raw_query, "store").as_deref() == Some("1") {
-                st.store = Store::default();
+                // Forgets the resources but not the ids handed out: a server never gives a new
+                // resource an id it gave before (fhir_sync dead-letters a first write that comes
+                // back with the id of a resource another row maps to).
+                let next_id = st.store.next_id;
+                st.store = Store {
+                    next_id,
+                    ..Store::default()
+                };
             }
             return Reply::json(200, &json!({"reset": true}));
         }
