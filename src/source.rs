@@ -423,23 +423,39 @@ pub fn identifier_holders(
         col(|w| &w.system).into(),
         col(|w| &w.value).into(),
     ];
+    // A row found for a key: its table's name kept for messages, the row listed once.
+    fn found(
+        rows: &mut Vec<fhir_sync_core::identity::RowRef>,
+        names: &mut HashMap<u32, String>,
+        (table, key, name): (pg_sys::Oid, String, Option<String>),
+    ) {
+        if let Some(n) = name {
+            names.insert(table.to_u32(), n);
+        }
+        if !rows.contains(&(table.to_u32(), key.clone())) {
+            rows.push((table.to_u32(), key));
+        }
+    }
     Spi::connect(|client| {
         let mut holders = Holders::default();
         let mut names = HashMap::new();
-        for row in crate::plans::select(client, &by_identity, None, &args)? {
-            let identity = Identity {
-                resource_type: row.get(1)?.unwrap_or_default(),
-                system: row.get(2)?.unwrap_or_default(),
-                value: row.get(3)?.unwrap_or_default(),
-            };
-            let table: pg_sys::Oid = row.get(4)?.unwrap_or(pg_sys::InvalidOid);
-            let key: String = row.get(5)?.unwrap_or_default();
-            if let Some(n) = row.get::<String>(6)? {
-                names.insert(table.to_u32(), n);
-            }
-            let rows = holders.by_identity.entry(identity).or_default();
-            if !rows.contains(&(table.to_u32(), key.clone())) {
-                rows.push((table.to_u32(), key));
+        if !wanted.is_empty() {
+            for row in crate::plans::select(client, &by_identity, None, &args)? {
+                let identity = Identity {
+                    resource_type: row.get(1)?.unwrap_or_default(),
+                    system: row.get(2)?.unwrap_or_default(),
+                    value: row.get(3)?.unwrap_or_default(),
+                };
+                let holder = (
+                    row.get(4)?.unwrap_or(pg_sys::InvalidOid),
+                    row.get(5)?.unwrap_or_default(),
+                    row.get(6)?,
+                );
+                found(
+                    holders.by_identity.entry(identity).or_default(),
+                    &mut names,
+                    holder,
+                );
             }
         }
         if !ids.is_empty() {
@@ -450,40 +466,55 @@ pub fn identifier_holders(
                     row.get::<String>(1)?.unwrap_or_default(),
                     row.get::<String>(2)?.unwrap_or_default(),
                 );
-                let table: pg_sys::Oid = row.get(3)?.unwrap_or(pg_sys::InvalidOid);
-                let rk: String = row.get(4)?.unwrap_or_default();
-                if let Some(n) = row.get::<String>(5)? {
-                    names.insert(table.to_u32(), n);
-                }
-                let rows = holders.by_id.entry(key).or_default();
-                if !rows.contains(&(table.to_u32(), rk.clone())) {
-                    rows.push((table.to_u32(), rk));
-                }
+                let holder = (
+                    row.get(3)?.unwrap_or(pg_sys::InvalidOid),
+                    row.get(4)?.unwrap_or_default(),
+                    row.get(5)?,
+                );
+                found(holders.by_id.entry(key).or_default(), &mut names, holder);
             }
         }
         Ok((holders, names))
     })
 }
 
+/// A row as messages name it: `schema.table key 42` (never its identifier).
+pub fn row_name(names: &HashMap<u32, String>, r: &fhir_sync_core::identity::RowRef) -> String {
+    format!(
+        "{} key {}",
+        names
+            .get(&r.0)
+            .map(String::as_str)
+            .unwrap_or("a dropped table"),
+        r.1
+    )
+}
+
 /// Serialises first writes of one identifier across workers: a transaction-level advisory lock
-/// per identity (in fhir_sync's own key space, a two-int lock whose first half spells 'FHRS'),
-/// taken in one order so that two workers never wait on each other in a circle.
+/// per identity, in fhir_sync's own key space (a two-int lock whose first half spells 'FHRS').
+/// Only tried, never waited for: any role may take advisory locks, and one holding this key must
+/// hold back that one resource, not the worker. Returns the identities whose lock is held
+/// elsewhere.
 pub fn lock_identities(
     wanted: &[&fhir_sync_core::identity::Identity],
-) -> Result<(), FhirSyncError> {
-    let keys: Vec<Option<String>> = wanted
-        .iter()
-        .map(|w| Some(format!("{}|{}|{}", w.resource_type, w.system, w.value)))
-        .collect();
+) -> Result<Vec<fhir_sync_core::identity::Identity>, FhirSyncError> {
+    let key = |w: &fhir_sync_core::identity::Identity| {
+        format!("{}|{}|{}", w.resource_type, w.system, w.value)
+    };
+    let keys: Vec<Option<String>> = wanted.iter().map(|w| Some(key(w))).collect();
     Spi::connect(|client| {
-        crate::plans::select(
+        let mut busy = Vec::new();
+        for row in crate::plans::select(
             client,
-            "SELECT pg_catalog.pg_advisory_xact_lock(1179144787, h)
-               FROM (SELECT DISTINCT pg_catalog.hashtext(k) AS h FROM unnest($1::text[]) AS k ORDER BY 1) AS x",
+            "SELECT k FROM unnest($1::text[]) AS k
+              WHERE NOT pg_catalog.pg_try_advisory_xact_lock(1179144787, pg_catalog.hashtext(k))",
             None,
             &[keys.into()],
-        )?;
-        Ok(())
+        )? {
+            let k: String = row.get(1)?.unwrap_or_default();
+            busy.extend(wanted.iter().filter(|w| key(w) == k).map(|w| (*w).clone()));
+        }
+        Ok(busy)
     })
 }
 

@@ -443,7 +443,7 @@ fn send_bundle(
 ) -> Vec<Response> {
     let bundle = bundle_bytes(chunk, kind);
     let resp = call_raw(client, Method::Post, "", Some(&bundle), (None, None));
-    if let Some(why) = too_large(&resp) {
+    if let Some(why) = split_reason(&resp) {
         if why == Split::Refused {
             client.client.lower_bundle_limit(chunk.len() / 2);
         }
@@ -514,7 +514,7 @@ enum Split {
     TimedOut,
 }
 
-fn too_large(resp: &Response) -> Option<Split> {
+fn split_reason(resp: &Response) -> Option<Split> {
     match resp.transport {
         Transport::Broken => Some(Split::TimedOut),
         Transport::Status(413) => Some(Split::Refused),

@@ -77,6 +77,7 @@ impl Worker {
                         _ => None,
                     },
                     deleted,
+                    first_write: a.is_first_write(),
                 }),
                 Outcome::Wait { delay, reason } => s.waits.push(settle::Wait {
                     outbox_ids: ids,
@@ -176,20 +177,13 @@ impl Worker {
 /// deletes from deleting the other row's resource.
 pub(super) fn merged_on_the_server(
     schema: &str,
-    tier: &[Claimed],
-    actions: &[Action],
     s: &mut Settlement,
 ) -> Result<(), crate::error::FhirSyncError> {
     let first: Vec<usize> = s
         .delivered
         .iter()
         .enumerate()
-        .filter(|(_, d)| d.fhir_id.is_some() && !d.deleted)
-        .filter(|(_, d)| {
-            tier.iter()
-                .zip(actions)
-                .any(|(c, a)| c.outbox_ids == d.outbox_ids && a.is_first_write())
-        })
+        .filter(|(_, d)| d.first_write && d.fhir_id.is_some() && !d.deleted)
         .map(|(i, _)| i)
         .collect();
     if first.is_empty() {
@@ -223,16 +217,7 @@ pub(super) fn merged_on_the_server(
         else {
             continue;
         };
-        let name = |r: &(u32, String)| {
-            format!(
-                "{} key {}",
-                names
-                    .get(&r.0)
-                    .map(String::as_str)
-                    .unwrap_or("a dropped table"),
-                r.1
-            )
-        };
+        let name = |r: &(u32, String)| crate::source::row_name(&names, r);
         let mut record = s.delivered.remove(i);
         pgrx::warning!(
             "fhir_sync worker: outbox rows {:?} dead-lettered (identifier_conflict): the server matched {} to the resource {} maps to",

@@ -123,6 +123,8 @@ pub fn plan(
             .map(|i| claimed[*i].resource_key.clone())
             .collect();
         let states = source::sync_states(schema, table, &keys)?;
+        // Once per table, not per row: the same for each of its resources.
+        let how = write_plan(track, caps);
         let mut rows: HashMap<String, Row> = HashMap::new();
         let mut unreadable = source::Unreadable::new();
         let mut custom: HashMap<String, Result<Value, FhirSyncError>> = HashMap::new();
@@ -170,7 +172,7 @@ pub fn plan(
             } else if let Some(Err(e)) = custom.get(&c.resource_key) {
                 not_read(e, mode)
             } else if !exists {
-                plan_delete(track, c, &state, &base, caps)
+                plan_delete(track, c, &state, &base, &how)
             } else {
                 let ctx = Ctx {
                     table: &track.name,
@@ -233,7 +235,7 @@ pub fn plan(
                         rows.get(&c.resource_key),
                         c,
                         &state,
-                        (&base, caps),
+                        (&base, &how),
                     ),
                     Err(action) => action,
                 }
@@ -323,8 +325,19 @@ fn guard_identities(
         .filter(|(_, c)| c.plan == identity::Plan::FirstWrite)
         .map(|(_, c)| &c.identity)
         .collect();
-    if mode == Mode::Deliver && !first_writes.is_empty() {
-        source::lock_identities(&first_writes)?;
+    let busy = if mode == Mode::Deliver && !first_writes.is_empty() {
+        source::lock_identities(&first_writes)?
+    } else {
+        Vec::new()
+    };
+    // A first write whose identifier another worker is checking now waits for the next cycle.
+    let (waiting, identities): (Vec<_>, Vec<_>) = identities
+        .iter()
+        .partition(|(_, c)| c.plan == identity::Plan::FirstWrite && busy.contains(&c.identity));
+    for (i, _) in waiting {
+        actions[*i] = Some(Action::Wait(
+            "another worker is checking its identifier".into(),
+        ));
     }
     let wanted: Vec<&identity::Identity> = identities.iter().map(|(_, c)| &c.identity).collect();
     let ids: Vec<(String, String)> = identities
@@ -336,16 +349,7 @@ fn guard_identities(
         names.insert(t.relid.to_u32(), t.name.clone());
     }
     let claims: Vec<identity::Claim> = identities.iter().map(|(_, c)| c.clone()).collect();
-    let name = |r: &identity::RowRef| {
-        format!(
-            "{} key {}",
-            names
-                .get(&r.0)
-                .map(String::as_str)
-                .unwrap_or("a dropped table"),
-            r.1
-        )
-    };
+    let name = |r: &identity::RowRef| source::row_name(&names, r);
     let mut reserve = Vec::new();
     for ((i, claim), verdict) in identities
         .iter()
@@ -448,7 +452,7 @@ fn plan_put(
     row: Option<&Row>,
     c: &Claimed,
     state: &Synced,
-    (base, caps): (&str, Option<&Capabilities>),
+    (base, how): (&str, &capability::Plan),
 ) -> Action {
     let identifier = identifier_for(track, row, &c.resource_key, base);
     // Once the server has given the resource an id, address it by that id: a conditional PUT
@@ -456,7 +460,6 @@ fn plan_put(
     // identifier changed or if the server parses it differently (a '|' in the system). The
     // version precondition makes a write the worker gave up on (timeout) fail if it reaches
     // the server after a newer one: without it a late request could leave a stale state there.
-    let how = write_plan(track, caps);
     let mode = how.write_mode;
     if let (Some(id), false) = (&state.fhir_id, state.deleted) {
         if mode == WriteMode::CreateOnly {
@@ -508,12 +511,12 @@ fn plan_delete(
     c: &Claimed,
     state: &Synced,
     base: &str,
-    caps: Option<&Capabilities>,
+    how: &capability::Plan,
 ) -> Action {
     if state.deleted {
         return Action::AlreadyGone;
     }
-    if (state.fhir_id.is_some() || state.identifier.is_some()) && !write_plan(track, caps).delete {
+    if (state.fhir_id.is_some() || state.identifier.is_some()) && !how.delete {
         return Action::Fail(
             Class::NotSendable,
             format!(

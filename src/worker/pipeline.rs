@@ -132,9 +132,7 @@ impl Worker {
             }
             let responses = self.collect(flight);
             let mut settlement = self.judge(&tier, &actions, &request_of, &responses, deps);
-            if let Err(e) =
-                super::apply::merged_on_the_server(schema, &tier, &actions, &mut settlement)
-            {
+            if let Err(e) = super::apply::merged_on_the_server(schema, &mut settlement) {
                 // Not worth failing the batch for: the settlement stands as judged.
                 pgrx::log!(
                     "fhir_sync worker: could not check first writes for shared resources: {}",

@@ -14,6 +14,8 @@ pub struct Delivered {
     pub version: Option<String>,
     pub identifier: Option<(String, String)>,
     pub deleted: bool,
+    /// Written by identifier (a conditional update or create): the server chose the resource.
+    pub first_write: bool,
 }
 
 pub struct Retry {

@@ -16,6 +16,7 @@ import pytest
 from fhirsync import MRN, eventually, make_app
 from harness.cluster import PG_USER
 from harness.smart import SmartAuthServer, SmartFhirServer
+from harness.util import unique
 from test_security import (HTTP_AUTH, TlsFaultServer, _openssl, _point, connect_as, denied, make_certs,
                            needs_openssl, reload_and_wait, worker_log)
 
@@ -430,7 +431,7 @@ def test_write_mode_create_against_helios(make_cluster, helios):
     """create, update and delete with write_mode => 'create' on a real server."""
     app = make_app(make_cluster, helios.base_url)
     track_patients(app, "create")
-    mrn = f"helios-create-{os.getpid()}-{id(app)}"
+    mrn = unique("helios-create")
     pid = app.add_patient(mrn, family="Posted")
     app.wait_drained()
     [p] = helios.search("Patient", MRN, mrn)
@@ -497,7 +498,7 @@ def test_what_the_capability_statement_declares_is_used_and_shown(make_cluster, 
 @pytest.mark.e2e
 def test_helios_capability_statement_is_read_and_shown(make_cluster, helios):
     app = make_app(make_cluster, helios.base_url)
-    app.add_patient(f"caps-helios-{os.getpid()}")
+    app.add_patient(unique("caps-helios"))
     app.wait_drained()
     fhir_version, resources = eventually(lambda: app.sql("SELECT fhir_version, resources FROM fhir_sync_server"),
                                          message="fhir_sync_server")[0]
@@ -553,7 +554,7 @@ def test_write_mode_create_only_against_helios(make_cluster, helios):
     on the server stays as created; the row's delete is still sent."""
     app = make_app(make_cluster, helios.base_url)
     track_patients(app, "create_only")
-    mrn = f"helios-once-{os.getpid()}-{id(app)}"
+    mrn = unique("helios-once")
     pid = app.add_patient(mrn, family="Once")
     app.wait_drained()
     [p] = helios.search("Patient", MRN, mrn)

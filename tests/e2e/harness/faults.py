@@ -623,12 +623,9 @@ class FaultServer:
         if method == "DELETE" and rtype in self.no_delete:
             return _Resp(405, operation_outcome("not-supported", f"{rtype} cannot be deleted here"))
         if method == "PUT":
-            try:
-                resource = json.loads(body or b"null")
-            except ValueError as e:
-                return _Resp(400, operation_outcome("structure", f"invalid JSON: {e}"))
-            if not isinstance(resource, dict) or resource.get("resourceType") != rtype:
-                return _Resp(400, operation_outcome("invalid", f"body is not a {rtype}"))
+            resource = _resource_of(body, rtype)
+            if isinstance(resource, _Resp):
+                return resource
             if rid is not None:
                 if resource.get("id") not in (None, rid):
                     return _Resp(400, operation_outcome("invalid", "id in body does not match URL"))
@@ -696,12 +693,9 @@ class FaultServer:
     def _create(self, rtype: str, body: bytes, if_none_exist: str | None, base: str) -> _Resp:
         """POST [base]/Type: a create, conditional on If-None-Exist (identifier=system|value) when given: one
         match answers 200 with the resource and writes nothing, several 412."""
-        try:
-            resource = json.loads(body or b"null")
-        except ValueError as e:
-            return _Resp(400, operation_outcome("structure", f"invalid JSON: {e}"))
-        if not isinstance(resource, dict) or resource.get("resourceType") != rtype:
-            return _Resp(400, operation_outcome("invalid", f"body is not a {rtype}"))
+        resource = _resource_of(body, rtype)
+        if isinstance(resource, _Resp):
+            return resource
         if if_none_exist:
             search = dict(parse_qsl(if_none_exist, keep_blank_values=True))
             ids = self.store.find(rtype, search.get("identifier", ""))
@@ -756,6 +750,17 @@ class FaultServer:
             out.append(ent)
         return _Resp(200, {"resourceType": "Bundle", "type": "transaction-response" if tx else "batch-response",
                            "entry": out})
+
+
+def _resource_of(body: bytes, rtype: str):
+    """The resource a PUT or POST carries, or the 400 a server answers to a body that is not one of rtype."""
+    try:
+        resource = json.loads(body or b"null")
+    except ValueError as e:
+        return _Resp(400, operation_outcome("structure", f"invalid JSON: {e}"))
+    if not isinstance(resource, dict) or resource.get("resourceType") != rtype:
+        return _Resp(400, operation_outcome("invalid", f"body is not a {rtype}"))
+    return resource
 
 
 def _unescape_token(t: str) -> str:
