@@ -54,7 +54,8 @@ class Smart:
 
     def configure(self, **extra) -> dict:
         """The README's settings (no token URL: it is read from .well-known/smart-configuration), then the
-        JWKS fhir_sync prints registered with the EHR, as a DBA does."""
+        JWKS fhir_sync prints registered with the EHR, as a DBA does. The JWKS is registered after the
+        reload, so call this with nothing pending: a token asked for in between is refused (auth pause)."""
         reload_and_wait(self.app, {"fhir_sync.auth": "smart_backend", "fhir_sync.smart_key_file": str(self.key),
                                    "fhir_sync.oauth_client_id": CLIENT_ID, "fhir_sync.oauth_scope": SCOPE, **extra})
         jwks = self.app.one("SELECT fhir_sync_jwks()")
@@ -211,10 +212,14 @@ def test_an_unreadable_smart_key_sends_nothing_and_says_why(smart):
     s.app.sql("CREATE ROLE clerk LOGIN")
     denied(connect_as(s.app.cluster, "clerk"), "SELECT fhir_sync_jwks()")
 
+    # The settings stand; only the file's mode changed. The EHR learns the JWKS before the reload: a worker
+    # that asked for a token first would be refused and pause for a minute (the auth pause).
     s.key.chmod(0o600)
-    s.configure()
+    s.auth.register(s.app.one("SELECT fhir_sync_jwks()"))
+    s.app.sql("SELECT pg_reload_conf()")
     s.app.wait_drained(timeout=30)
     assert s.fhir.store.find("Patient", f"{MRN}|key-1")
+    assert s.auth.refused == []
 
 
 # ---------------------------------------------------------------------------------------------- mutual TLS
