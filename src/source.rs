@@ -436,11 +436,15 @@ pub fn identifier_holders(
             rows.push((table.to_u32(), key));
         }
     }
-    Spi::connect(|client| {
+    // Read-write execution, for its snapshot: a read-only SPI statement sees the transaction's
+    // first snapshot, taken before the identity locks were granted, and would miss the
+    // reservation another worker committed while this one waited for them (both rows then
+    // written to one resource: seen with two workers). Each read-write statement takes a new one.
+    Spi::connect_mut(|client| {
         let mut holders = Holders::default();
         let mut names = HashMap::new();
         if !wanted.is_empty() {
-            for row in crate::plans::select(client, &by_identity, None, &args)? {
+            for row in crate::plans::update(client, &by_identity, &args)? {
                 let identity = Identity {
                     resource_type: row.get(1)?.unwrap_or_default(),
                     system: row.get(2)?.unwrap_or_default(),
@@ -461,7 +465,7 @@ pub fn identifier_holders(
         if !ids.is_empty() {
             let types: Vec<Option<String>> = ids.iter().map(|(t, _)| Some(t.clone())).collect();
             let fids: Vec<Option<String>> = ids.iter().map(|(_, i)| Some(i.clone())).collect();
-            for row in crate::plans::select(client, &by_id, None, &[types.into(), fids.into()])? {
+            for row in crate::plans::update(client, &by_id, &[types.into(), fids.into()])? {
                 let key = (
                     row.get::<String>(1)?.unwrap_or_default(),
                     row.get::<String>(2)?.unwrap_or_default(),

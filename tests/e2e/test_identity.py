@@ -196,11 +196,15 @@ def test_two_workers_never_merge_duplicates(make_cluster, faults):
     mapped = dict(app.sql("SELECT identifier_value, fhir_id FROM fhir_sync_state WHERE fhir_id IS NOT NULL"))
     owner = dict(app.sql("SELECT s.identifier_value, p.name_family FROM fhir_sync_state s"
                          " JOIN patient p ON p.id::text = s.resource_key WHERE s.fhir_id IS NOT NULL"))
+    state = app.sql("SELECT identifier_value, resource_key, fhir_id, deleted, last_outbox_id FROM fhir_sync_state"
+                    " ORDER BY identifier_value, resource_key")
+    dlq = app.sql("SELECT resource_key, error_class, outbox_ids FROM fhir_dlq ORDER BY id")
     for i in range(15):
         [rid] = faults.store.find("Patient", f"{MRN}|pair-{i}")
         assert mapped[f"pair-{i}"] == rid
-        assert faults.store.items[("Patient", rid)]["resource"]["name"][0]["family"] == owner[f"pair-{i}"]
-    assert app.one("SELECT count(*) FROM fhir_dlq WHERE error_class = 'identifier_conflict'") == 15
+        assert faults.store.items[("Patient", rid)]["resource"]["name"][0]["family"] == owner[f"pair-{i}"], \
+            (i, state, dlq, [(r.seq, r.method, r.path, r.headers.get("if-none-exist"), r.body[:120]) for r in faults.requests])
+    assert app.one("SELECT count(*) FROM fhir_dlq WHERE error_class = 'identifier_conflict'") == 15, (state, dlq)
 
 
 def test_a_server_that_matches_another_identifier_of_a_patient_is_caught_and_stopped(make_cluster, faults):
