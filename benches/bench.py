@@ -13,6 +13,10 @@ Scenarios (default: every one but soak10m; "all" adds it):
     claim1m    EXPLAIN (ANALYZE, BUFFERS) of the claim with 1k / 1M pending and 1k pending + 1M delivered
     soak10m    10 min at 300 rows/s with fhir_cleanup_old(0) every minute: first vs last minute, outbox bloat
     helios     steady and burst against the real Helios FHIR server (if installed)
+    wal        WAL the worker writes per delivered change (pg_walinspect, by record type): first writes and
+               updates, single PUTs and Bundles of 100, captured with delivery paused, then drained alone
+    walsim     the same per-change WAL for candidate designs of issue 17 (lease, settle, state), replayed in SQL
+               on copies of the outbox and sync-state tables
 
 It starts its own PostgreSQL 15 cluster under target/bench/cluster (fhir_sync preloaded, track_commit_timestamp on,
 fsync on) and the local endpoint (benches/endpoint), prints one table per scenario and writes every figure to
@@ -48,7 +52,7 @@ sys.path.insert(0, str(REPO / "tests" / "e2e"))
 
 from harness.cluster import Cluster  # noqa: E402
 from harness.pg import PG  # noqa: E402
-from harness.util import HFS_BIN, free_port  # noqa: E402
+from harness.util import HFS_BIN, free_port, wait_until  # noqa: E402
 
 PG_BIN = Path(PG.bindir)   # this machine's PostgreSQL 15, unless FHIR_SYNC_PG_* name another
 
@@ -61,7 +65,8 @@ MRN = "urn:bench:mrn"
 DEFAULT_ENDPOINT = REPO / "target" / "bench-endpoint" / "release" / "fhir-bench-endpoint"
 
 
-SCENARIOS = ["steady", "burst20k", "burst100k", "slow20ms", "capture", "claim1m", "soak10m", "helios"]
+SCENARIOS = ["steady", "burst20k", "burst100k", "slow20ms", "capture", "claim1m", "soak10m", "helios", "wal",
+             "walsim"]
 DEFAULT_SCENARIOS = [s for s in SCENARIOS if s != "soak10m"]
 
 
@@ -376,6 +381,7 @@ class Bench:
         self.sql("CREATE EXTENSION fhir_sync")
         self.sql("CREATE EXTENSION pg_stat_statements")
         self.sql("CREATE EXTENSION pgstattuple")
+        self.sql("CREATE EXTENSION pg_walinspect")
         self.sql((FIXTURES / "health_tables.sql").read_text())
         self.sql("SELECT fhir_track('patient', 'Patient'), fhir_track('patient_other_identifiers', 'Patient'),"
                  " fhir_track('form', 'Encounter'), fhir_track('blood_pressure', 'Observation'),"
@@ -659,6 +665,157 @@ class Bench:
                             f"{self.sql('SELECT error_class, http_status, left(error, 200) FROM fhir_dlq WHERE id > %s LIMIT 3', (self.dlq_base,))}")
         if problems:
             raise Broken(f"{what}: " + "; ".join(problems))
+
+    # -------------------------------------------------------------------------------- WAL
+    def wal_lsn(self) -> str:
+        return self.one("SELECT pg_current_wal_insert_lsn()::text")
+
+    def wal_between(self, start: str, end: str) -> dict:
+        """WAL from start to end: total bytes and, per record type (pg_walinspect), records, bytes, FPI bytes."""
+        # pg_walinspect reads only flushed WAL; the walwriter flushes within wal_writer_delay.
+        wait_until(lambda: self.one("SELECT pg_current_wal_flush_lsn() >= %s::pg_lsn", (end,)), timeout=10,
+                   message="WAL flushed")
+        total = int(self.one("SELECT pg_wal_lsn_diff(%s::pg_lsn, %s::pg_lsn)", (end, start)))
+        kinds = [{"record": r[0], "count": int(r[1]), "bytes": int(r[2]), "fpi_bytes": int(r[3])}
+                 for r in self.sql("SELECT resource_manager, count, record_size, fpi_size"
+                                   "  FROM pg_get_wal_stats(%s::pg_lsn, %s::pg_lsn, true)"
+                                   " WHERE count > 0 ORDER BY combined_size DESC", (start, end))]
+        return {"bytes": total, "records": sum(k["count"] for k in kinds),
+                "fpi_bytes": sum(k["fpi_bytes"] for k in kinds), "kinds": kinds}
+
+    @staticmethod
+    def wal_kinds_cell(w: dict, changes: int, top: int = 6) -> str:
+        """The heaviest record types, per change: 'Heap/UPDATE 1.0x 210 B; ...'."""
+        return "; ".join(f"{k['record']} {k['count'] / changes:.2f}x {(k['bytes'] + k['fpi_bytes']) / changes:.0f} B"
+                         for k in w["kinds"][:top])
+
+    def wal_drain(self, tag: str, n: int, change_sql: str | None) -> dict:
+        """Captures n changes with delivery paused (first writes, or with change_sql an update of the rows tag
+        made), then lets the worker drain them alone and returns the WAL of the drain."""
+        if change_sql is None:
+            self.begin_scenario()
+        else:  # the endpoint keeps what the first pass stored: the updates address it by id and version
+            self.check_server()
+            self.dlq_base = self.one("SELECT coalesce(max(id), 0) FROM fhir_dlq")
+        requests0 = self.endpoint.stats().get("requests", 0)
+        self.configure(server_url="")
+        if change_sql is None:
+            self.insert_burst(tag, n)
+        else:
+            with self.conn.transaction():
+                self.sql(change_sql, (MRN, f"{self.run_id}.{tag}.%"))
+        pending = self.pending()
+        if pending < n:
+            raise Broken(f"wal {tag}: {pending} changes captured, {n} expected")
+        start = self.wal_lsn()
+        self.configure(server_url=self.endpoint.url, settle=0)
+        self.wait_drained(None, 600, f"wal {tag}")
+        end = self.wal_lsn()
+        w = self.wal_between(start, end)
+        w.update(changes=n, requests=self.endpoint.stats().get("requests", 0) - requests0)
+        self.check_clean(f"wal {tag}", {})
+        return w
+
+    def scenario_wal(self):
+        n = 2000 if self.quick else 10000
+        out, rows = {}, []
+        configs = [("single", "single PUTs", {})]
+        if self.has_guc.get("fhir_sync.bundle_size"):
+            configs.append(("bundle", "Bundles of 100", {"bundle_size": 100, "bundle_type": "batch"}))
+        for key, label, settings in configs:
+            self.reset_settings()
+            if settings:
+                self.configure(**settings)
+            tag = f"wal-{key}"
+            first = self.wal_drain(tag, n, None)
+            # an update of every row the first pass wrote: addressed by id, If-Match on the version
+            upd = self.wal_drain(tag, n, "UPDATE patient SET name_given = 'Janet' WHERE identifier_system = %s"
+                                         " AND identifier_value LIKE %s")
+            out[key] = {"first_writes": first, "updates": upd}
+            for what, w in (("first writes", first), ("updates", upd)):
+                rows.append([f"{label}, {what}", n, w["requests"], w["bytes"] / n, w["records"] / n,
+                             w["fpi_bytes"] / n, self.wal_kinds_cell(w, n)])
+        self.reset_settings()
+        self.results["scenarios"]["wal"] = out
+        self.tables.append(table(
+            f"wal: WAL the worker writes while it drains {n:,} changes captured with delivery paused (pg_walinspect;"
+            f" target <= 150 B per delivered change)",
+            ["config", "changes", "requests", "WAL B/change", "records/change", "of it FPI B", "heaviest records"],
+            rows))
+
+    # Candidate designs of issue 17, each a list of (statement, per) run for every batch of ids in its own
+    # transaction: what the worker's lease, settle and sync-state writes would be. $ids: the batch.
+    WALSIM_STATE_UPDATE = ("UPDATE walsim_state s SET fhir_version = (s.fhir_version::int + 1)::text,"
+                           " last_synced_at = now(), last_outbox_id = o.id FROM walsim_outbox o"
+                           " WHERE o.id = ANY (%(ids)s) AND s.resource_table = o.resource_table"
+                           " AND s.resource_key = o.resource_key")
+    WALSIM_LEASE = ("UPDATE walsim_outbox SET locked_by = 1, lock_expires_at = now() + interval '30 s'"
+                    " WHERE id = ANY (%(ids)s)")
+    WALSIM_SETTLE = ("UPDATE walsim_outbox SET processed = true, processed_at = now(), locked_by = NULL,"
+                     " lock_expires_at = NULL, next_retry_at = NULL, fhir_resource_id = 'x' || id,"
+                     " fhir_version = '2' WHERE id = ANY (%(ids)s)")
+    WALSIM_CANDIDATES = [
+        ("today", "row lease (HOT) + settle UPDATE (non-HOT) + state UPDATE; fillfactor 50", 50,
+         [WALSIM_LEASE, WALSIM_SETTLE, WALSIM_STATE_UPDATE]),
+        ("shmem lease", "lease in shared memory; settle UPDATE + state UPDATE", 50,
+         [WALSIM_SETTLE, WALSIM_STATE_UPDATE]),
+        ("delete", "lease in shared memory; DELETE the delivered rows + state UPDATE; fillfactor 100", 100,
+         ["DELETE FROM walsim_outbox WHERE id = ANY (%(ids)s)", WALSIM_STATE_UPDATE]),
+        ("cursor", "append-only log: one cursor row per batch + state UPDATE; fillfactor 100", 100,
+         ["UPDATE walsim_cursor SET last_id = (SELECT max(i) FROM unnest(%(ids)s::bigint[]) i), at = now()",
+          WALSIM_STATE_UPDATE]),
+        ("cursor, unlogged versions", "cursor per batch; versions in an UNLOGGED table (lost in a crash:"
+         " re-read), the logged state written only when an id changes", 100,
+         ["UPDATE walsim_cursor SET last_id = (SELECT max(i) FROM unnest(%(ids)s::bigint[]) i), at = now()",
+          WALSIM_STATE_UPDATE.replace("UPDATE walsim_state", "UPDATE walsim_versions")]),
+    ]
+
+    def scenario_walsim(self):
+        n = 2000 if self.quick else 10000
+        batch = 100
+        # Real rows: the changes and sync state one drain leaves (Patients of the bench's shape).
+        self.reset_settings()
+        self.wal_drain("walsim", n, None)
+        base = self.outbox_base
+        out, rows = {}, []
+        for key, what, fillfactor, statements in self.WALSIM_CANDIDATES:
+            self.sql("DROP TABLE IF EXISTS walsim_outbox, walsim_state, walsim_versions, walsim_cursor")
+            self.sql(f"CREATE TABLE walsim_outbox (LIKE fhir_outbox INCLUDING ALL) WITH (fillfactor = {fillfactor})")
+            self.sql("CREATE TABLE walsim_state (LIKE fhir_sync_state INCLUDING ALL)")
+            self.sql("CREATE UNLOGGED TABLE walsim_versions (LIKE fhir_sync_state INCLUDING ALL)")
+            self.sql("CREATE TABLE walsim_cursor (last_id bigint, at timestamptz)")
+            self.sql("INSERT INTO walsim_cursor VALUES (0, now())")
+            cols = ("txid, table_name, record_id, operation, resource_type, resource_table, resource_key, payload_json,"
+                    " identifier_system, identifier_value, created_at")
+            self.sql(f"INSERT INTO walsim_outbox ({cols}) SELECT {cols} FROM fhir_outbox"
+                     f" WHERE id > %s ORDER BY id", (base,))
+            for t in ("walsim_state", "walsim_versions"):
+                self.sql(f"INSERT INTO {t} SELECT s.resource_table, s.resource_key, s.resource_type, s.fhir_id, '1',"
+                         f" s.identifier_system, s.identifier_value, false, now(), 0 FROM fhir_sync_state s"
+                         f" JOIN walsim_outbox o USING (resource_table, resource_key)")
+            self.sql("VACUUM (ANALYZE) walsim_outbox, walsim_state, walsim_versions, walsim_cursor")
+            # The capture wrote these pages in this checkpoint cycle, as it does for the worker's writes.
+            ids = [r[0] for r in self.sql("SELECT id FROM walsim_outbox ORDER BY id")]
+            self.sql("SET synchronous_commit = off")
+            start = self.wal_lsn()
+            for i in range(0, len(ids), batch):
+                with self.conn.transaction():
+                    for st in statements:
+                        self.sql(st, {"ids": ids[i:i + batch]})
+            end = self.wal_lsn()
+            self.sql("RESET synchronous_commit")
+            w = self.wal_between(start, end)
+            m = len(ids)
+            out[key] = {**w, "changes": m, "what": what}
+            rows.append([key, m, w["bytes"] / m, w["records"] / m, w["fpi_bytes"] / m, what,
+                         self.wal_kinds_cell(w, m, top=4)])
+        self.sql("DROP TABLE IF EXISTS walsim_outbox, walsim_state, walsim_versions, walsim_cursor")
+        self.results["scenarios"]["walsim"] = out
+        self.tables.append(table(
+            f"walsim: WAL per delivered change of candidate designs, replayed in SQL over {n:,} real captured changes"
+            f" in transactions of {batch} (one per batch; the worker's own claim/settle statements not included)",
+            ["candidate", "changes", "WAL B/change", "records/change", "of it FPI B", "what", "heaviest records"],
+            rows))
 
     # -------------------------------------------------------------------------------- scenarios
     def scenario_steady(self):

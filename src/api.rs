@@ -572,6 +572,7 @@ fn explain_claim(batch: i32) -> TableIterator<'static, (name!(plan, String),)> {
             1000,
             &Default::default(),
             &mut Default::default(),
+            None,
             Some(&mut plans),
         )
     });

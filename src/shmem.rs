@@ -1,5 +1,6 @@
 //! State the workers share with every backend: where to find each worker's latch (so a commit
-//! can wake it) and the counters and latency histogram behind the metrics views.
+//! can wake it), the leases of what each has claimed, and the counters and latency histogram
+//! behind the metrics views.
 //!
 //! Everything is an atomic in one fixed struct, so readers never take a lock and the commit
 //! callback, which must not fail, does nothing that can.
@@ -57,6 +58,23 @@ pub struct Shared {
     /// What the server's CapabilityStatement said and what the workers made of it (JSON, for
     /// the fhir_sync_server view): written by a worker when it reads the statement.
     pub server: TextSlot,
+    /// Each worker's leases, beside its slot in `workers` (worker/lease.rs).
+    pub leases: [LeaseSlot; MAX_WORKERS],
+}
+
+/// The resources one worker has claimed and not settled (`fhir_sync_core::lease`). Written by
+/// that worker only while it holds its database's claim lock (and freed by it at any time); read
+/// by the other workers of the database under the claim lock.
+#[repr(C)]
+pub struct LeaseSlot {
+    /// The leases are void after this (ms since the epoch): a live worker that stopped claiming
+    /// for fhir_sync.lease_time is taken to be stuck.
+    pub until_ms: AtomicI64,
+    /// Outbox rows under these leases.
+    pub ids: AtomicU64,
+    /// Entries in use are below this.
+    pub high: AtomicUsize,
+    pub keys: [AtomicU64; fhir_sync_core::lease::PER_WORKER],
 }
 
 /// Words of the TextSlot (8 KiB of text).

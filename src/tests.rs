@@ -376,15 +376,16 @@ fn a_claim_made_while_resources_are_in_flight_passes_them_over() {
     let patient = Spi::get_one::<pg_sys::Oid>("SELECT 'patient'::regclass::oid").unwrap().unwrap();
     // Patient 1 is out on the wire (its first batch); a newer change of it is pending.
     let in_flight: crate::worker::claim::ResourcesInFlight = [(patient, "1".to_string())].into();
-    let claimed = crate::worker::claim::claim("public", 100, 60_000, &in_flight, &mut Default::default()).unwrap();
+    let claimed = crate::worker::claim::claim("public", 100, 60_000, &in_flight, &mut Default::default(), None).unwrap();
     assert!(!claimed.is_empty());
     assert!(
         claimed.iter().all(|c| !(c.resource_table == patient && c.resource_key == "1")),
         "a resource in flight was claimed again"
     );
-    assert_eq!(count("SELECT count(*) FROM fhir_outbox WHERE resource_key = '1' AND resource_table = 'patient'::regclass AND locked_by IS NOT NULL"), 0);
-    // Every other pending change was leased with its resource.
-    assert_eq!(count("SELECT count(*) FROM fhir_outbox WHERE NOT (resource_key = '1' AND resource_table = 'patient'::regclass) AND locked_by IS NULL"), 0);
+    // Every other pending change was claimed with its resource, and the claim wrote no row.
+    let ids: usize = claimed.iter().map(|c| c.outbox_ids.len()).sum();
+    assert_eq!(ids as i64, count("SELECT count(*) FROM fhir_outbox WHERE NOT processed AND NOT (resource_key = '1' AND resource_table = 'patient'::regclass)"));
+    assert_eq!(count("SELECT count(*) FROM fhir_outbox WHERE locked_by IS NOT NULL OR lock_expires_at IS NOT NULL"), 0);
 }
 
 /// The sandbox undoes what owners' code sets, keeps its errors with their SQLSTATE, refuses a role

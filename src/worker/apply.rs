@@ -127,7 +127,8 @@ impl Worker {
                         attempted,
                     });
                 }
-                Outcome::Release => s.release.extend(ids),
+                // Not answered (the worker is leaving): its lease ends with the others.
+                Outcome::Release => s.handed_back = true,
             }
         }
 

@@ -4,9 +4,11 @@
 //! Claims are serialised per database by a lock no SQL statement can name ([`lock_claims`]), so
 //! two workers can never lease the same resource — and no ordinary role can take that lock and
 //! stall delivery, as it could an advisory lock key (pg_advisory_lock is open to all) or a lock
-//! on a table (several statements lock a table they name before checking the privilege): a resource is claimable only when none of its pending
-//! changes is leased by another live worker or waiting for a retry. All its pending changes are
-//! leased together and settled by one request (the resource as it stands now).
+//! on a table (several statements lock a table they name before checking the privilege): a
+//! resource is claimable only when no other live worker leases it (shared memory, lease.rs) and
+//! none of its pending changes is waiting for a retry. All its pending changes are leased
+//! together and settled by one request (the resource as it stands now). The claim writes
+//! nothing to the outbox: a lease is not worth a row version.
 //!
 //! A queue table's statistics are always wrong: autovacuum analyses it when the queue happens
 //! to be empty, and the planner then expects one pending row. So the claim is three small
@@ -14,6 +16,7 @@
 //! `fhir_outbox_pending_idx` in order; everything after is driven by those few keys), and the
 //! claim transaction switches off the plan shapes that would scan the whole outbox.
 
+use super::lease::{self, Leases};
 use crate::error::FhirSyncError;
 pub use fhir_sync_core::floor::Floor;
 use pgrx::prelude::*;
@@ -32,37 +35,22 @@ pub struct Claimed {
     pub age_s: f64,
 }
 
-/// Pids of running fhir_sync workers. A lease held by any other pid belongs to a worker that
-/// died (kill -9, crash): it is taken over at once instead of after lease_time.
-pub fn live_workers() -> Vec<i32> {
-    crate::shmem::shared()
-        .map(|s| {
-            s.workers
-                .iter()
-                .map(|w| w.pid.load(std::sync::atomic::Ordering::Acquire))
-                .filter(|p| *p != 0)
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 const PLAN_GUARDS: &str = "SET LOCAL enable_seqscan = off; SET LOCAL enable_sort = off; \
                            SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off; \
                            SET LOCAL enable_bitmapscan = off";
 
-/// Due, unleased changes in claim order: fresh ones first (from id $3 on), then retries that
-/// came due. $1 how many, $2 live worker pids, $3 the floor. Two scans of the same index, so that
-/// each starts where its range starts: `next_retry_at IS NULL AND id >= $3` is an index
-/// condition, where an OR of the two ranges would only be a filter over the whole front.
+/// Due changes in claim order: fresh ones first (from id $2 on), then retries that came due. $1
+/// how many. Two scans of the same index, so that each starts where its range starts:
+/// `next_retry_at IS NULL AND id >= $2` is an index condition, where an OR of the two ranges
+/// would only be a filter over the whole front. What other workers lease is passed over after.
 fn candidates_sql(schema: &str) -> String {
-    let free = "(o.lock_expires_at IS NULL OR o.lock_expires_at < pg_catalog.now() OR NOT (o.locked_by = ANY ($2)))";
     format!(
         "(SELECT o.id, o.resource_table::pg_catalog.oid, o.resource_key, true AS fresh FROM {schema}.fhir_outbox o
-           WHERE NOT o.processed AND o.next_retry_at IS NULL AND o.id >= $3 AND {free}
+           WHERE NOT o.processed AND o.next_retry_at IS NULL AND o.id >= $2
            ORDER BY o.next_retry_at NULLS FIRST, o.id LIMIT $1)
          UNION ALL
          (SELECT o.id, o.resource_table::pg_catalog.oid, o.resource_key, false FROM {schema}.fhir_outbox o
-           WHERE NOT o.processed AND o.next_retry_at <= pg_catalog.now() AND {free}
+           WHERE NOT o.processed AND o.next_retry_at <= pg_catalog.now()
            ORDER BY o.next_retry_at NULLS FIRST, o.id LIMIT $1)
          LIMIT $1"
     )
@@ -109,36 +97,23 @@ fn outbox_sequence(
     Ok(oid)
 }
 
-/// Every pending change of the given resources, and whether it makes its resource busy: leased
-/// by another live worker, or waiting for a retry. $1 tables, $2 keys, $3 live worker pids,
-/// $4 this worker's pid. LATERAL keeps the keys on the outside of the join: one index probe per
-/// key, whatever the planner believes of the outbox. `OFFSET 0` keeps the subquery from being
-/// pulled up into a plain join: after a TRUNCATE the outbox looks empty to the planner, which
-/// then scans all of it once per key (measured: 270 ms instead of 2 ms per claim).
+/// Every pending change of the given resources, whether it makes its resource busy (waiting for
+/// a retry), and what the claim returns of it. $1 tables, $2 keys. LATERAL keeps the keys on the
+/// outside of the join: one index probe per key, whatever the planner believes of the outbox.
+/// `OFFSET 0` keeps the subquery from being pulled up into a plain join: after a TRUNCATE the
+/// outbox looks empty to the planner, which then scans all of it once per key (measured: 270 ms
+/// instead of 2 ms per claim).
 fn pending_of_sql(schema: &str) -> String {
     format!(
-        "SELECT u.t, u.k, p.id, p.held FROM unnest($1::pg_catalog.oid[], $2::text[]) AS u(t, k)
+        "SELECT u.t, u.k, p.id, p.held, p.resource_type, p.attempts, p.identifier_system, p.identifier_value, p.age
+           FROM unnest($1::pg_catalog.oid[], $2::text[]) AS u(t, k)
           CROSS JOIN LATERAL (
-                SELECT b.id,
-                       coalesce((b.lock_expires_at >= pg_catalog.now() AND b.locked_by = ANY ($3) AND b.locked_by <> $4)
-                                OR b.next_retry_at > pg_catalog.now(), false) AS held
+                SELECT b.id, coalesce(b.next_retry_at > pg_catalog.now(), false) AS held, b.resource_type,
+                       b.attempts, b.identifier_system, b.identifier_value,
+                       extract(epoch FROM pg_catalog.clock_timestamp() - b.created_at)::float8 AS age
                   FROM {schema}.fhir_outbox b
                  WHERE b.resource_table = u.t::pg_catalog.regclass AND b.resource_key = u.k
                    AND NOT b.processed OFFSET 0) AS p"
-    )
-}
-
-/// Leases the given changes. $1 outbox ids, $2 pid, $3 lease ms. (No `NOT processed` here:
-/// the ids were read as pending under the claim lock, and the predicate would tempt the planner
-/// onto a partial index it believes empty.)
-fn lease_sql(schema: &str) -> String {
-    format!(
-        "UPDATE {schema}.fhir_outbox o
-            SET locked_by = $2, lock_expires_at = pg_catalog.now() + $3 * interval '1 millisecond'
-          WHERE o.id = ANY ($1)
-         RETURNING o.id, o.resource_table::pg_catalog.oid, o.resource_key, o.resource_type, o.attempts,
-                   o.identifier_system, o.identifier_value,
-                   extract(epoch FROM pg_catalog.clock_timestamp() - o.created_at)::float8"
     )
 }
 
@@ -173,59 +148,69 @@ fn lock_claims() {
 const CLAIM_LOCK_FIELD4: u16 = 3;
 
 /// Resources this worker has in flight: a claim made while they are out must pass them over.
-/// (The busy check cannot see them: this worker's own leases count as free, so that a cycle
-/// that failed after its claim can take its resources up again at once.)
+/// (A claim passes over only the other workers' leases: this worker's own are its to take up
+/// again, after a cycle that failed once its claim was made.)
 pub type ResourcesInFlight = std::collections::HashSet<(pg_sys::Oid, String)>;
 
-/// Leases up to `batch` resources, none of them in `exclude`. With `explain`, each statement
-/// runs under EXPLAIN (ANALYZE, BUFFERS) and its plan is appended there (for
-/// fhir_sync_explain_claim; the caller rolls back).
+/// Leases up to `batch` resources, none of them in `exclude` or leased by another worker, and
+/// publishes the leases in `leases` (None: a backend's claim, which is rolled back). With
+/// `explain`, each statement runs under EXPLAIN (ANALYZE, BUFFERS) and its plan is appended
+/// there (for fhir_sync_explain_claim; the caller rolls back).
 pub fn claim_with(
     schema: &str,
     batch: i64,
     lease_ms: i64,
     exclude: &ResourcesInFlight,
     floor: &mut Floor,
+    mut leases: Option<&mut Leases>,
     mut explain: Option<&mut Vec<String>>,
 ) -> Result<Vec<Claimed>, FhirSyncError> {
-    // SAFETY: a read of a backend global set at process start.
-    let pid = unsafe { pg_sys::MyProcPid };
-    let live = live_workers();
+    let batch = match &leases {
+        Some(l) => batch.min(l.room() as i64),
+        None => batch,
+    };
+    if batch <= 0 {
+        return Ok(Vec::new());
+    }
     let now = std::time::Instant::now();
     let from = floor.start(now, crate::gucs::poll_interval());
     Spi::connect_mut(|client| {
         lock_claims();
+        // Read under the claim lock: no other worker of this database claims meanwhile.
+        let others = lease::held_by_others();
+        // Several changes of one resource count once: read twice the batch, keep `batch`
+        // resources; and as many more as other workers lease, which are passed over.
+        let limit = batch * 2 + others.ids;
         client.update(PLAN_GUARDS, None, &[])?;
         if let Some(plans) = explain.as_mut() {
             let sql = format!("EXPLAIN (ANALYZE, BUFFERS) {}", candidates_sql(schema));
             plans.push("-- candidates".into());
-            for row in client.select(
-                sql.as_str(),
-                None,
-                &[(batch * 2).into(), live.clone().into(), from.into()],
-            )? {
+            for row in client.select(sql.as_str(), None, &[limit.into(), from.into()])? {
                 plans.push(row.get::<String>(1)?.unwrap_or_default());
             }
         }
-        // Several changes of one resource count once: read twice the batch, keep `batch` resources.
         let mut order: Vec<(pg_sys::Oid, String)> = Vec::new();
         let mut seen = std::collections::HashSet::new();
         let mut first_fresh: Option<i64> = None;
-        for row in crate::plans::select(
+        // Read-write execution, for its snapshot (also below): a read-only statement would see
+        // the transaction's first snapshot, taken before the claim lock was granted, in which
+        // what the worker that held it settled meanwhile is still pending.
+        for row in crate::plans::update(
             client,
             &candidates_sql(schema),
-            None,
-            &[(batch * 2).into(), live.clone().into(), from.into()],
+            &[limit.into(), from.into()],
         )? {
-            if row.get::<bool>(4)?.unwrap_or(false) {
-                let id = row.get::<i64>(1)?.unwrap_or(0);
-                first_fresh = Some(first_fresh.map_or(id, |f| f.min(id)));
-            }
             let key = (
                 row.get::<pg_sys::Oid>(2)?.unwrap_or(pg_sys::InvalidOid),
                 row.get::<String>(3)?.unwrap_or_default(),
             );
-            if !exclude.contains(&key) && seen.insert(key.clone()) {
+            let theirs = others.keys.contains(&lease::key_of(key.0, &key.1));
+            if row.get::<bool>(4)?.unwrap_or(false) && !theirs {
+                // (Another worker's fresh changes must not hold the floor back: they are its.)
+                let id = row.get::<i64>(1)?.unwrap_or(0);
+                first_fresh = Some(first_fresh.map_or(id, |f| f.min(id)));
+            }
+            if !theirs && !exclude.contains(&key) && seen.insert(key.clone()) {
                 order.push(key);
             }
         }
@@ -245,20 +230,17 @@ pub fn claim_with(
             return Ok(Vec::new());
         }
         // Probe as many resources as the batch has room for; only when some turn out busy
-        // (another worker's, or backing off) are the next candidates probed to fill it. With a
-        // large backlog each probe is a cache miss, so probing spares would cost the claim
-        // what it saves.
+        // (backing off) are the next candidates probed to fill it. With a large backlog each
+        // probe is a cache miss, so probing spares would cost the claim what it saves.
         let want = batch.max(1) as usize;
-        let mut chosen: Vec<(pg_sys::Oid, String)> = Vec::with_capacity(want);
-        let mut pending: std::collections::HashMap<(pg_sys::Oid, String), Vec<i64>> =
-            std::collections::HashMap::new();
+        let mut out: Vec<Claimed> = Vec::with_capacity(want);
         let mut next = 0;
-        while chosen.len() < want && next < order.len() {
-            let probe = &order[next..(next + want - chosen.len()).min(order.len())];
+        while out.len() < want && next < order.len() {
+            let probe = &order[next..(next + want - out.len()).min(order.len())];
             next += probe.len();
             let tables: Vec<pg_sys::Oid> = probe.iter().map(|r| r.0).collect();
             let keys: Vec<String> = probe.iter().map(|r| r.1.clone()).collect();
-            let args = [tables.into(), keys.into(), live.clone().into(), pid.into()];
+            let args = [tables.into(), keys.into()];
             if let Some(plans) = explain.as_mut() {
                 let sql = format!("EXPLAIN (ANALYZE, BUFFERS) {}", pending_of_sql(schema));
                 plans.push("-- pending changes of the candidates".into());
@@ -267,74 +249,53 @@ pub fn claim_with(
                 }
             }
             let mut busy = std::collections::HashSet::new();
-            for row in crate::plans::select(client, &pending_of_sql(schema), None, &args)? {
+            let mut found: std::collections::HashMap<(pg_sys::Oid, String), Claimed> =
+                std::collections::HashMap::new();
+            for row in crate::plans::update(client, &pending_of_sql(schema), &args)? {
                 let key = (
                     row.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid),
                     row.get::<String>(2)?.unwrap_or_default(),
                 );
                 if row.get::<bool>(4)?.unwrap_or(true) {
                     busy.insert(key);
-                } else if let Some(id) = row.get::<i64>(3)? {
-                    pending.entry(key).or_default().push(id);
+                    continue;
                 }
-            }
-            chosen.extend(
-                probe
-                    .iter()
-                    .filter(|r| !busy.contains(*r) && pending.contains_key(*r))
-                    .cloned(),
-            );
-        }
-        let order = chosen;
-        if order.is_empty() {
-            return Ok(Vec::new());
-        }
-        let ids: Vec<i64> = order
-            .iter()
-            .flat_map(|r| pending.remove(r).unwrap_or_default())
-            .collect();
-        let args = [ids.into(), pid.into(), lease_ms.into()];
-        if let Some(plans) = explain.as_mut() {
-            let sql = format!("EXPLAIN (ANALYZE, BUFFERS) {}", lease_sql(schema));
-            plans.push("-- lease".into());
-            for row in client.update(sql.as_str(), None, &args)? {
-                plans.push(row.get::<String>(1)?.unwrap_or_default());
-            }
-        }
-        let mut by_resource: std::collections::HashMap<(pg_sys::Oid, String), Claimed> =
-            std::collections::HashMap::new();
-        for row in crate::plans::update(client, &lease_sql(schema), &args)? {
-            let id: i64 = row.get(1)?.unwrap_or(0);
-            let table: pg_sys::Oid = row.get(2)?.unwrap_or(pg_sys::InvalidOid);
-            let key: String = row.get(3)?.unwrap_or_default();
-            let c = by_resource
-                .entry((table, key.clone()))
-                .or_insert_with(|| Claimed {
-                    resource_table: table,
-                    resource_key: key,
+                let Some(id) = row.get::<i64>(3)? else {
+                    continue;
+                };
+                let c = found.entry(key.clone()).or_insert_with(|| Claimed {
+                    resource_table: key.0,
+                    resource_key: key.1.clone(),
                     resource_type: String::new(),
                     outbox_ids: Vec::new(),
                     attempts: 0,
                     identifier: None,
                     age_s: 0.0,
                 });
-            c.outbox_ids.push(id);
-            c.resource_type = row.get::<String>(4)?.unwrap_or_default();
-            c.attempts = c.attempts.max(row.get::<i32>(5)?.unwrap_or(0));
-            c.age_s = c.age_s.max(row.get::<f64>(8)?.unwrap_or(0.0));
-            // The newest identifier the trigger saw wins (a DELETE may need it).
-            if let (Some(s), Some(v)) = (row.get::<String>(6)?, row.get::<String>(7)?) {
-                if c.outbox_ids.iter().all(|o| *o <= id) {
-                    c.identifier = Some((s, v));
+                let newest = c.outbox_ids.iter().all(|o| *o <= id);
+                c.outbox_ids.push(id);
+                c.resource_type = row.get::<String>(5)?.unwrap_or_default();
+                c.attempts = c.attempts.max(row.get::<i32>(6)?.unwrap_or(0));
+                c.age_s = c.age_s.max(row.get::<f64>(9)?.unwrap_or(0.0));
+                // The newest identifier the trigger saw wins (a DELETE may need it).
+                if let (Some(s), Some(v)) = (row.get::<String>(7)?, row.get::<String>(8)?) {
+                    if newest {
+                        c.identifier = Some((s, v));
+                    }
                 }
             }
+            out.extend(
+                probe
+                    .iter()
+                    .filter(|r| !busy.contains(*r))
+                    .filter_map(|r| found.remove(r)),
+            );
         }
-        let mut out: Vec<Claimed> = order
-            .into_iter()
-            .filter_map(|r| by_resource.remove(&r))
-            .collect();
         for c in &mut out {
             c.outbox_ids.sort_unstable();
+        }
+        if let Some(l) = leases.as_mut() {
+            l.hold(&out, lease_ms);
         }
         Ok(out)
     })
@@ -346,6 +307,7 @@ pub fn claim(
     lease_ms: i64,
     exclude: &ResourcesInFlight,
     floor: &mut Floor,
+    leases: Option<&mut Leases>,
 ) -> Result<Vec<Claimed>, FhirSyncError> {
-    claim_with(schema, batch, lease_ms, exclude, floor, None)
+    claim_with(schema, batch, lease_ms, exclude, floor, leases, None)
 }

@@ -12,6 +12,7 @@
 mod apply;
 pub mod claim;
 mod client;
+mod lease;
 pub mod map;
 mod pipeline;
 mod server;
@@ -49,7 +50,7 @@ struct Worker {
     /// answers 5xx or 429 (it is struggling, or serialises writes), grown by one per clean tier.
     in_flight: usize,
     /// When the next claim may start: set by a cycle that found more than one resource (changes
-    /// arrive faster than cycles end), fhir_sync.linger after that cycle began.
+    /// arrive faster than cycles end), as long after it ended as it took (pace::next_claim).
     paced: Option<Instant>,
     /// Where the claim's scan of fresh changes starts (claim::Floor).
     floor: claim::Floor,
@@ -59,6 +60,8 @@ struct Worker {
     published: Option<std::sync::Arc<fhir_sync_core::capability::Capabilities>>,
     /// The identities the tier in flight writes (map.rs guard_identities).
     flying: Vec<fhir_sync_core::identity::Claim>,
+    /// The resources this worker has claimed and not settled, in shared memory.
+    leases: lease::Leases,
 }
 
 /// Batches delivered back to back in one cycle before the worker looks at its latch, signals
@@ -117,6 +120,7 @@ pub extern "C-unwind" fn fhir_sync_worker_main(arg: pg_sys::Datum) {
         last_failure: None,
         published: None,
         flying: Vec::new(),
+        leases: lease::Leases::new(&shared.leases[index.min(shmem::MAX_WORKERS - 1)]),
     };
     loop {
         // SAFETY: a read of a sig_atomic_t PostgreSQL's signal handlers set, on the main thread.
@@ -294,6 +298,7 @@ impl Worker {
                 crate::gucs::lease_time_ms(),
                 &Default::default(),
                 &mut self.floor,
+                Some(&mut self.leases),
             )
         }) {
             Ok(c) => c,
@@ -325,7 +330,12 @@ impl Worker {
                 // that captured something while this batch was out has already set the latch.
                 Ok(_) if full => return None,
                 Ok(_) => {
-                    self.paced = (size > 1).then(|| started + crate::gucs::linger());
+                    self.paced = fhir_sync_core::pace::next_claim(
+                        started,
+                        Instant::now(),
+                        size,
+                        crate::gucs::linger(),
+                    );
                     return Some(poll);
                 }
                 Err(e) => return self.failed_cycle("delivering", &e),
@@ -334,7 +344,7 @@ impl Worker {
     }
 
     /// A cycle that hit a PostgreSQL error (the extension being dropped, a table gone, a lock
-    /// not granted in time): log it and try again later. The leases it held expire on their own.
+    /// not granted in time): log it and try again later. What it claimed is handed back.
     /// The log names the step and the SQLSTATE, never PostgreSQL's message (it may quote a
     /// value); the same problem persisting is logged again only every FAILURE_RELOG.
     fn failed_cycle(
@@ -346,6 +356,9 @@ impl Worker {
         self.floor.reset();
         self.schema = None;
         claim::forget_outbox();
+        // Nothing of the cycle is in flight any more (deliver answers what it sent before it
+        // fails): what it claimed and did not settle may be claimed again, by any worker.
+        self.leases.clear();
         let what = error.log_form();
         let now = Instant::now();
         let repeat = matches!(&self.last_failure, Some((s, w, at)) if *s == step && *w == what && now.duration_since(*at) < policy::FAILURE_RELOG);

@@ -67,8 +67,15 @@ impl Worker {
         let tracks = match self.tracks(schema, &batch.claimed) {
             Ok(t) => t,
             Err(e) => {
-                // Nothing was sent: hand the batch back now rather than when its lease ends.
-                let _ = self.release(schema, &batch.claimed);
+                // Hand the batch back now rather than when its lease ends; what of it is on its
+                // way is answered first (a re-send of it is harmless, two at once are not).
+                self.release(&batch.claimed);
+                if let Some(m) = batch.mapped {
+                    if let Stage::Sent(f) = m.stage {
+                        self.collect(f);
+                    }
+                    self.release(&m.tier);
+                }
                 return Err(e);
             }
         };
@@ -96,7 +103,7 @@ impl Worker {
                 _ if tier.is_empty() => continue,
                 _ => {
                     if self.holding_back() {
-                        self.release(schema, &tier)?;
+                        self.release(&tier);
                         continue;
                     }
                     self.map(schema, &tracks, tier)?
@@ -104,7 +111,7 @@ impl Worker {
             };
             // Requests already on their way are seen through whatever happened meanwhile.
             if matches!(work.stage, Stage::Ready(_)) && self.holding_back() {
-                self.release(schema, &work.tier)?;
+                self.release(&work.tier);
                 continue;
             }
             let in_flight: claim::ResourcesInFlight = work
@@ -156,17 +163,23 @@ impl Worker {
             self.flying.clear();
             if let Err(e) = settled {
                 // The batch claimed ahead goes back at once rather than when its lease ends
-                // (after the answers to what of it was sent: a re-send is harmless).
+                // (after the answers to what of it was sent: a re-send is harmless). This tier's
+                // leases stay until the failed cycle ends them.
                 if let Some(Ok(n)) = next {
-                    let _ = self.release(schema, &n.claimed);
+                    self.release(&n.claimed);
                     if let Some(m) = n.mapped {
                         if let Stage::Sent(f) = m.stage {
                             self.collect(f);
                         }
-                        let _ = self.release(schema, &m.tier);
+                        self.release(&m.tier);
                     }
                 }
                 return Err(e);
+            }
+            // What was settled is visible to every claim now: its leases end.
+            self.leases.release(&tier);
+            if settlement.handed_back {
+                self.floor.reset();
             }
         }
         next.transpose()
@@ -187,6 +200,7 @@ impl Worker {
                 crate::gucs::lease_time_ms(),
                 in_flight,
                 &mut self.floor,
+                Some(&mut self.leases),
             )
         })?;
         if claimed
@@ -308,21 +322,18 @@ impl Worker {
         })
     }
 
-    /// Hands changes back without spending attempts: nothing was sent.
-    pub(super) fn release(&mut self, schema: &str, tier: &[Claimed]) -> Result<(), FhirSyncError> {
-        let s = Settlement {
-            release: tier.iter().flat_map(|c| c.outbox_ids.clone()).collect(),
-            ..Default::default()
-        };
-        self.settle(schema, &s)
-    }
-
-    /// Records a settlement in its own transaction. Changes handed back may lie below the
-    /// claim's floor: the next claim scans from the front.
-    fn settle(&mut self, schema: &str, s: &Settlement) -> Result<(), FhirSyncError> {
-        if !s.release.is_empty() {
+    /// Hands changes back without spending attempts: nothing was sent (or nothing that is
+    /// still on its way). They may lie below the claim's floor: the next claim scans from the
+    /// front.
+    pub(super) fn release(&mut self, tier: &[Claimed]) {
+        if !tier.is_empty() {
+            self.leases.release(tier);
             self.floor.reset();
         }
+    }
+
+    /// Records a settlement in its own transaction.
+    fn settle(&mut self, schema: &str, s: &Settlement) -> Result<(), FhirSyncError> {
         crate::subxact::transaction_flat(|| settle::settle(schema, s))
     }
 }

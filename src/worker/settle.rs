@@ -1,6 +1,6 @@
 //! Settle: record what happened to each claimed resource, in one short transaction per tier.
 //! Every statement is a set statement over arrays: one round trip per kind of outcome, not
-//! one per row.
+//! one per row. (The leases end after it commits: lease.rs.)
 
 use crate::error::FhirSyncError;
 use pgrx::prelude::*;
@@ -49,7 +49,9 @@ pub struct Settlement {
     pub retries: Vec<Retry>,
     pub dead: Vec<DeadLetter>,
     pub waits: Vec<Wait>,
-    pub release: Vec<i64>,
+    /// Some changes go back unsent (their leases end with the tier's): they may lie below the
+    /// claim's floor.
+    pub handed_back: bool,
     pub dependencies: Vec<(pg_sys::Oid, String)>,
 }
 
@@ -67,8 +69,7 @@ pub fn settle(schema: &str, s: &Settlement) -> Result<(), FhirSyncError> {
             crate::plans::update(
                 client,
                 &format!(
-                    "UPDATE {schema}.fhir_outbox o SET processed = true, processed_at = pg_catalog.now(),
-                            locked_by = NULL, lock_expires_at = NULL, next_retry_at = NULL,
+                    "UPDATE {schema}.fhir_outbox o SET processed = true, processed_at = pg_catalog.now(), next_retry_at = NULL,
                             fhir_resource_id = d.fid, fhir_version = d.ver, last_error = NULL, error_class = NULL
                        FROM unnest($1::bigint[], $2::text[], $3::text[]) AS d(id, fid, ver)
                       WHERE o.id = d.id"
@@ -134,7 +135,7 @@ pub fn settle(schema: &str, s: &Settlement) -> Result<(), FhirSyncError> {
                 &format!(
                     "UPDATE {schema}.fhir_outbox o SET attempts = o.attempts + 1,
                             next_retry_at = pg_catalog.now() + u.delay * interval '1 millisecond',
-                            locked_by = NULL, lock_expires_at = NULL, last_error = u.err, error_class = u.cls,
+                            last_error = u.err, error_class = u.cls,
                             http_status = u.st, first_failed_at = coalesce(o.first_failed_at, pg_catalog.now())
                        FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::int[])
                             AS u(id, delay, err, cls, st)
@@ -156,18 +157,11 @@ pub fn settle(schema: &str, s: &Settlement) -> Result<(), FhirSyncError> {
                 client,
                 &format!(
                     "UPDATE {schema}.fhir_outbox o SET next_retry_at = pg_catalog.now() + u.delay * interval '1 millisecond',
-                            locked_by = NULL, lock_expires_at = NULL, last_error = u.reason, error_class = 'waiting'
+                            last_error = u.reason, error_class = 'waiting'
                        FROM unnest($1::bigint[], $2::bigint[], $3::text[]) AS u(id, delay, reason)
                       WHERE o.id = u.id"
                 ),
                 &[ids.into(), delays.into(), reasons.into()],
-            )?;
-        }
-        if !s.release.is_empty() {
-            client.update(
-                format!("UPDATE {schema}.fhir_outbox SET locked_by = NULL, lock_expires_at = NULL WHERE id = ANY ($1) AND NOT processed").as_str(),
-                None,
-                &[s.release.clone().into()],
             )?;
         }
         let dlq = format!(
