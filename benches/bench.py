@@ -676,10 +676,10 @@ class Bench:
         wait_until(lambda: self.one("SELECT pg_current_wal_flush_lsn() >= %s::pg_lsn", (end,)), timeout=10,
                    message="WAL flushed")
         total = int(self.one("SELECT pg_wal_lsn_diff(%s::pg_lsn, %s::pg_lsn)", (end, start)))
-        kinds = [{"record": r[0], "count": int(r[1]), "bytes": int(r[2]), "fpi_bytes": int(r[3])}
-                 for r in self.sql("SELECT resource_manager, count, record_size, fpi_size"
-                                   "  FROM pg_get_wal_stats(%s::pg_lsn, %s::pg_lsn, true)"
-                                   " WHERE count > 0 ORDER BY combined_size DESC", (start, end))]
+        # (the first column is "resource_manager/record_type": read by position)
+        kinds = [{"record": r[0], "count": int(r[1]), "bytes": int(r[3]), "fpi_bytes": int(r[5])}
+                 for r in self.sql("SELECT * FROM pg_get_wal_stats(%s::pg_lsn, %s::pg_lsn, true)"
+                                   " WHERE count > 0 ORDER BY 8 DESC", (start, end))]
         return {"bytes": total, "records": sum(k["count"] for k in kinds),
                 "fpi_bytes": sum(k["fpi_bytes"] for k in kinds), "kinds": kinds}
 
@@ -754,20 +754,31 @@ class Bench:
     WALSIM_SETTLE = ("UPDATE walsim_outbox SET processed = true, processed_at = now(), locked_by = NULL,"
                      " lock_expires_at = NULL, next_retry_at = NULL, fhir_resource_id = 'x' || id,"
                      " fhir_version = '2' WHERE id = ANY (%(ids)s)")
+    # (name, what, outbox fillfactor, sync-state fillfactor, statements); the state is written first, while
+    # the batch's outbox rows are still there to join with.
     WALSIM_CANDIDATES = [
-        ("today", "row lease (HOT) + settle UPDATE (non-HOT) + state UPDATE; fillfactor 50", 50,
-         [WALSIM_LEASE, WALSIM_SETTLE, WALSIM_STATE_UPDATE]),
-        ("shmem lease", "lease in shared memory; settle UPDATE + state UPDATE", 50,
-         [WALSIM_SETTLE, WALSIM_STATE_UPDATE]),
-        ("delete", "lease in shared memory; DELETE the delivered rows + state UPDATE; fillfactor 100", 100,
-         ["DELETE FROM walsim_outbox WHERE id = ANY (%(ids)s)", WALSIM_STATE_UPDATE]),
-        ("cursor", "append-only log: one cursor row per batch + state UPDATE; fillfactor 100", 100,
-         ["UPDATE walsim_cursor SET last_id = (SELECT max(i) FROM unnest(%(ids)s::bigint[]) i), at = now()",
-          WALSIM_STATE_UPDATE]),
-        ("cursor, unlogged versions", "cursor per batch; versions in an UNLOGGED table (lost in a crash:"
-         " re-read), the logged state written only when an id changes", 100,
-         ["UPDATE walsim_cursor SET last_id = (SELECT max(i) FROM unnest(%(ids)s::bigint[]) i), at = now()",
-          WALSIM_STATE_UPDATE.replace("UPDATE walsim_state", "UPDATE walsim_versions")]),
+        ("today", "row lease (HOT) + settle UPDATE (non-HOT) + state UPDATE; outbox fillfactor 50", 50, 100,
+         [WALSIM_LEASE, WALSIM_STATE_UPDATE, WALSIM_SETTLE]),
+        ("shmem lease", "lease in shared memory; settle UPDATE + state UPDATE", 50, 100,
+         [WALSIM_STATE_UPDATE, WALSIM_SETTLE]),
+        ("shmem lease, outbox ff 100", "the same, outbox fillfactor 100", 100, 100,
+         [WALSIM_STATE_UPDATE, WALSIM_SETTLE]),
+        ("shmem lease, state ff 70", "the same, sync-state fillfactor 70 (room for HOT updates)", 50, 70,
+         [WALSIM_STATE_UPDATE, WALSIM_SETTLE]),
+        ("delete", "lease in shared memory; state UPDATE + DELETE the delivered rows; outbox fillfactor 100",
+         100, 100, [WALSIM_STATE_UPDATE, "DELETE FROM walsim_outbox WHERE id = ANY (%(ids)s)"]),
+        ("delete, state ff 70", "the same, sync-state fillfactor 70", 100, 70,
+         [WALSIM_STATE_UPDATE, "DELETE FROM walsim_outbox WHERE id = ANY (%(ids)s)"]),
+        ("cursor", "append-only log: one cursor row per batch + state UPDATE", 100, 100,
+         [WALSIM_STATE_UPDATE,
+          "UPDATE walsim_cursor SET last_id = (SELECT max(i) FROM unnest(%(ids)s::bigint[]) i), at = now()"]),
+        ("cursor, state ff 70", "the same, sync-state fillfactor 70", 100, 70,
+         [WALSIM_STATE_UPDATE,
+          "UPDATE walsim_cursor SET last_id = (SELECT max(i) FROM unnest(%(ids)s::bigint[]) i), at = now()"]),
+        ("cursor, unlogged versions", "cursor per batch; versions in an UNLOGGED table (lost in a crash: re-read),"
+         " the logged state written only when an id changes", 100, 100,
+         [WALSIM_STATE_UPDATE.replace("UPDATE walsim_state", "UPDATE walsim_versions"),
+          "UPDATE walsim_cursor SET last_id = (SELECT max(i) FROM unnest(%(ids)s::bigint[]) i), at = now()"]),
     ]
 
     def scenario_walsim(self):
@@ -778,10 +789,10 @@ class Bench:
         self.wal_drain("walsim", n, None)
         base = self.outbox_base
         out, rows = {}, []
-        for key, what, fillfactor, statements in self.WALSIM_CANDIDATES:
+        for key, what, fillfactor, state_ff, statements in self.WALSIM_CANDIDATES:
             self.sql("DROP TABLE IF EXISTS walsim_outbox, walsim_state, walsim_versions, walsim_cursor")
             self.sql(f"CREATE TABLE walsim_outbox (LIKE fhir_outbox INCLUDING ALL) WITH (fillfactor = {fillfactor})")
-            self.sql("CREATE TABLE walsim_state (LIKE fhir_sync_state INCLUDING ALL)")
+            self.sql(f"CREATE TABLE walsim_state (LIKE fhir_sync_state INCLUDING ALL) WITH (fillfactor = {state_ff})")
             self.sql("CREATE UNLOGGED TABLE walsim_versions (LIKE fhir_sync_state INCLUDING ALL)")
             self.sql("CREATE TABLE walsim_cursor (last_id bigint, at timestamptz)")
             self.sql("INSERT INTO walsim_cursor VALUES (0, now())")

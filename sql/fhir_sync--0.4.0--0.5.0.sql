@@ -7,13 +7,16 @@
 -- - SMART Backend Services: fhir_sync_jwks() prints the public keys to register with the EHR;
 -- - write modes: fhir_tracked.write_mode, and fhir_track(write_mode => …), for servers without
 --   update-as-create or that take no update at all;
--- - fhir_sync_server: the server's CapabilityStatement as the workers read it.
+-- - fhir_sync_server: the server's CapabilityStatement as the workers read it;
+-- - fhir_sync_state keeps room on its pages, so that a delivery's update of a row is HOT.
 
 CREATE INDEX fhir_sync_state_identifier_idx ON @extschema@.fhir_sync_state (identifier_value, identifier_system)
     WHERE NOT deleted;
 -- Which rows map to a resource id (a delete or update of a resource another row still maps to is
 -- refused).
 CREATE INDEX fhir_sync_state_fhir_id_idx ON @extschema@.fhir_sync_state (fhir_id) WHERE NOT deleted;
+-- (Pages written from now on; existing ones gain the room as vacuum frees it.)
+ALTER TABLE @extschema@.fhir_sync_state SET (fillfactor = 70);
 
 CREATE FUNCTION @extschema@."fhir_sync_jwks"() RETURNS jsonb
 STRICT

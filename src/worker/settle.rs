@@ -98,17 +98,35 @@ pub fn settle(schema: &str, s: &Settlement) -> Result<(), FhirSyncError> {
             crate::plans::update(
                 client,
                 &format!(
-                    "INSERT INTO {schema}.fhir_sync_state AS s (resource_table, resource_key, resource_type, fhir_id,
+                    // A plain UPDATE of the rows that exist (nearly all: a first write reserved its
+                    // row before it was sent), HOT when the page has room: an upsert would first
+                    // lock each row it updates, one more WAL record per delivered change. Rows not
+                    // there yet are inserted (the upsert stays for one made meanwhile).
+                    "WITH u AS (SELECT * FROM unnest($1::oid[], $2::text[], $3::text[], $4::text[], $5::text[],
+                                                     $6::text[], $7::text[], $8::boolean[], $9::bigint[])
+                                     AS u(rt, rk, ty, fid, ver, isys, ival, del, last)),
+                          updated AS (
+                            UPDATE {schema}.fhir_sync_state s SET
+                                   resource_type = u.ty,
+                                   fhir_id = coalesce(u.fid, s.fhir_id),
+                                   -- never keep an older version: it would make the next update's
+                                   -- If-Match fail and cost a re-read.
+                                   fhir_version = u.ver,
+                                   identifier_system = coalesce(u.isys, s.identifier_system),
+                                   identifier_value = coalesce(u.ival, s.identifier_value),
+                                   deleted = u.del, last_synced_at = pg_catalog.now(), last_outbox_id = u.last
+                              FROM u
+                             WHERE s.resource_table = u.rt::pg_catalog.regclass AND s.resource_key = u.rk
+                            RETURNING s.resource_table, s.resource_key)
+                     INSERT INTO {schema}.fhir_sync_state AS s (resource_table, resource_key, resource_type, fhir_id,
                             fhir_version, identifier_system, identifier_value, deleted, last_synced_at, last_outbox_id)
                      SELECT u.rt::pg_catalog.regclass, u.rk, u.ty, u.fid, u.ver, u.isys, u.ival, u.del, pg_catalog.now(), u.last
-                       FROM unnest($1::oid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                                              $7::text[], $8::boolean[], $9::bigint[])
-                            AS u(rt, rk, ty, fid, ver, isys, ival, del, last)
+                       FROM u
+                      WHERE NOT EXISTS (SELECT 1 FROM updated d
+                                         WHERE d.resource_table = u.rt::pg_catalog.regclass AND d.resource_key = u.rk)
                      ON CONFLICT (resource_table, resource_key) DO UPDATE SET
                             resource_type = excluded.resource_type,
                             fhir_id = coalesce(excluded.fhir_id, s.fhir_id),
-                            -- never keep an older version: it would make the next update's
-                            -- If-Match fail and cost a re-read.
                             fhir_version = excluded.fhir_version,
                             identifier_system = coalesce(excluded.identifier_system, s.identifier_system),
                             identifier_value = coalesce(excluded.identifier_value, s.identifier_value),
