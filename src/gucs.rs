@@ -512,9 +512,13 @@ pub fn workers() -> usize {
 }
 /// Resources claimed per cycle: fhir_sync.batch_size, but at least enough to fill every Bundle
 /// that may be in flight at once (bundle_size × max_in_flight).
+/// Resources per claim: at least what the Bundles in flight carry, and at most half of what a
+/// worker's lease slot holds, so that the batch claimed ahead always fits beside the one in flight.
 pub fn batch_size() -> i64 {
     let bundles = BUNDLE_SIZE.get().max(0) as i64 * max_in_flight() as i64;
-    (BATCH_SIZE.get() as i64).max(bundles)
+    (BATCH_SIZE.get() as i64)
+        .max(bundles)
+        .min(fhir_sync_core::lease::PER_WORKER as i64 / 2)
 }
 pub fn max_retries() -> i32 {
     MAX_RETRIES.get()

@@ -11,8 +11,8 @@
 
 use std::collections::HashMap;
 
-/// Leases one worker can hold at once: a claimed batch and the one claimed ahead of it, at the
-/// largest batch anyone runs (a claim takes at most what is left).
+/// Leases one worker can hold at once: a claimed batch and the one claimed ahead of it
+/// (fhir_sync.batch_size is capped at half of this).
 pub const PER_WORKER: usize = 8192;
 
 /// The key of a resource: FNV-1a over its table's oid and its key; never 0 (an empty entry).
@@ -53,6 +53,11 @@ impl Book {
     /// How many more resources fit.
     pub fn room(&self) -> usize {
         self.free.len()
+    }
+
+    /// Whether `key` is leased here.
+    pub fn holds(&self, key: u64) -> bool {
+        self.at.contains_key(&key)
     }
 
     /// Outbox rows under lease (the other workers' claims read that many more candidates).

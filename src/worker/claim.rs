@@ -35,7 +35,10 @@ pub struct Claimed {
     pub age_s: f64,
 }
 
-const PLAN_GUARDS: &str = "SET LOCAL enable_seqscan = off; SET LOCAL enable_sort = off; \
+/// The plan shapes that would scan a whole table, switched off for the transaction: the claim's,
+/// and the settle's join of a batch with `fhir_sync_state`.
+pub(super) const PLAN_GUARDS: &str =
+    "SET LOCAL enable_seqscan = off; SET LOCAL enable_sort = off; \
                            SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off; \
                            SET LOCAL enable_bitmapscan = off";
 
@@ -179,8 +182,9 @@ pub fn claim_with(
         // Read under the claim lock: no other worker of this database claims meanwhile.
         let others = lease::held_by_others();
         // Several changes of one resource count once: read twice the batch, keep `batch`
-        // resources; and as many more as other workers lease, which are passed over.
-        let limit = batch * 2 + others.ids;
+        // resources; and as many more as are leased (this worker's in flight, and the other
+        // workers'), which are passed over.
+        let limit = batch * 2 + others.ids + leases.as_ref().map_or(0, |l| l.ids() as i64);
         client.update(PLAN_GUARDS, None, &[])?;
         if let Some(plans) = explain.as_mut() {
             let sql = format!("EXPLAIN (ANALYZE, BUFFERS) {}", candidates_sql(schema));
@@ -204,13 +208,18 @@ pub fn claim_with(
                 row.get::<pg_sys::Oid>(2)?.unwrap_or(pg_sys::InvalidOid),
                 row.get::<String>(3)?.unwrap_or_default(),
             );
-            let theirs = others.keys.contains(&lease::key_of(key.0, &key.1));
-            if row.get::<bool>(4)?.unwrap_or(false) && !theirs {
-                // (Another worker's fresh changes must not hold the floor back: they are its.)
+            let k = lease::key_of(key.0, &key.1);
+            // This worker's own: in flight (`exclude`), or a resource that hashes like one in
+            // flight, whose lease the other's settle would end. Either way it settles them or
+            // hands them back (and drops its floor).
+            let mine = exclude.contains(&key) || leases.as_ref().is_some_and(|l| l.holds(k));
+            if row.get::<bool>(4)?.unwrap_or(false) && !mine {
+                // Another worker's count: the floor must not pass a change its leaseholder may
+                // not deliver (one captured after its claim, or one it hands back as it exits).
                 let id = row.get::<i64>(1)?.unwrap_or(0);
                 first_fresh = Some(first_fresh.map_or(id, |f| f.min(id)));
             }
-            if !theirs && !exclude.contains(&key) && seen.insert(key.clone()) {
+            if !mine && !others.keys.contains(&k) && seen.insert(key.clone()) {
                 order.push(key);
             }
         }

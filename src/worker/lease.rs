@@ -40,6 +40,11 @@ impl Leases {
         }
     }
 
+    /// Outbox rows under this worker's leases.
+    pub fn ids(&self) -> u64 {
+        self.book.ids()
+    }
+
     /// How many more resources this worker may claim.
     pub fn room(&self) -> usize {
         self.book.room()
@@ -58,6 +63,18 @@ impl Leases {
             .collect();
         let writes = self.book.hold(&keys);
         self.apply(&writes);
+        self.refresh(lease_ms);
+    }
+
+    /// Whether this worker holds `key` (a resource in flight, or one of another table or key
+    /// that hashes alike: either way not to be claimed again until it is settled).
+    pub fn holds(&self, key: u64) -> bool {
+        self.book.holds(key)
+    }
+
+    /// Extends every lease to `lease_ms` from now: a batch whose later tiers go out long after
+    /// its claim must not be taken for abandoned while they are on their way.
+    pub fn refresh(&self, lease_ms: i64) {
         self.slot
             .until_ms
             .store(shmem::now_ms() + lease_ms, Ordering::Release);

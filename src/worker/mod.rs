@@ -174,8 +174,14 @@ pub extern "C-unwind" fn fhir_sync_worker_main(arg: pg_sys::Datum) {
 /// is hot in shared buffers, so random reads cost what sequential ones do — without that, the
 /// planner trades the partial indexes for sequential scans of the whole outbox once the backlog
 /// is a few percent of it. fhir_sync_explain_claim applies them too, to show the worker's plans.
-const SESSION_SETTINGS: [(&str, &str); 2] =
-    [("synchronous_commit", "off"), ("random_page_cost", "1.1")];
+/// And read committed, whatever the role or the server sets by default: the claim and the identity
+/// guard read, after their locks are granted, what other workers committed meanwhile, which needs
+/// a new snapshot per statement.
+const SESSION_SETTINGS: [(&str, &str); 3] = [
+    ("synchronous_commit", "off"),
+    ("random_page_cost", "1.1"),
+    ("default_transaction_isolation", "read committed"),
+];
 
 /// Applies SESSION_SETTINGS to the session, or (`local`) to the current transaction only.
 pub fn apply_session_settings(local: bool) -> Result<(), FhirSyncError> {

@@ -244,6 +244,8 @@ impl Worker {
             deadline: Instant::now() + Duration::from_millis(g::lease_time_ms() as u64 / 2),
             record_call: shmem::record_call,
         };
+        // The batch's leases last from here: its later tiers go out long after its claim.
+        self.leases.refresh(g::lease_time_ms());
         let client = self.client.clone().expect("checked in cycle");
         send::start(&client, requests, grouping)
     }

@@ -58,6 +58,9 @@ pub struct Settlement {
 pub fn settle(schema: &str, s: &Settlement) -> Result<(), FhirSyncError> {
     Spi::connect_mut(|client| {
         if !s.delivered.is_empty() {
+            // The state write joins the batch with fhir_sync_state: one index probe per row, never
+            // a hash join over the table, whatever its statistics say.
+            client.update(super::claim::PLAN_GUARDS, None, &[])?;
             let (mut ids, mut fids, mut vers) = (Vec::new(), Vec::new(), Vec::new());
             for d in &s.delivered {
                 for id in &d.outbox_ids {
