@@ -209,17 +209,20 @@ pub fn claim_with(
                 row.get::<String>(3)?.unwrap_or_default(),
             );
             let k = lease::key_of(key.0, &key.1);
-            // This worker's own: in flight (`exclude`), or a resource that hashes like one in
-            // flight, whose lease the other's settle would end. Either way it settles them or
-            // hands them back (and drops its floor).
-            let mine = exclude.contains(&key) || leases.as_ref().is_some_and(|l| l.holds(k));
-            if row.get::<bool>(4)?.unwrap_or(false) && !mine {
-                // Another worker's count: the floor must not pass a change its leaseholder may
-                // not deliver (one captured after its claim, or one it hands back as it exits).
+            if row.get::<bool>(4)?.unwrap_or(false) {
+                // Every fresh change counts, leased or not: a lease covers a resource, and a
+                // change captured after its claim is not in the request on its way; the floor
+                // must not pass it (nor one a leaseholder hands back as it exits). The floor
+                // moves on once the batch in flight is settled.
                 let id = row.get::<i64>(1)?.unwrap_or(0);
                 first_fresh = Some(first_fresh.map_or(id, |f| f.min(id)));
             }
-            if !mine && !others.keys.contains(&k) && seen.insert(key.clone()) {
+            // Passed over: this worker's own (in flight: `exclude`, or a resource that hashes like
+            // one in flight, whose lease the other's settle would end) and other workers'.
+            let taken = exclude.contains(&key)
+                || leases.as_ref().is_some_and(|l| l.holds(k))
+                || others.keys.contains(&k);
+            if !taken && seen.insert(key.clone()) {
                 order.push(key);
             }
         }

@@ -88,13 +88,13 @@ impl Worker {
             tiers[t].push(c);
         }
         let mut mapped = batch.mapped;
-        let last = tiers.iter().rposition(|t| !t.is_empty());
-        if mapped.is_some() {
-            debug_assert!(
-                tiers[0].is_empty(),
-                "a mapped first tier is not claimed again"
-            );
+        if mapped.is_some() && !tiers[0].is_empty() {
+            // A table whose mapper changed tier since the batch was claimed ahead: its resources
+            // go back rather than being dropped with their leases held.
+            let moved = std::mem::take(&mut tiers[0]);
+            self.release(&moved);
         }
+        let last = tiers.iter().rposition(|t| !t.is_empty());
         let mut next: Option<Result<Next, FhirSyncError>> = None;
         for (t, tier) in tiers.into_iter().enumerate() {
             let is_last = t == last.unwrap_or(0);
