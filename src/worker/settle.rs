@@ -103,8 +103,10 @@ pub fn settle(schema: &str, s: &Settlement) -> Result<(), FhirSyncError> {
                 &format!(
                     // A plain UPDATE of the rows that exist (nearly all: a first write reserved its
                     // row before it was sent), HOT when the page has room: an upsert would first
-                    // lock each row it updates, one more WAL record per delivered change. Rows not
-                    // there yet are inserted (the upsert stays for one made meanwhile).
+                    // lock each row it updates, one more WAL record per delivered change. Then an
+                    // insert of the rows not there: a row that exists is found by the conflict
+                    // check before anything is written (the insert does not see the update, which
+                    // runs in the same snapshot, and needs no anti-join with it).
                     "WITH u AS (SELECT * FROM unnest($1::oid[], $2::text[], $3::text[], $4::text[], $5::text[],
                                                      $6::text[], $7::text[], $8::boolean[], $9::bigint[])
                                      AS u(rt, rk, ty, fid, ver, isys, ival, del, last)),
@@ -119,22 +121,12 @@ pub fn settle(schema: &str, s: &Settlement) -> Result<(), FhirSyncError> {
                                    identifier_value = coalesce(u.ival, s.identifier_value),
                                    deleted = u.del, last_synced_at = pg_catalog.now(), last_outbox_id = u.last
                               FROM u
-                             WHERE s.resource_table = u.rt::pg_catalog.regclass AND s.resource_key = u.rk
-                            RETURNING s.resource_table, s.resource_key)
+                             WHERE s.resource_table = u.rt::pg_catalog.regclass AND s.resource_key = u.rk)
                      INSERT INTO {schema}.fhir_sync_state AS s (resource_table, resource_key, resource_type, fhir_id,
                             fhir_version, identifier_system, identifier_value, deleted, last_synced_at, last_outbox_id)
                      SELECT u.rt::pg_catalog.regclass, u.rk, u.ty, u.fid, u.ver, u.isys, u.ival, u.del, pg_catalog.now(), u.last
                        FROM u
-                      WHERE NOT EXISTS (SELECT 1 FROM updated d
-                                         WHERE d.resource_table = u.rt::pg_catalog.regclass AND d.resource_key = u.rk)
-                     ON CONFLICT (resource_table, resource_key) DO UPDATE SET
-                            resource_type = excluded.resource_type,
-                            fhir_id = coalesce(excluded.fhir_id, s.fhir_id),
-                            fhir_version = excluded.fhir_version,
-                            identifier_system = coalesce(excluded.identifier_system, s.identifier_system),
-                            identifier_value = coalesce(excluded.identifier_value, s.identifier_value),
-                            deleted = excluded.deleted, last_synced_at = excluded.last_synced_at,
-                            last_outbox_id = excluded.last_outbox_id"
+                     ON CONFLICT (resource_table, resource_key) DO NOTHING"
                 ),
                 &[rts.into(), rks.into(), tys.into(), fids.into(), vers.into(), isys.into(), ival.into(), dels.into(), last.into()],
             )?;
