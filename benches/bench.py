@@ -684,6 +684,11 @@ class Bench:
                 "fpi_bytes": sum(k["fpi_bytes"] for k in kinds), "kinds": kinds}
 
     @staticmethod
+    def wal_per_change(w: dict, changes: int) -> list:
+        """WAL bytes, records and FPI bytes per change."""
+        return [w["bytes"] / changes, w["records"] / changes, w["fpi_bytes"] / changes]
+
+    @staticmethod
     def wal_kinds_cell(w: dict, changes: int, top: int = 6) -> str:
         """The heaviest record types, per change: 'Heap/UPDATE 1.0x 210 B; ...'."""
         return "; ".join(f"{k['record']} {k['count'] / changes:.2f}x {(k['bytes'] + k['fpi_bytes']) / changes:.0f} B"
@@ -733,8 +738,8 @@ class Bench:
                                          " AND identifier_value LIKE %s")
             out[key] = {"first_writes": first, "updates": upd}
             for what, w in (("first writes", first), ("updates", upd)):
-                rows.append([f"{label}, {what}", n, w["requests"], w["bytes"] / n, w["records"] / n,
-                             w["fpi_bytes"] / n, self.wal_kinds_cell(w, n)])
+                rows.append([f"{label}, {what}", n, w["requests"], *self.wal_per_change(w, n),
+                             self.wal_kinds_cell(w, n)])
         self.reset_settings()
         self.results["scenarios"]["wal"] = out
         self.tables.append(table(
@@ -743,8 +748,8 @@ class Bench:
             ["config", "changes", "requests", "WAL B/change", "records/change", "of it FPI B", "heaviest records"],
             rows))
 
-    # Candidate designs of issue 17, each a list of (statement, per) run for every batch of ids in its own
-    # transaction: what the worker's lease, settle and sync-state writes would be. $ids: the batch.
+    # The writes of candidate designs of issue 17 (lease, settle, sync state), run for every batch of ids in
+    # its own transaction. %(ids)s: the batch.
     WALSIM_STATE_UPDATE = ("UPDATE walsim_state s SET fhir_version = (s.fhir_version::int + 1)::text,"
                            " last_synced_at = now(), last_outbox_id = o.id FROM walsim_outbox o"
                            " WHERE o.id = ANY (%(ids)s) AND s.resource_table = o.resource_table"
@@ -818,8 +823,7 @@ class Bench:
             w = self.wal_between(start, end)
             m = len(ids)
             out[key] = {**w, "changes": m, "what": what}
-            rows.append([key, m, w["bytes"] / m, w["records"] / m, w["fpi_bytes"] / m, what,
-                         self.wal_kinds_cell(w, m, top=4)])
+            rows.append([key, m, *self.wal_per_change(w, m), what, self.wal_kinds_cell(w, m, top=4)])
         self.sql("DROP TABLE IF EXISTS walsim_outbox, walsim_state, walsim_versions, walsim_cursor")
         self.results["scenarios"]["walsim"] = out
         self.tables.append(table(

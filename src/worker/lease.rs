@@ -5,8 +5,8 @@
 //! (claim.rs), a worker publishes its new leases before its claim transaction ends, and it ends a
 //! lease only after the settle that recorded the outcome has committed. So a claim sees every
 //! lease of a resource whose pending changes it can still see. A worker that is gone (its slot's
-//! pid cleared, or a crash that reset shared memory) holds nothing; a live one that stopped
-//! claiming for fhir_sync.lease_time is taken to be stuck, as a row lease used to expire.
+//! pid cleared, or a crash that reset shared memory) holds nothing; a live one that neither
+//! claimed nor sent for fhir_sync.lease_time is taken to be stuck, as a row lease used to expire.
 
 use super::claim::Claimed;
 use crate::shmem::{self, LeaseSlot};
@@ -18,6 +18,10 @@ use std::sync::atomic::Ordering;
 /// The key of a claimed resource.
 pub fn key_of(table: pg_sys::Oid, resource_key: &str) -> u64 {
     lease::key(table.to_u32(), resource_key)
+}
+
+fn key_of_claimed(c: &Claimed) -> u64 {
+    key_of(c.resource_table, &c.resource_key)
 }
 
 /// This worker's leases.
@@ -54,12 +58,7 @@ impl Leases {
     pub fn hold(&mut self, claimed: &[Claimed], lease_ms: i64) {
         let keys: Vec<(u64, u64)> = claimed
             .iter()
-            .map(|c| {
-                (
-                    key_of(c.resource_table, &c.resource_key),
-                    c.outbox_ids.len() as u64,
-                )
-            })
+            .map(|c| (key_of_claimed(c), c.outbox_ids.len() as u64))
             .collect();
         let writes = self.book.hold(&keys);
         self.apply(&writes);
@@ -82,10 +81,7 @@ impl Leases {
 
     /// Ends the leases of `claimed`: only once what was settled of them has committed.
     pub fn release(&mut self, claimed: &[Claimed]) {
-        let keys: Vec<u64> = claimed
-            .iter()
-            .map(|c| key_of(c.resource_table, &c.resource_key))
-            .collect();
+        let keys: Vec<u64> = claimed.iter().map(key_of_claimed).collect();
         let writes = self.book.release(&keys);
         self.apply(&writes);
     }

@@ -82,7 +82,8 @@ pub extern "C-unwind" fn fhir_sync_worker_main(arg: pg_sys::Datum) {
     let Some(shared) = shmem::shared() else {
         return;
     };
-    let slot = &shared.workers[index.min(shmem::MAX_WORKERS - 1)];
+    let index = index.min(shmem::MAX_WORKERS - 1);
+    let slot = &shared.workers[index];
     // fhir_sync.username: the role the launcher checked (it starts no worker for a role that
     // cannot log in); empty, the bootstrap superuser.
     let role = crate::gucs::username();
@@ -120,7 +121,7 @@ pub extern "C-unwind" fn fhir_sync_worker_main(arg: pg_sys::Datum) {
         last_failure: None,
         published: None,
         flying: Vec::new(),
-        leases: lease::Leases::new(&shared.leases[index.min(shmem::MAX_WORKERS - 1)]),
+        leases: lease::Leases::new(&shared.leases[index]),
     };
     loop {
         // SAFETY: a read of a sig_atomic_t PostgreSQL's signal handlers set, on the main thread.
