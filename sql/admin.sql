@@ -65,9 +65,9 @@ BEGIN
 END
 $fn$;
 
--- Deletes delivered outbox rows processed more than `days` days ago, and dead letters whose
--- last failure is more than 3 × `days` days old (they are kept longer: someone may still need
--- to read why they failed).
+-- Deletes the delivered history (fhir_outbox_delivered) of changes delivered more than `days`
+-- days ago, and dead letters whose last failure is more than 3 × `days` days old (they are kept
+-- longer: someone may still need to read why they failed).
 CREATE FUNCTION fhir_cleanup_old(days integer DEFAULT 30)
 RETURNS TABLE (outbox_deleted bigint, dlq_deleted bigint)
 LANGUAGE plpgsql
@@ -78,11 +78,32 @@ BEGIN
     IF days IS NULL OR days < 0 THEN
         RAISE EXCEPTION 'days must be zero or more, not %', days USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    DELETE FROM @extschema@.fhir_outbox o WHERE o.processed AND o.processed_at < now() - make_interval(days => days);
+    DELETE FROM @extschema@.fhir_outbox_delivered o WHERE o.processed_at < now() - make_interval(days => days);
     GET DIAGNOSTICS outbox_deleted = ROW_COUNT;
     DELETE FROM @extschema@.fhir_dlq q WHERE q.last_failed_at < now() - make_interval(days => 3 * days);
     GET DIAGNOSTICS dlq_deleted = ROW_COUNT;
     RETURN NEXT;
+END
+$fn$;
+
+-- Delivered changes per source table and resource type, for fhir_sync_tables. Nothing on a
+-- standby: the history is unlogged, and a statement that names an unlogged table fails there
+-- when it is planned, so the count is planned only when it can run (PL/pgSQL plans a statement
+-- when it first reaches it). SECURITY DEFINER: a role that may read the view gets the counts,
+-- not the rows.
+CREATE FUNCTION fhir_sync_delivered_counts()
+RETURNS TABLE (table_name text, resource_type text, delivered bigint)
+LANGUAGE plpgsql
+STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    IF pg_is_in_recovery() THEN
+        RETURN;
+    END IF;
+    RETURN QUERY SELECT h.table_name, h.resource_type, count(*)
+                   FROM @extschema@.fhir_outbox_delivered h GROUP BY 1, 2;
 END
 $fn$;
 
@@ -96,7 +117,8 @@ AS $fn$
 BEGIN
     EXECUTE format('GRANT USAGE ON SCHEMA @extschema@ TO %s', worker);
     EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON @extschema@.fhir_outbox, @extschema@.fhir_dlq, '
-                   '@extschema@.fhir_sync_state TO %s', worker);
+                   '@extschema@.fhir_sync_state, @extschema@.fhir_sync_version, @extschema@.fhir_outbox_delivered '
+                   'TO %s', worker);
     EXECUTE format('GRANT SELECT ON @extschema@.fhir_tracked TO %s', worker);
     -- The claim reads how far outbox ids have been handed out.
     EXECUTE format('GRANT SELECT ON SEQUENCE %s TO %s',

@@ -2,7 +2,7 @@
 -- granted to PUBLIC; functions are, by default, so revoke them here: everything that changes
 -- state, exposes worker pids, state or counters, or wakes the workers. The mappers stay public:
 -- they only turn a row the caller can already read into JSON.
-REVOKE ALL ON fhir_tracked, fhir_outbox, fhir_dlq, fhir_sync_state FROM PUBLIC;
+REVOKE ALL ON fhir_tracked, fhir_outbox, fhir_dlq, fhir_sync_state, fhir_sync_version, fhir_outbox_delivered FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION
     fhir_track(regclass, text, regprocedure, name, text, text, boolean, text),
     fhir_untrack(regclass, boolean),
@@ -12,6 +12,7 @@ REVOKE EXECUTE ON FUNCTION
     fhir_requeue_dlq(bigint),
     fhir_requeue_dlq(text, integer, text, timestamptz),
     fhir_cleanup_old(integer),
+    fhir_sync_delivered_counts(),
     fhir_preview(regclass, anyelement),
     fhir_preview_row(oid, text),
     fhir_capture(),
@@ -25,7 +26,7 @@ REVOKE EXECUTE ON FUNCTION
     fhir_sync_server_capabilities()
 FROM PUBLIC;
 REVOKE ALL ON fhir_sync_status, fhir_sync_workers, fhir_sync_tables, fhir_pending_transactions, fhir_sync_metrics,
-    fhir_sync_server FROM PUBLIC;
+    fhir_sync_server, fhir_sync_resources FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION fhir_sync_reset_stats(), fhir_sync_explain_claim(integer) FROM PUBLIC;
 
 -- The worker role named by fhir_sync.username gets what it needs at once (also after a DROP

@@ -58,12 +58,9 @@ CREATE TABLE fhir_outbox (
     error_class       text,
     http_status       integer,
     first_failed_at   timestamptz
--- Half of each page is kept free so that the worker's lease (locked_by, lock_expires_at: no
--- index covers them) is a HOT update written beside the row: no new index entries, and the
--- claim's index walk does not wade through dead ones. Measured: the lease of 400 rows 6.8 →
--- 2.8 ms, the whole worker ~25 % less CPU per row (benches/README.md). The outbox is a queue,
--- so the doubled size is that of the backlog.
-) WITH (fillfactor = 50);
+-- No fillfactor: a row is written once by the capture and leaves the table when it is delivered
+-- (a retry rewrites it, rarely). The leases are in shared memory (src/worker/lease.rs).
+);
 
 -- Claiming walks this index from the front: fresh changes (no retry time) first, then retries
 -- that came due. Its size is the pending backlog only, so a claim costs the same with a
@@ -72,8 +69,32 @@ CREATE INDEX fhir_outbox_pending_idx ON fhir_outbox (next_retry_at NULLS FIRST, 
 -- Per-resource lookups: is another worker holding this resource, is it backing off, which
 -- pending rows does one request settle.
 CREATE INDEX fhir_outbox_resource_idx ON fhir_outbox (resource_table, resource_key) WHERE NOT processed;
+
+-- Delivered changes, moved here from fhir_outbox by the settle that recorded them: what a DBA
+-- reads to see what went out recently, emptied by age with fhir_cleanup_old(). UNLOGGED: a
+-- delivered change then costs the primary a heap delete in the WAL (~60 bytes), not a new
+-- version of its row with index entries (~330 bytes, docs/delivery.md). The price: a crash or
+-- an immediate shutdown empties it, it is not on standbys, and pg_dump skips it (it skipped the
+-- delivered history before). The record of a delivery is the FHIR server and fhir_sync_state.
+-- No payload and no identifier: the history names source rows by key only.
+CREATE UNLOGGED TABLE fhir_outbox_delivered (
+    id                bigint      NOT NULL,
+    txid              bigint      NOT NULL,
+    table_name        text        NOT NULL,
+    record_id         text        NOT NULL,
+    operation         char(1)     NOT NULL,
+    resource_type     text        NOT NULL,
+    resource_table    regclass    NOT NULL,
+    resource_key      text        NOT NULL,
+    created_at        timestamptz NOT NULL,
+    processed_at      timestamptz NOT NULL,
+    attempts          integer     NOT NULL,
+    first_failed_at   timestamptz,
+    fhir_resource_id  text,
+    fhir_version      text
+);
 -- fhir_cleanup_old() deletes by age.
-CREATE INDEX fhir_outbox_processed_at_idx ON fhir_outbox (processed_at) WHERE processed;
+CREATE INDEX fhir_outbox_delivered_processed_at_idx ON fhir_outbox_delivered (processed_at);
 
 -- Changes that cannot be delivered, moved here from fhir_outbox with the reason (one row per
 -- resource and failure; outbox_ids lists the collapsed changes).
@@ -118,10 +139,9 @@ CREATE TABLE fhir_sync_state (
     last_synced_at    timestamptz NOT NULL DEFAULT now(),
     last_outbox_id    bigint,
     PRIMARY KEY (resource_table, resource_key)
--- Every delivery rewrites its row (version, time, last outbox id: no index covers them). With a
--- full page the new version goes to another page: a non-HOT update, an entry in each of the three
--- indexes and a lock record, ~300 bytes of WAL per delivered change. With room on the page it is
--- HOT (benches/README.md, walsim: 710 → 575 bytes per change).
+-- A delivery rewrites its row only when what the row maps to changes (a first write, a new id,
+-- a delete, another identifier); a version alone goes to fhir_sync_version. With room on the
+-- page the rewrite is HOT (benches/README.md, walsim: 710 → 575 bytes per change).
 ) WITH (fillfactor = 70);
 
 -- Which rows already map to an identifier (one source row, one resource: a second row with
@@ -132,9 +152,25 @@ CREATE INDEX fhir_sync_state_identifier_idx ON fhir_sync_state (identifier_value
 -- refused).
 CREATE INDEX fhir_sync_state_fhir_id_idx ON fhir_sync_state (fhir_id) WHERE NOT deleted;
 
+-- The version the FHIR server gave each resource's last write (If-Match on the next one), with
+-- when and by which change. Every delivered update writes it, so it is UNLOGGED: no WAL. A crash
+-- empties it; the version in fhir_sync_state (that of the row's last durable change) is then used,
+-- and where the server has moved on, its 412 makes the worker read the current version and send
+-- again (core/src/send.rs): one GET more per resource, once. fhir_sync_resources shows the two
+-- together.
+CREATE UNLOGGED TABLE fhir_sync_version (
+    resource_table    regclass    NOT NULL,
+    resource_key      text        NOT NULL,
+    fhir_version      text,
+    synced_at         timestamptz NOT NULL,
+    outbox_id         bigint,
+    PRIMARY KEY (resource_table, resource_key)
+) WITH (fillfactor = 70);
+
 -- pg_dump keeps what a user's database holds in these tables: tracking configuration, sync state
 -- (which FHIR id each row addresses), changes not yet delivered, dead letters. Not the delivered
--- history: it would carry the identifiers of rows deleted since into every dump. The identity
+-- history (fhir_outbox_delivered): it would carry the keys of rows deleted since into every dump;
+-- nor the version cache (fhir_sync_version): a restored copy reads versions anew. The identity
 -- sequences too: restored ids must not be handed out again.
 SELECT pg_catalog.pg_extension_config_dump('fhir_tracked', '');
 SELECT pg_catalog.pg_extension_config_dump('fhir_sync_state', '');

@@ -29,24 +29,39 @@ SELECT p.n AS unprocessed,
        s.stats_reset
   FROM pending p, @extschema@.fhir_sync_stats() s;
 
--- Per source table and resource type. lag_seconds is the age of the oldest pending change.
+-- Per source table and resource type. lag_seconds is the age of the oldest pending change;
+-- processed counts the delivered history (fhir_outbox_delivered, since the last fhir_cleanup_old
+-- and the last crash).
 CREATE VIEW fhir_sync_tables AS
 WITH o AS (
-    SELECT table_name, resource_type,
-           pg_catalog.count(*) FILTER (WHERE NOT processed) AS pending,
-           pg_catalog.count(*) FILTER (WHERE processed) AS processed,
-           pg_catalog.min(created_at) FILTER (WHERE NOT processed) AS oldest
-      FROM @extschema@.fhir_outbox GROUP BY 1, 2
+    SELECT table_name, resource_type, pg_catalog.count(*) AS pending, pg_catalog.min(created_at) AS oldest
+      FROM @extschema@.fhir_outbox WHERE NOT processed GROUP BY 1, 2
+), h AS (
+    SELECT table_name, resource_type, delivered FROM @extschema@.fhir_sync_delivered_counts()
 ), d AS (
     SELECT table_name, resource_type, pg_catalog.count(*) FILTER (WHERE NOT requeued) AS dead_lettered
       FROM @extschema@.fhir_dlq GROUP BY 1, 2
 )
 SELECT table_name, resource_type,
        coalesce(o.pending, 0) AS pending,
-       coalesce(o.processed, 0) AS processed,
+       coalesce(h.delivered, 0) AS processed,
        coalesce(d.dead_lettered, 0) AS dead_lettered,
        coalesce(extract(epoch FROM pg_catalog.clock_timestamp() - o.oldest), 0)::float8 AS lag_seconds
-  FROM o FULL JOIN d USING (table_name, resource_type);
+  FROM o FULL JOIN h USING (table_name, resource_type) FULL JOIN d USING (table_name, resource_type);
+
+-- Per source row: what fhir_sync_state maps it to, with the version and time of its last delivered
+-- write from the version cache (fhir_sync_version) where it has them. On a standby the cache
+-- cannot be read (it is unlogged): use fhir_sync_state there.
+CREATE VIEW fhir_sync_resources AS
+SELECT s.resource_table, s.resource_key, s.resource_type, s.fhir_id,
+       CASE WHEN v.resource_key IS NULL THEN s.fhir_version ELSE v.fhir_version END AS fhir_version,
+       s.identifier_system, s.identifier_value, s.deleted,
+       GREATEST(s.last_synced_at, v.synced_at) AS last_synced_at,
+       GREATEST(s.last_outbox_id, v.outbox_id) AS last_outbox_id
+  FROM @extschema@.fhir_sync_state s
+  LEFT JOIN @extschema@.fhir_sync_version v
+         ON v.resource_table OPERATOR(pg_catalog.=) s.resource_table
+        AND v.resource_key OPERATOR(pg_catalog.=) s.resource_key;
 
 -- Pending changes grouped by the transaction that made them (the seed connector's view).
 CREATE VIEW fhir_pending_transactions AS

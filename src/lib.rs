@@ -50,6 +50,7 @@ extension_sql_file!(
     name = "views",
     requires = [
         "schema",
+        "admin",
         api::fhir_sync_stats,
         api::fhir_sync_worker_slots,
         api::fhir_sync_server_capabilities

@@ -270,6 +270,9 @@ pub enum WorkerState {
     /// A server is set, but its settings were refused (an unreadable secret file, credentials
     /// over plain http): the log says why.
     Misconfigured = 7,
+    /// The extension's SQL is of another version than the library (a package installed, and
+    /// ALTER EXTENSION … UPDATE not run yet): changes are captured and wait.
+    NeedsUpdate = 8,
 }
 
 impl WorkerState {
@@ -282,6 +285,7 @@ impl WorkerState {
             5 => "waiting for CREATE EXTENSION",
             6 => "waiting for fhir_sync.server_url",
             7 => "sending nothing: settings refused (see the log)",
+            8 => "waiting for ALTER EXTENSION fhir_sync UPDATE",
             _ => "stopped",
         }
     }

@@ -61,10 +61,21 @@ pub fn one<T: pgrx::FromDatum + pgrx::IntoDatum>(
 }
 
 /// The extension's schema, quoted, or None when the extension is not installed here.
-pub fn extension_schema() -> Result<Option<String>, FhirSyncError> {
+/// Where the extension is, for the worker.
+pub enum Extension {
+    Missing,
+    /// Its SQL is of another version than this library: the tables the settle writes may not be
+    /// there (0.6.0 added the history and the version cache), so nothing is claimed until
+    /// ALTER EXTENSION … UPDATE.
+    OtherVersion,
+    /// In this schema, quoted.
+    In(String),
+}
+
+fn installed() -> Result<Option<(String, String)>, FhirSyncError> {
     Spi::connect(|client| {
         let t = client.select(
-            "SELECT n.nspname::text FROM pg_catalog.pg_extension e \
+            "SELECT n.nspname::text, e.extversion::text FROM pg_catalog.pg_extension e \
              JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'fhir_sync'",
             Some(1),
             &[],
@@ -72,7 +83,21 @@ pub fn extension_schema() -> Result<Option<String>, FhirSyncError> {
         if t.is_empty() {
             return Ok(None);
         }
-        Ok(t.first().get_one::<String>()?.map(quote_identifier))
+        let (schema, version) = t.first().get_two::<String, String>()?;
+        Ok(schema.map(|s| (quote_identifier(s), version.unwrap_or_default())))
+    })
+}
+
+/// The extension's schema, quoted, whatever its version (the SQL functions run in it).
+pub fn extension_schema() -> Result<Option<String>, FhirSyncError> {
+    Ok(installed()?.map(|(schema, _)| schema))
+}
+
+pub fn extension_for_worker() -> Result<Extension, FhirSyncError> {
+    Ok(match installed()? {
+        None => Extension::Missing,
+        Some((_, version)) if version != env!("CARGO_PKG_VERSION") => Extension::OtherVersion,
+        Some((schema, _)) => Extension::In(schema),
     })
 }
 
@@ -349,18 +374,37 @@ pub struct Synced {
 /// One primary-key probe per key (LATERAL … LIMIT 1 keeps the keys outside): the table grows
 /// with every synced row and its statistics lag behind, and without them `resource_key = ANY`
 /// was planned as a bitmap scan of the whole table's entries for the first key column.
+///
+/// `versions`: also the version of each resource's last write (for If-Match). It is in the
+/// unlogged cache; after a crash emptied it, the one of the row's last durable change (a stale one
+/// costs a 412 and a re-read). Without: no version (references and previews need none).
 pub fn sync_states(
     schema: &str,
     table: pg_sys::Oid,
     keys: &[String],
+    versions: bool,
 ) -> Result<HashMap<String, Synced>, FhirSyncError> {
+    let (version, cache) = if versions {
+        (
+            "CASE WHEN v.resource_key IS NULL THEN s.fhir_version ELSE v.fhir_version END",
+            format!(
+                "LEFT JOIN LATERAL (
+                    SELECT v.resource_key, v.fhir_version FROM {schema}.fhir_sync_version v
+                     WHERE v.resource_table = $1::pg_catalog.regclass AND v.resource_key = k.key
+                     LIMIT 1) AS v ON true"
+            ),
+        )
+    } else {
+        ("NULL::text", String::new())
+    };
     let sql = format!(
-        "SELECT s.resource_key, s.fhir_id, s.identifier_system, s.identifier_value, s.deleted, s.fhir_version
+        "SELECT s.resource_key, s.fhir_id, s.identifier_system, s.identifier_value, s.deleted, {version}
            FROM unnest($2::text[]) AS k(key)
           CROSS JOIN LATERAL (
                 SELECT * FROM {schema}.fhir_sync_state s
                  WHERE s.resource_table = $1::pg_catalog.regclass AND s.resource_key = k.key
-                 LIMIT 1) AS s"
+                 LIMIT 1) AS s
+          {cache}"
     );
     let keys = keys_arg(keys);
     Spi::connect(|client| {

@@ -315,8 +315,15 @@ fn requeue_moves_dead_letters_back_and_keeps_the_record() {
 #[pg_test]
 fn cleanup_deletes_old_history_only() {
     let last = setup();
-    Spi::run(&format!("UPDATE fhir_outbox SET processed = true, processed_at = now() - interval '40 days' WHERE id <= {last} - 4")).unwrap();
-    Spi::run(&format!("UPDATE fhir_outbox SET processed = true, processed_at = now() - interval '1 day' WHERE id = {last} - 3")).unwrap();
+    // Three changes delivered (moved to the history as the settle moves them): two 40 days ago, one yesterday.
+    Spi::run(&format!(
+        "WITH moved AS (DELETE FROM fhir_outbox WHERE id <= {last} - 3 RETURNING *)
+         INSERT INTO fhir_outbox_delivered (id, txid, table_name, record_id, operation, resource_type, resource_table,
+                resource_key, created_at, processed_at, attempts)
+         SELECT id, txid, table_name, record_id, operation, resource_type, resource_table, resource_key, created_at,
+                now() - CASE WHEN id = {last} - 3 THEN interval '1 day' ELSE interval '40 days' END, attempts FROM moved"
+    ))
+    .unwrap();
     Spi::run(
         "INSERT INTO fhir_dlq (outbox_ids, table_name, record_id, operation, resource_type, resource_table, resource_key, error_class, error, last_failed_at)
          VALUES ('{9}', 'public.pulse', '1', 'U', 'Observation', 'pulse', '1', 'rejected', 'HTTP 422', now() - interval '100 days'),
@@ -325,7 +332,8 @@ fn cleanup_deletes_old_history_only() {
     .unwrap();
     let r = json("SELECT to_jsonb(c) FROM fhir_cleanup_old(30) c");
     assert_eq!(r, serde_json::json!({"outbox_deleted": 2, "dlq_deleted": 1}));
-    assert_eq!(count("SELECT count(*) FROM fhir_outbox"), 4);
+    assert_eq!(count("SELECT count(*) FROM fhir_outbox"), 3);
+    assert_eq!(count("SELECT count(*) FROM fhir_outbox_delivered"), 1);
 }
 
 #[pg_test]

@@ -71,14 +71,15 @@ say "SELECT jsonb_pretty(fhir_preview('patient', 1))  -- what would be sent for 
 psql -d demo -At -c "SELECT jsonb_pretty(fhir_preview('patient', 1))"
 
 say "SELECT ... FROM fhir_outbox  -- one row per captured change"
-psql -d demo -c "SELECT id, table_name, record_id, operation, resource_type, processed, fhir_resource_id FROM fhir_outbox ORDER BY id"
+psql -d demo -c "SELECT id, table_name, record_id, operation, resource_type FROM fhir_outbox ORDER BY id"
 
 say "waiting for the worker to deliver"
 for _ in $(seq 1 100); do
     [ "$(psql -d demo -At -c "SELECT count(*) FROM fhir_outbox WHERE NOT processed")" = 0 ] && break
     sleep 0.2
 done
-psql -d demo -c "SELECT id, table_name, operation, processed, fhir_resource_id, fhir_version FROM fhir_outbox ORDER BY id"
+say "SELECT ... FROM fhir_outbox_delivered  -- delivered changes leave the outbox for the history"
+psql -d demo -c "SELECT id, table_name, operation, processed_at, fhir_resource_id, fhir_version FROM fhir_outbox_delivered ORDER BY id"
 
 say "SELECT * FROM fhir_sync_status"
 psql -d demo -x -c "SELECT * FROM fhir_sync_status"

@@ -29,4 +29,4 @@ GRANT pg_read_all_stats TO fhir_sync_exporter;
 GRANT SELECT ON fhir_sync_status, fhir_sync_workers, fhir_sync_tables, fhir_pending_transactions, fhir_sync_metrics
     TO fhir_sync_exporter;
 GRANT EXECUTE ON FUNCTION fhir_sync_stats(), fhir_sync_latency_histogram(), fhir_sync_call_errors(),
-    fhir_sync_worker_slots() TO fhir_sync_exporter;
+    fhir_sync_worker_slots(), fhir_sync_delivered_counts() TO fhir_sync_exporter;

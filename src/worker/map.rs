@@ -122,7 +122,8 @@ pub fn plan(
             .iter()
             .map(|i| claimed[*i].resource_key.clone())
             .collect();
-        let states = source::sync_states(schema, table, &keys)?;
+        // A preview shows no version (and its caller may not read the version cache).
+        let states = source::sync_states(schema, table, &keys, mode == Mode::Deliver)?;
         // Once per table, not per row: the same for each of its resources.
         let how = write_plan(track, caps);
         let mut rows: HashMap<String, Row> = HashMap::new();
@@ -576,7 +577,7 @@ impl References {
             let states = if keys.is_empty() {
                 HashMap::new()
             } else {
-                source::sync_states(schema, t, &keys)?
+                source::sync_states(schema, t, &keys, false)?
             };
             Ok(Some((t, tracks.get(&t).cloned(), states)))
         };

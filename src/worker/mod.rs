@@ -281,13 +281,17 @@ impl Worker {
         };
         let schema = match &self.schema {
             Some((at, s)) if at.elapsed() < policy::CATALOG_TTL => s.clone(),
-            _ => match crate::subxact::transaction_flat(source::extension_schema) {
-                Ok(Some(s)) => {
+            _ => match crate::subxact::transaction_flat(source::extension_for_worker) {
+                Ok(source::Extension::In(s)) => {
                     self.schema = Some((Instant::now(), s.clone()));
                     s
                 }
-                Ok(None) => {
+                Ok(source::Extension::Missing) => {
                     self.slot.set_state(WorkerState::NoExtension);
+                    return Some(poll.max(policy::IDLE_NAP));
+                }
+                Ok(source::Extension::OtherVersion) => {
+                    self.slot.set_state(WorkerState::NeedsUpdate);
                     return Some(poll.max(policy::IDLE_NAP));
                 }
                 Err(e) => return self.failed_cycle("reading the extension's schema", &e),

@@ -69,13 +69,24 @@ pub fn settle(schema: &str, s: &Settlement) -> Result<(), FhirSyncError> {
                     vers.push(d.version.clone());
                 }
             }
+            // A delivered change leaves the outbox for the unlogged history: a heap delete in
+            // the WAL, not a new version of the row with an entry in each index.
             crate::plans::update(
                 client,
                 &format!(
-                    "UPDATE {schema}.fhir_outbox o SET processed = true, processed_at = pg_catalog.now(), next_retry_at = NULL,
-                            fhir_resource_id = d.fid, fhir_version = d.ver, last_error = NULL, error_class = NULL
-                       FROM unnest($1::bigint[], $2::text[], $3::text[]) AS d(id, fid, ver)
-                      WHERE o.id = d.id"
+                    "WITH moved AS (
+                        DELETE FROM {schema}.fhir_outbox o
+                         USING unnest($1::bigint[], $2::text[], $3::text[]) AS d(id, fid, ver)
+                         WHERE o.id = d.id
+                     RETURNING o.id, o.txid, o.table_name, o.record_id, o.operation, o.resource_type,
+                               o.resource_table, o.resource_key, o.created_at, o.attempts, o.first_failed_at,
+                               d.fid, d.ver)
+                     INSERT INTO {schema}.fhir_outbox_delivered (id, txid, table_name, record_id, operation,
+                            resource_type, resource_table, resource_key, created_at, processed_at, attempts,
+                            first_failed_at, fhir_resource_id, fhir_version)
+                     SELECT id, txid, table_name, record_id, operation, resource_type, resource_table,
+                            resource_key, created_at, pg_catalog.now(), attempts, first_failed_at, fid, ver
+                       FROM moved"
                 ),
                 &[ids.into(), fids.into(), vers.into()],
             )?;
@@ -101,27 +112,42 @@ pub fn settle(schema: &str, s: &Settlement) -> Result<(), FhirSyncError> {
             crate::plans::update(
                 client,
                 &format!(
-                    // A plain UPDATE of the rows that exist (nearly all: a first write reserved its
-                    // row before it was sent), HOT when the page has room: an upsert would first
-                    // lock each row it updates, one more WAL record per delivered change. Then an
+                    // The logged row is rewritten only when what it maps to changes (an id, a
+                    // delete, the identifier, the type): an update's new version goes to the
+                    // unlogged cache alone. The rewrite is a plain UPDATE of the rows that exist
+                    // (a first write reserved its row before it was sent), HOT when the page has
+                    // room: an upsert would first lock each row, one more WAL record. Then an
                     // insert of the rows not there: a row that exists is found by the conflict
                     // check before anything is written (the insert does not see the update, which
                     // runs in the same snapshot, and needs no anti-join with it).
                     "WITH u AS (SELECT * FROM unnest($1::oid[], $2::text[], $3::text[], $4::text[], $5::text[],
                                                      $6::text[], $7::text[], $8::boolean[], $9::bigint[])
                                      AS u(rt, rk, ty, fid, ver, isys, ival, del, last)),
+                          cached AS (
+                            INSERT INTO {schema}.fhir_sync_version AS v (resource_table, resource_key, fhir_version,
+                                   synced_at, outbox_id)
+                            SELECT DISTINCT ON (u.rt, u.rk) u.rt::pg_catalog.regclass, u.rk, u.ver, pg_catalog.now(), u.last
+                              FROM u ORDER BY u.rt, u.rk, u.last DESC
+                            ON CONFLICT (resource_table, resource_key) DO UPDATE SET
+                                   -- never keep an older version: it would make the next update's
+                                   -- If-Match fail and cost a re-read.
+                                   fhir_version = excluded.fhir_version, synced_at = excluded.synced_at,
+                                   outbox_id = excluded.outbox_id),
                           updated AS (
                             UPDATE {schema}.fhir_sync_state s SET
                                    resource_type = u.ty,
                                    fhir_id = coalesce(u.fid, s.fhir_id),
-                                   -- never keep an older version: it would make the next update's
-                                   -- If-Match fail and cost a re-read.
                                    fhir_version = u.ver,
                                    identifier_system = coalesce(u.isys, s.identifier_system),
                                    identifier_value = coalesce(u.ival, s.identifier_value),
                                    deleted = u.del, last_synced_at = pg_catalog.now(), last_outbox_id = u.last
                               FROM u
-                             WHERE s.resource_table = u.rt::pg_catalog.regclass AND s.resource_key = u.rk)
+                             WHERE s.resource_table = u.rt::pg_catalog.regclass AND s.resource_key = u.rk
+                               AND (s.resource_type IS DISTINCT FROM u.ty
+                                    OR s.fhir_id IS DISTINCT FROM coalesce(u.fid, s.fhir_id)
+                                    OR s.deleted IS DISTINCT FROM u.del
+                                    OR s.identifier_system IS DISTINCT FROM coalesce(u.isys, s.identifier_system)
+                                    OR s.identifier_value IS DISTINCT FROM coalesce(u.ival, s.identifier_value)))
                      INSERT INTO {schema}.fhir_sync_state AS s (resource_table, resource_key, resource_type, fhir_id,
                             fhir_version, identifier_system, identifier_value, deleted, last_synced_at, last_outbox_id)
                      SELECT u.rt::pg_catalog.regclass, u.rk, u.ty, u.fid, u.ver, u.isys, u.ival, u.del, pg_catalog.now(), u.last

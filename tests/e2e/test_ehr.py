@@ -526,7 +526,7 @@ def test_opaque_version_ids_are_sent_back_as_the_server_gave_them(make_cluster, 
     [rid] = faults.store.find("Patient", f"{MRN}|opaque-1")
     version = faults.store.items[("Patient", rid)]["resource"]["meta"]["versionId"]
     assert not version.isdigit()
-    assert app.one("SELECT fhir_version FROM fhir_sync_state WHERE resource_key = %s", (str(pid),)) == version
+    assert app.one("SELECT fhir_version FROM fhir_sync_resources WHERE resource_key = %s", (str(pid),)) == version
     app.sql("UPDATE patient SET name_family = 'Opaque' WHERE id = %s", (pid,))
     app.wait_drained()
     last = faults.requests[-1]

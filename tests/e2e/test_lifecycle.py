@@ -79,7 +79,7 @@ def test_settings_reload_without_restart(make_cluster, faults):
     app.sql("SELECT pg_reload_conf()")
     app.wait_drained(timeout=30)
     assert faults.store.find("Patient", f"{MRN}|reloaded")
-    assert app.one("SELECT max(attempts) FROM fhir_outbox") == 0
+    assert app.one("SELECT max(attempts) FROM fhir_outbox_delivered") == 0
 
 
 @pytest.mark.e2e

@@ -92,7 +92,7 @@ def _dump_restore_and_resume(make_cluster, helios, source: Postgres, target: Pos
     after = {k: restored.sql(q) for k, q in KEPT.items() if k not in ("pending", "state")}
     assert after == {k: v for k, v in before.items() if k not in ("pending", "state")}
     # The restored changes, delivered there; the delivered history stayed behind (not dumped).
-    assert restored.sql("SELECT id FROM fhir_outbox WHERE processed ORDER BY id") == \
+    assert restored.sql("SELECT id FROM fhir_outbox_delivered ORDER BY id") == \
         [(i,) for (i, *_rest) in before["pending"]]
 
     # The pending changes reached the resources the first cluster created, and nothing was created twice.

@@ -204,7 +204,7 @@ def test_resets_hangs_503s_and_slow_responses_lose_nothing(make_cluster, faults)
     print(f"  faults injected: {hits}")
     assert all(hits.values()), hits
     rep.check(max_duplicates=0)
-    retried = app.one("SELECT count(*) FROM fhir_outbox WHERE attempts > 0")
+    retried = app.one("SELECT count(*) FROM fhir_outbox_delivered WHERE attempts > 0")
     assert retried > 0
     no_crash(app.cluster)
 
@@ -264,7 +264,45 @@ def test_an_update_overwrites_a_version_written_by_someone_else(make_cluster, fa
     assert [(r.method, r.headers.get("if-match")) for r in sent] == \
         [("PUT", 'W/"1"'), ("GET", None), ("PUT", 'W/"2"')]
     assert faults.store.items[("Patient", rid)]["resource"]["name"][0]["given"] == ["v2"]
-    assert app.one("SELECT fhir_version FROM fhir_sync_state WHERE resource_key = %s", (str(pid),)) == "3"
+    assert app.one("SELECT fhir_version FROM fhir_sync_resources WHERE resource_key = %s", (str(pid),)) == "3"
+    assert app.one("SELECT count(*) FROM fhir_dlq") == 0
+
+
+@pytest.mark.fault
+def test_a_crash_empties_the_version_cache_and_the_next_update_still_lands(make_cluster, faults):
+    """A delivered update moves its change to the unlogged history and its version to the unlogged cache,
+    and leaves fhir_sync_state as the first write left it. An immediate shutdown (a crash: no shutdown
+    checkpoint) empties both; the next update is sent on the version fhir_sync_state kept, the server's 412
+    makes the worker read the current one, and the row's state lands."""
+    app = make_app(make_cluster, faults.base_url)
+    pid = app.add_patient("cache-crash", given="v1")
+    app.wait_drained()
+    rid = faults.store.find("Patient", f"{MRN}|cache-crash")[0]
+    state_row = "SELECT xmin::text, fhir_version FROM fhir_sync_state WHERE resource_key = %s"
+    written = app.sql(state_row, (str(pid),))
+    app.sql("UPDATE patient SET name_given = 'v2' WHERE id = %s", (pid,))
+    app.wait_drained()
+    assert app.sql(state_row, (str(pid),)) == written            # not rewritten: only its version changed
+    assert app.one("SELECT fhir_version FROM fhir_sync_resources WHERE resource_key = %s", (str(pid),)) == "2"
+    assert app.one("SELECT count(*) FROM fhir_outbox") == 0
+    assert app.one("SELECT count(*) FROM fhir_outbox_delivered WHERE resource_key = %s", (str(pid),)) == 2
+
+    # The worker commits its settles asynchronously: flush the WAL, so that the crash loses only what is
+    # unlogged (else the last settle may be lost too, and its change sent again: at-least-once).
+    app.sql("CHECKPOINT")
+    app.cluster.stop("immediate")
+    app.cluster.start()
+    app.reconnect()
+    assert app.one("SELECT count(*) FROM fhir_sync_version") == 0
+    assert app.one("SELECT count(*) FROM fhir_outbox_delivered") == 0
+    n = len(faults.requests)
+    app.sql("UPDATE patient SET name_given = 'v3' WHERE id = %s", (pid,))
+    app.wait_drained(timeout=60)
+    sent = [(r.method, r.headers.get("if-match")) for r in faults.requests[n:]
+            if r.method in ("GET", "PUT") and "/Patient" in r.url_path]    # (not the CapabilityStatement)
+    assert sent == [("PUT", 'W/"1"'), ("GET", None), ("PUT", 'W/"2"')], sent
+    assert faults.store.items[("Patient", rid)]["resource"]["name"][0]["given"] == ["v3"]
+    assert app.one("SELECT fhir_version FROM fhir_sync_resources WHERE resource_key = %s", (str(pid),)) == "3"
     assert app.one("SELECT count(*) FROM fhir_dlq") == 0
 
 
@@ -314,7 +352,7 @@ def test_backlog_storm_drains_fully_without_crash_loop_in_bounded_memory(make_cl
     puts = sum(1 for r in faults.requests if r.method == "PUT")
     assert puts == n, f"{puts} PUTs for {n} rows: nothing was cut off, so nothing may be sent twice"
     assert app.one("SELECT count(*) FROM fhir_dlq") == 0
-    assert app.one("SELECT max(attempts) FROM fhir_outbox") == 0
+    assert app.one("SELECT max(attempts) FROM fhir_outbox_delivered") == 0
     log = app.cluster.log_text()
     assert log.count("fhir_sync worker started") == 1
     assert log.count("FHIR server unreachable, pausing delivery") == 1, "one line per outage, not one per probe"
@@ -370,8 +408,12 @@ def test_rolled_back_and_prepared_transactions(make_cluster, faults):
     assert mrns == ["tx-base", "tx-kept", "tx-prepared-ok"], mrns
     for r in sent:
         assert b"never" not in r.body and b"by-gid-rb" not in r.body
-    assert app.one("SELECT count(*) FROM fhir_outbox WHERE identifier_value LIKE '%%gone' "
-                   "OR identifier_value LIKE '%%rolled-back' OR identifier_value LIKE '%%prepared-rb'") == 0
+    # Every change captured (delivered, or not yet) is of a committed row.
+    committed = {k for (k,) in app.sql("SELECT id::text FROM patient WHERE identifier_value IN"
+                                       " ('tx-base', 'tx-kept', 'tx-prepared-ok')")}
+    captured = {k for (k,) in app.sql("SELECT resource_key FROM fhir_outbox_delivered"
+                                      " UNION SELECT resource_key FROM fhir_outbox")}
+    assert captured <= committed and len(committed) == 3, (captured, committed)
 
 
 # ---------------------------------------------------------------------------------------------- lifecycle
@@ -474,9 +516,12 @@ def test_a_hot_standby_runs_no_worker_and_sends_nothing(make_cluster, faults):
         app.sql("INSERT INTO patient (identifier_system, identifier_value) SELECT %s, 'sb-' || g"
                 " FROM generate_series(1, 50) g", (MRN,))
         app.wait_drained()
-        # The standby replays the outbox, delivered marks included.
-        wait_until(lambda: standby.query("SELECT count(*) FILTER (WHERE processed), count(*) FROM fhir_outbox",
-                                         db=DB) == [(50, 50)], timeout=30, message="standby caught up")
+        # The standby replays the outbox: the changes captured, then gone as they were delivered (the
+        # delivered history is unlogged: not on a standby, and fhir_sync_tables counts none there).
+        wait_until(lambda: standby.query("SELECT count(*) FROM fhir_sync_state", db=DB) == [(50,)]
+                   and standby.query("SELECT count(*) FROM fhir_outbox", db=DB) == [(0,)],
+                   timeout=30, message="standby caught up")
+        assert standby.query("SELECT count(*) FROM fhir_sync_tables", db=DB) == [(0,)]
         # Watched for 3 s rather than waited on: in recovery nothing of fhir_sync runs on the standby, so
         # there is no pass of a loop to count; this is how long a launcher started there would have had.
         deadline = time.monotonic() + 3
@@ -569,7 +614,9 @@ def test_hostile_server_responses_are_handled_with_a_clear_error(make_cluster, f
         app.wait_drained(timeout=60)
 
         outbox = {r[0]: r[1:] for r in app.sql(
-            "SELECT identifier_value, processed, last_error FROM fhir_outbox")}
+            "SELECT identifier_value, false, last_error FROM fhir_outbox"
+            " UNION ALL SELECT p.identifier_value, true, NULL FROM fhir_outbox_delivered h"
+            " JOIN patient p ON p.id::text = h.resource_key")}
         dlq = {r[0]: r[1:] for r in app.sql(
             "SELECT identifier_value, error_class, http_status, error, operation_outcome FROM fhir_dlq")}
         for kind, (_, want) in cases.items():

@@ -228,6 +228,8 @@ def test_an_ordinary_role_cannot_touch_the_queues_or_call_admin_functions(make_c
     assert app.one("SELECT count(*) FROM fhir_dlq") == 1        # captured, and dead-lettered (bad gender)
     dlq_id = app.one("SELECT id FROM fhir_dlq")
     for sql in ("SELECT * FROM fhir_outbox", "SELECT * FROM fhir_dlq", "SELECT * FROM fhir_sync_state",
+                "SELECT * FROM fhir_outbox_delivered", "SELECT * FROM fhir_sync_version",
+                "SELECT * FROM fhir_sync_resources", "SELECT * FROM fhir_sync_delivered_counts()",
                 "SELECT * FROM fhir_tracked", "SELECT * FROM fhir_sync_status", "SELECT * FROM fhir_sync_workers",
                 "SELECT * FROM fhir_sync_tables", "SELECT * FROM fhir_pending_transactions",
                 "SELECT * FROM fhir_sync_metrics",
@@ -246,15 +248,16 @@ def test_an_ordinary_role_cannot_touch_the_queues_or_call_admin_functions(make_c
                 "SELECT * FROM fhir_backfill_keys('patient'::regclass)"):
         denied(clerk, sql)
     # The README's grants, and what they allow.
-    app.sql("GRANT SELECT ON fhir_outbox, fhir_dlq, fhir_sync_state, fhir_tracked TO clerk")
+    app.sql("GRANT SELECT ON fhir_outbox, fhir_outbox_delivered, fhir_dlq, fhir_sync_state, fhir_tracked TO clerk")
     app.sql("GRANT SELECT ON fhir_sync_status, fhir_sync_workers, fhir_sync_tables, fhir_sync_metrics,"
-            " fhir_pending_transactions TO clerk")
+            " fhir_pending_transactions, fhir_sync_resources TO clerk")
     app.sql("GRANT EXECUTE ON FUNCTION fhir_sync_stats(), fhir_sync_worker_slots(), fhir_sync_latency_histogram(),"
-            " fhir_sync_call_errors() TO clerk")
+            " fhir_sync_call_errors(), fhir_sync_delivered_counts() TO clerk")
     app.sql("GRANT EXECUTE ON FUNCTION fhir_requeue_dlq(text, integer, text, timestamptz), fhir_requeue_dlq(bigint[]),"
             " fhir_requeue_dlq(bigint), fhir_cleanup_old(integer) TO clerk")
     assert clerk.execute("SELECT count(*) FROM fhir_dlq").fetchone()[0] == 1
-    for view in ("fhir_sync_status", "fhir_sync_workers", "fhir_sync_tables", "fhir_sync_metrics"):
+    for view in ("fhir_sync_status", "fhir_sync_workers", "fhir_sync_tables", "fhir_sync_metrics",
+                 "fhir_sync_resources"):
         clerk.execute(f"SELECT * FROM {view}").fetchall()
     assert clerk.execute("SELECT fhir_requeue_dlq(%s::bigint)", (dlq_id,)).fetchone()[0] == 1
     clerk.execute("SELECT * FROM fhir_cleanup_old(0)")

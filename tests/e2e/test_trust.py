@@ -295,7 +295,8 @@ def test_no_lock_an_ordinary_role_can_take_stalls_the_claims(make_cluster, fault
         clerk.execute("SELECT pg_advisory_lock(%s)", (k,))
     holder = psycopg.connect(host="127.0.0.1", port=app.cluster.port, user="clerk", dbname=DB)
     try:
-        for i, table in enumerate(("fhir_outbox", "fhir_dlq", "fhir_sync_state", "fhir_tracked")):
+        for i, table in enumerate(("fhir_outbox", "fhir_dlq", "fhir_sync_state", "fhir_tracked",
+                                    "fhir_outbox_delivered", "fhir_sync_version")):
             holder.execute(f"PREPARE p{i} AS DELETE FROM {table}")      # ROW EXCLUSIVE, held, unchecked
         for i in range(5):
             app.add_patient(f"unlocked-{i}")

@@ -21,12 +21,13 @@ from harness.pg import PG
 
 pytestmark = pytest.mark.e2e
 
-RELEASES = ["0.1.0", "0.2.0", "0.3.0", "0.4.0"]
+RELEASES = ["0.1.0", "0.2.0", "0.3.0", "0.4.0", "0.5.0"]
 # fhir_track's signature as each release defined it (a DBA's grant on it must carry over).
 TRACK_SIGNATURE = {"0.1.0": "regclass, text, regprocedure, name, text, text",
                    "0.2.0": "regclass, text, regprocedure, name, text, text, boolean",
                    "0.3.0": "regclass, text, regprocedure, name, text, text, boolean",
-                   "0.4.0": "regclass, text, regprocedure, name, text, text, boolean"}
+                   "0.4.0": "regclass, text, regprocedure, name, text, text, boolean",
+                   "0.5.0": "regclass, text, regprocedure, name, text, text, boolean, text"}
 
 # Everything an extension's SQL defines, rendered so that two databases can be compared: its member
 # objects, functions with body, settings, privileges and strictness, tables with columns, defaults,
@@ -110,10 +111,18 @@ def _update_and_compare(make_cluster, faults, OLD):
     cluster = app.cluster
     cluster.create_db("fresh")
     assert app.one("SELECT extversion FROM pg_extension WHERE extname = 'fhir_sync'") == OLD
-    # Changes captured by 0.1.0's triggers and not yet delivered: the new library cannot work with the old
-    # schema (its worker says so in the log and retries), so they wait for the update.
+    # Changes captured by the old release's triggers and not yet delivered: the new library's worker claims
+    # nothing from SQL of another version (fhir_sync_workers says it waits for the update).
     for i in range(3):
         app.add_patient(f"upgrade-{i}")
+    if OLD not in ("0.1.0", "0.2.0"):      # (their fhir_sync_workers predates the slots' columns)
+        eventually(lambda: app.one("SELECT state FROM fhir_sync_workers")
+                   == "waiting for ALTER EXTENSION fhir_sync UPDATE", message="the worker waiting for the update")
+    # A change the old release delivered (marked in place until 0.6.0): the update moves it to the history.
+    delivered = app.one("INSERT INTO fhir_outbox (table_name, record_id, operation, resource_type, resource_table,"
+                        " resource_key, processed, processed_at, attempts, fhir_resource_id)"
+                        " VALUES ('public.patient', '-7', 'U', 'Patient', 'patient'::regclass, '-7', true, now(), 1,"
+                        " 'old-7') RETURNING id")
     # A dead letter as 0.1.0 recorded one.
     app.sql("""INSERT INTO fhir_dlq (outbox_ids, txid, table_name, record_id, operation, resource_type,
                                      resource_table, resource_key, identifier_system, identifier_value,
@@ -141,6 +150,9 @@ def _update_and_compare(make_cluster, faults, OLD):
         cluster.query("GRANT EXECUTE ON FUNCTION fhir_sync_worker_slots() TO ops", db="fresh")
         cluster.query("GRANT SELECT ON fhir_sync_workers TO ops", db="fresh")
     assert_same_surface(cluster, DB, "fresh")
+    assert app.sql("SELECT id, resource_key, attempts, fhir_resource_id FROM fhir_outbox_delivered") == \
+        [(delivered, "-7", 1, "old-7")]
+    assert app.one("SELECT count(*) FROM fhir_outbox WHERE id = %s", (delivered,)) == 0
 
     # The pending changes go out once each, and capture goes on through the triggers 0.1.0 installed.
     app.wait_drained(timeout=30)

@@ -56,7 +56,12 @@ SELECT fhir_requeue_dlq();
 SELECT id, error_class, requeued, requeued_outbox_id IS NOT NULL AS has_new_row FROM fhir_dlq ORDER BY id;
 
 SELECT * FROM fhir_cleanup_old(30);
-UPDATE fhir_outbox SET processed = true, processed_at = now() - interval '31 days' WHERE id <= 3;
+-- Three changes delivered 31 days ago (the settle moves a delivered change to the history).
+WITH moved AS (DELETE FROM fhir_outbox WHERE id <= 3 RETURNING *)
+INSERT INTO fhir_outbox_delivered (id, txid, table_name, record_id, operation, resource_type, resource_table,
+       resource_key, created_at, processed_at, attempts)
+SELECT id, txid, table_name, record_id, operation, resource_type, resource_table, resource_key, created_at,
+       now() - interval '31 days', attempts FROM moved;
 SELECT * FROM fhir_cleanup_old(30);
 SELECT fhir_cleanup_old(-1);
 
