@@ -74,12 +74,18 @@ LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $fn$
+DECLARE
+    n bigint;
 BEGIN
     IF days IS NULL OR days < 0 THEN
         RAISE EXCEPTION 'days must be zero or more, not %', days USING ERRCODE = 'invalid_parameter_value';
     END IF;
     DELETE FROM @extschema@.fhir_outbox_delivered o WHERE o.processed_at < now() - make_interval(days => days);
     GET DIAGNOSTICS outbox_deleted = ROW_COUNT;
+    -- Marked delivered in place by a worker of 0.5.0 or older that settled after the update.
+    DELETE FROM @extschema@.fhir_outbox o WHERE o.processed AND o.processed_at < now() - make_interval(days => days);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    outbox_deleted := outbox_deleted + n;
     DELETE FROM @extschema@.fhir_dlq q WHERE q.last_failed_at < now() - make_interval(days => 3 * days);
     GET DIAGNOSTICS dlq_deleted = ROW_COUNT;
     RETURN NEXT;
@@ -117,8 +123,9 @@ AS $fn$
 BEGIN
     EXECUTE format('GRANT USAGE ON SCHEMA @extschema@ TO %s', worker);
     EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON @extschema@.fhir_outbox, @extschema@.fhir_dlq, '
-                   '@extschema@.fhir_sync_state, @extschema@.fhir_sync_version, @extschema@.fhir_outbox_delivered '
-                   'TO %s', worker);
+                   '@extschema@.fhir_sync_state, @extschema@.fhir_sync_version TO %s', worker);
+    -- The settle adds to the history; fhir_cleanup_old (SECURITY DEFINER) empties it.
+    EXECUTE format('GRANT INSERT ON @extschema@.fhir_outbox_delivered TO %s', worker);
     EXECUTE format('GRANT SELECT ON @extschema@.fhir_tracked TO %s', worker);
     -- The claim reads how far outbox ids have been handed out.
     EXECUTE format('GRANT SELECT ON SEQUENCE %s TO %s',

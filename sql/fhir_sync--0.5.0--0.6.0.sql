@@ -55,19 +55,25 @@ LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $fn$
+DECLARE
+    n bigint;
 BEGIN
     IF days IS NULL OR days < 0 THEN
         RAISE EXCEPTION 'days must be zero or more, not %', days USING ERRCODE = 'invalid_parameter_value';
     END IF;
     DELETE FROM @extschema@.fhir_outbox_delivered o WHERE o.processed_at < now() - make_interval(days => days);
     GET DIAGNOSTICS outbox_deleted = ROW_COUNT;
+    -- Marked delivered in place by a worker of 0.5.0 or older that settled after the update.
+    DELETE FROM @extschema@.fhir_outbox o WHERE o.processed AND o.processed_at < now() - make_interval(days => days);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    outbox_deleted := outbox_deleted + n;
     DELETE FROM @extschema@.fhir_dlq q WHERE q.last_failed_at < now() - make_interval(days => 3 * days);
     GET DIAGNOSTICS dlq_deleted = ROW_COUNT;
     RETURN NEXT;
 END
 $fn$;
 
-CREATE OR REPLACE FUNCTION @extschema@.fhir_sync_delivered_counts()
+CREATE FUNCTION @extschema@.fhir_sync_delivered_counts()
 RETURNS TABLE (table_name text, resource_type text, delivered bigint)
 LANGUAGE plpgsql
 STABLE
@@ -91,8 +97,9 @@ AS $fn$
 BEGIN
     EXECUTE format('GRANT USAGE ON SCHEMA @extschema@ TO %s', worker);
     EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON @extschema@.fhir_outbox, @extschema@.fhir_dlq, '
-                   '@extschema@.fhir_sync_state, @extschema@.fhir_sync_version, @extschema@.fhir_outbox_delivered '
-                   'TO %s', worker);
+                   '@extschema@.fhir_sync_state, @extschema@.fhir_sync_version TO %s', worker);
+    -- The settle adds to the history; fhir_cleanup_old (SECURITY DEFINER) empties it.
+    EXECUTE format('GRANT INSERT ON @extschema@.fhir_outbox_delivered TO %s', worker);
     EXECUTE format('GRANT SELECT ON @extschema@.fhir_tracked TO %s', worker);
     -- The claim reads how far outbox ids have been handed out.
     EXECUTE format('GRANT SELECT ON SEQUENCE %s TO %s',
@@ -117,15 +124,17 @@ SELECT table_name, resource_type,
        coalesce(extract(epoch FROM pg_catalog.clock_timestamp() - o.oldest), 0)::float8 AS lag_seconds
   FROM o FULL JOIN h USING (table_name, resource_type) FULL JOIN d USING (table_name, resource_type);
 
--- fhir_sync_tables now reads the history through fhir_sync_delivered_counts(): a role that may read
--- the view may run it.
+-- fhir_sync_tables (and fhir_sync_metrics, which reads it) now count the history through
+-- fhir_sync_delivered_counts(), and a function a view calls is checked against the caller: a role
+-- that may read either view may run it.
 DO $carry$
 DECLARE
     g record;
 BEGIN
-    FOR g IN SELECT r.rolname
+    FOR g IN SELECT DISTINCT r.rolname
                FROM pg_catalog.pg_class c, pg_catalog.aclexplode(c.relacl) a, pg_catalog.pg_roles r
-              WHERE c.oid OPERATOR(pg_catalog.=) '@extschema@.fhir_sync_tables'::pg_catalog.regclass
+              WHERE c.oid OPERATOR(pg_catalog.=) ANY (ARRAY['@extschema@.fhir_sync_tables'::pg_catalog.regclass,
+                                                            '@extschema@.fhir_sync_metrics'::pg_catalog.regclass])
                 AND a.privilege_type OPERATOR(pg_catalog.=) 'SELECT' AND r.oid OPERATOR(pg_catalog.=) a.grantee
                 AND a.grantee OPERATOR(pg_catalog.<>) c.relowner
     LOOP

@@ -280,18 +280,20 @@ fn send_one(client: &Conn, req: &Outgoing) -> Response {
             return resp;
         }
         match resp.transport {
-            // A concurrent write won the race; the resource we send is still the latest.
-            Transport::Status(409) => {}
             // The server holds another version than the one we last wrote: another writer's,
-            // or a request of ours we had given up on that arrived late. What we send is the
-            // row as it stands now, so it is the state to keep: send it again on the version
-            // the server holds now (unconditionally if the server no longer has it).
-            Transport::Status(412) if if_match.is_some() => {
+            // a request of ours we had given up on that arrived late, or a version a crash made
+            // us forget (the version cache is unlogged). What we send is the row as it stands
+            // now, so it is the state to keep: send it again on the version the server holds
+            // now (unconditionally if the server no longer has it). R4 servers say 412; STU3
+            // ones, and HAPI, say 409 to a stale If-Match.
+            Transport::Status(409 | 412) if if_match.is_some() => {
                 match current_version(client, &req.path) {
                     Ok(v) => if_match = v,
                     Err(failed) => return *failed,
                 }
             }
+            // A concurrent write won the race; the resource we send is still the latest.
+            Transport::Status(409) => {}
             _ => return with_id(client, req, resp),
         }
         resends += 1;

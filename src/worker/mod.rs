@@ -177,11 +177,14 @@ pub extern "C-unwind" fn fhir_sync_worker_main(arg: pg_sys::Datum) {
 /// is a few percent of it. fhir_sync_explain_claim applies them too, to show the worker's plans.
 /// And read committed, whatever the role or the server sets by default: the claim and the identity
 /// guard read, after their locks are granted, what other workers committed meanwhile, which needs
-/// a new snapshot per statement.
-const SESSION_SETTINGS: [(&str, &str); 3] = [
+/// a new snapshot per statement. And no JIT: the plan guards (claim::PLAN_GUARDS) price a disabled
+/// node (a sort, a scan) at 10^10, far above `jit_above_cost`, and compiling a settle of 200 rows
+/// took 0.7 s where running it takes 3 ms (benches/README.md, session 11).
+const SESSION_SETTINGS: [(&str, &str); 4] = [
     ("synchronous_commit", "off"),
     ("random_page_cost", "1.1"),
     ("default_transaction_isolation", "read committed"),
+    ("jit", "off"),
 ];
 
 /// Applies SESSION_SETTINGS to the session, or (`local`) to the current transaction only.

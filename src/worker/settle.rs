@@ -90,7 +90,7 @@ pub fn settle(schema: &str, s: &Settlement) -> Result<(), FhirSyncError> {
                 ),
                 &[ids.into(), fids.into(), vers.into()],
             )?;
-            let d = &s.delivered;
+            let d = latest_per_row(&s.delivered);
             let rts: Vec<pg_sys::Oid> = d.iter().map(|x| x.resource_table).collect();
             let rks: Vec<String> = d.iter().map(|x| x.resource_key.clone()).collect();
             let tys: Vec<String> = d.iter().map(|x| x.resource_type.clone()).collect();
@@ -105,10 +105,7 @@ pub fn settle(schema: &str, s: &Settlement) -> Result<(), FhirSyncError> {
                 .map(|x| x.identifier.as_ref().map(|i| i.1.clone()))
                 .collect();
             let dels: Vec<bool> = d.iter().map(|x| x.deleted).collect();
-            let last: Vec<i64> = d
-                .iter()
-                .map(|x| x.outbox_ids.iter().copied().max().unwrap_or(0))
-                .collect();
+            let last: Vec<i64> = d.iter().map(|x| last_id(x)).collect();
             crate::plans::update(
                 client,
                 &format!(
@@ -126,13 +123,13 @@ pub fn settle(schema: &str, s: &Settlement) -> Result<(), FhirSyncError> {
                           cached AS (
                             INSERT INTO {schema}.fhir_sync_version AS v (resource_table, resource_key, fhir_version,
                                    synced_at, outbox_id)
-                            SELECT DISTINCT ON (u.rt, u.rk) u.rt::pg_catalog.regclass, u.rk, u.ver, pg_catalog.now(), u.last
-                              FROM u ORDER BY u.rt, u.rk, u.last DESC
+                            SELECT u.rt::pg_catalog.regclass, u.rk, u.ver, pg_catalog.now(), u.last FROM u
                             ON CONFLICT (resource_table, resource_key) DO UPDATE SET
-                                   -- never keep an older version: it would make the next update's
-                                   -- If-Match fail and cost a re-read.
                                    fhir_version = excluded.fhir_version, synced_at = excluded.synced_at,
-                                   outbox_id = excluded.outbox_id),
+                                   outbox_id = excluded.outbox_id
+                             -- never an older version over a newer one (a settle that comes late):
+                             -- the next update's If-Match would fail and cost a re-read.
+                             WHERE v.outbox_id IS NULL OR v.outbox_id <= excluded.outbox_id),
                           updated AS (
                             UPDATE {schema}.fhir_sync_state s SET
                                    resource_type = u.ty,
@@ -253,4 +250,29 @@ pub fn settle(schema: &str, s: &Settlement) -> Result<(), FhirSyncError> {
         }
         Ok(())
     })
+}
+
+fn last_id(d: &Delivered) -> i64 {
+    d.outbox_ids.iter().copied().max().unwrap_or(0)
+}
+
+/// One entry per source row, the one of its latest change: the state and cache writes are
+/// upserts, and one statement may not write a row twice ("ON CONFLICT DO UPDATE command cannot
+/// affect row a second time" would fail the whole settle, again at every retry).
+fn latest_per_row(delivered: &[Delivered]) -> Vec<&Delivered> {
+    let mut latest: std::collections::HashMap<(pg_sys::Oid, &str), &Delivered> =
+        std::collections::HashMap::with_capacity(delivered.len());
+    for d in delivered {
+        latest
+            .entry((d.resource_table, d.resource_key.as_str()))
+            .and_modify(|cur| {
+                if last_id(d) > last_id(cur) {
+                    *cur = d;
+                }
+            })
+            .or_insert(d);
+    }
+    let mut out: Vec<&Delivered> = latest.into_values().collect();
+    out.sort_by_key(|d| last_id(d));
+    out
 }

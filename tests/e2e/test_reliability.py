@@ -269,11 +269,14 @@ def test_an_update_overwrites_a_version_written_by_someone_else(make_cluster, fa
 
 
 @pytest.mark.fault
-def test_a_crash_empties_the_version_cache_and_the_next_update_still_lands(make_cluster, faults):
+@pytest.mark.parametrize("stale", [412, 409])
+def test_a_crash_empties_the_version_cache_and_the_next_update_still_lands(make_cluster, faults, stale):
     """A delivered update moves its change to the unlogged history and its version to the unlogged cache,
     and leaves fhir_sync_state as the first write left it. An immediate shutdown (a crash: no shutdown
-    checkpoint) empties both; the next update is sent on the version fhir_sync_state kept, the server's 412
-    makes the worker read the current one, and the row's state lands."""
+    checkpoint) empties both; the next update is sent on the version fhir_sync_state kept, the server's
+    answer to the stale If-Match (412 in R4, 409 from STU3 servers and HAPI) makes the worker read the
+    current one, and the row's state lands."""
+    faults.store.stale_if_match_status = stale
     app = make_app(make_cluster, faults.base_url)
     pid = app.add_patient("cache-crash", given="v1")
     app.wait_drained()

@@ -134,6 +134,7 @@ def _update_and_compare(make_cluster, faults, OLD):
     # A DBA's grants on functions the update replaces carry over.
     cluster.psql("CREATE ROLE ops")
     app.sql(f"GRANT EXECUTE ON FUNCTION fhir_track({TRACK_SIGNATURE[OLD]}), fhir_backfill(regclass) TO ops")
+    app.sql("GRANT SELECT ON fhir_sync_metrics TO ops")     # 0.6.0: it calls a new function, granted by the update
     if OLD != "0.1.0":
         app.sql("GRANT EXECUTE ON FUNCTION fhir_backfill_keys(oid), fhir_sync_worker_slots() TO ops")
         app.sql("GRANT SELECT ON fhir_sync_workers TO ops")
@@ -142,16 +143,19 @@ def _update_and_compare(make_cluster, faults, OLD):
     assert app.one("SELECT extversion FROM pg_extension WHERE extname = 'fhir_sync'") != OLD
     assert app.one("SELECT has_function_privilege('ops', 'fhir_track(regclass, text, regprocedure, name, text, text,"
                    " boolean, text)', 'EXECUTE') AND has_function_privilege('ops', 'fhir_backfill_keys(oid)', 'EXECUTE')")
+    assert app.one("SELECT has_function_privilege('ops', 'fhir_sync_delivered_counts()', 'EXECUTE')")
     cluster.query("CREATE EXTENSION fhir_sync", db="fresh")
     # ... what a DBA gives the same role on a fresh install.
+    cluster.query("GRANT SELECT ON fhir_sync_metrics TO ops", db="fresh")
+    cluster.query("GRANT EXECUTE ON FUNCTION fhir_sync_delivered_counts() TO ops", db="fresh")
     cluster.query("GRANT EXECUTE ON FUNCTION fhir_track(regclass, text, regprocedure, name, text, text, boolean, text),"
                   " fhir_backfill(regclass), fhir_backfill_keys(oid) TO ops", db="fresh")
     if OLD != "0.1.0":
         cluster.query("GRANT EXECUTE ON FUNCTION fhir_sync_worker_slots() TO ops", db="fresh")
         cluster.query("GRANT SELECT ON fhir_sync_workers TO ops", db="fresh")
     assert_same_surface(cluster, DB, "fresh")
-    assert app.sql("SELECT id, resource_key, attempts, fhir_resource_id FROM fhir_outbox_delivered") == \
-        [(delivered, "-7", 1, "old-7")]
+    assert app.sql("SELECT id, resource_key, attempts, fhir_resource_id FROM fhir_outbox_delivered WHERE id = %s",
+                   (delivered,)) == [(delivered, "-7", 1, "old-7")]
     assert app.one("SELECT count(*) FROM fhir_outbox WHERE id = %s", (delivered,)) == 0
 
     # The pending changes go out once each, and capture goes on through the triggers 0.1.0 installed.

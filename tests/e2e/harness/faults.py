@@ -144,6 +144,8 @@ class FhirStore:
         self.opaque_versions = False
         # A server that ignores If-Match (applies the update whatever version it names).
         self.ignore_if_match = False
+        # What a stale If-Match gets: 412 (FHIR R4), or 409 (STU3 servers, HAPI).
+        self.stale_if_match_status = 412
 
     def label(self, rid: str, version: int) -> str:
         if not self.opaque_versions:
@@ -190,7 +192,8 @@ class FhirStore:
         if if_match is not None and not self.ignore_if_match:
             cur = f'W/"{self.label(rid, it["version"])}"' if it and not it["deleted"] else None
             if cur is None or if_match.strip() not in (cur, cur[2:]):
-                return _Resp(412, operation_outcome("conflict", f"If-Match {if_match} != {cur}"))
+                return _Resp(self.stale_if_match_status,
+                             operation_outcome("conflict", f"If-Match {if_match} != {cur}"))
         version = (it["version"] + 1) if it else 1
         res = copy.deepcopy(resource)
         res["id"] = rid
