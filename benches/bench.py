@@ -495,6 +495,13 @@ class Bench:
     def pending(self) -> int:
         return self.one("SELECT count(*) FROM fhir_outbox WHERE NOT processed")
 
+    def delivered_rel(self) -> str:
+        """Where delivered changes are: fhir_outbox_delivered since 0.6.0; before, fhir_outbox's rows marked
+        processed (so that a build before it can be measured with this script)."""
+        if self.one("SELECT to_regclass('fhir_outbox_delivered') IS NOT NULL"):
+            return "fhir_outbox_delivered"
+        return "(SELECT * FROM fhir_outbox WHERE processed) AS delivered"
+
     def dlq(self) -> int:
         """Dead letters made since the scenario began."""
         return self.one("SELECT count(*) FROM fhir_dlq WHERE id > %s", (self.dlq_base,))
@@ -549,9 +556,10 @@ class Bench:
         commits = self.commit_times(tag)
         rows = self.sql(
             "WITH h AS (SELECT resource_key, max(processed_at) AS t, count(*) AS n, max(attempts) AS a"
-            "             FROM fhir_outbox_delivered WHERE id > %s AND resource_table = 'patient'::regclass GROUP BY 1),"
+            f"             FROM {self.delivered_rel()} WHERE id > %s AND resource_table = 'patient'::regclass GROUP BY 1),"
             "     o AS (SELECT resource_key, count(*) AS n, max(attempts) AS a"
-            "             FROM fhir_outbox WHERE id > %s AND resource_table = 'patient'::regclass GROUP BY 1)"
+            "             FROM fhir_outbox WHERE NOT processed AND id > %s AND resource_table = 'patient'::regclass"
+            "            GROUP BY 1)"
             " SELECT p.identifier_value, (extract(epoch FROM h.t) * 1e6)::int8, o.n IS NULL AND h.n IS NOT NULL,"
             "        coalesce(h.n, 0) + coalesce(o.n, 0), greatest(h.a, o.a)"
             "   FROM patient p LEFT JOIN h ON h.resource_key = p.id::text LEFT JOIN o ON o.resource_key = p.id::text"
@@ -894,7 +902,7 @@ class Bench:
         mem = sampler.stop()
         statements = self.pgss_top()
         res = self.measure_endpoint_rows(tag, 0)
-        last_settle = self.one("SELECT extract(epoch FROM max(processed_at))::float8 FROM fhir_outbox_delivered"
+        last_settle = self.one(f"SELECT extract(epoch FROM max(processed_at))::float8 FROM {self.delivered_rel()}"
                                " WHERE id > %s",
                                (self.outbox_base,))
         drain_s = (last_settle or drained_wall) - commit_s

@@ -152,12 +152,13 @@ CREATE INDEX fhir_sync_state_identifier_idx ON fhir_sync_state (identifier_value
 -- refused).
 CREATE INDEX fhir_sync_state_fhir_id_idx ON fhir_sync_state (fhir_id) WHERE NOT deleted;
 
--- The version the FHIR server gave each resource's last write (If-Match on the next one), with
--- when and by which change. Every delivered update writes it, so it is UNLOGGED: no WAL. A crash
--- empties it; the version in fhir_sync_state (that of the row's last durable change) is then used,
--- and where the server has moved on, its 412 makes the worker read the current version and send
--- again (core/src/send.rs): one GET more per resource, once. fhir_sync_resources shows the two
--- together.
+-- The version the FHIR server gave a resource's last write (If-Match on the next one), with when
+-- and by which change, for the updates that change nothing else (a first write and a delete
+-- rewrite fhir_sync_state, which takes their version). Written by nearly every delivery, so it is
+-- UNLOGGED: no WAL. The reader takes the version of whichever of the two rows a later change wrote.
+-- A crash empties it; where the server has moved on since fhir_sync_state's version, its 412 (or
+-- 409) makes the worker read the current version and send again (core/src/send.rs): one GET more
+-- per resource, once. fhir_sync_resources shows the two together.
 CREATE UNLOGGED TABLE fhir_sync_version (
     resource_table    regclass    NOT NULL,
     resource_key      text        NOT NULL,

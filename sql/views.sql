@@ -54,7 +54,8 @@ SELECT table_name, resource_type,
 -- cannot be read (it is unlogged): use fhir_sync_state there.
 CREATE VIEW fhir_sync_resources AS
 SELECT s.resource_table, s.resource_key, s.resource_type, s.fhir_id,
-       CASE WHEN v.resource_key IS NULL THEN s.fhir_version ELSE v.fhir_version END AS fhir_version,
+       CASE WHEN v.outbox_id >= coalesce(s.last_outbox_id, 0) THEN v.fhir_version ELSE s.fhir_version END
+           AS fhir_version,
        s.identifier_system, s.identifier_value, s.deleted,
        GREATEST(s.last_synced_at, v.synced_at) AS last_synced_at,
        GREATEST(s.last_outbox_id, v.outbox_id) AS last_outbox_id

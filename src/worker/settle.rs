@@ -106,6 +106,10 @@ pub fn settle(schema: &str, s: &Settlement) -> Result<(), FhirSyncError> {
                 .collect();
             let dels: Vec<bool> = d.iter().map(|x| x.deleted).collect();
             let last: Vec<i64> = d.iter().map(|x| last_id(x)).collect();
+            // A first write and a delete rewrite the logged row anyway (a new id, the deleted mark),
+            // and it takes their version: the cache is for the updates that change nothing else. The
+            // reader takes whichever of the two a later change wrote (outbox ids only grow).
+            let cache: Vec<bool> = d.iter().map(|x| !x.first_write && !x.deleted).collect();
             crate::plans::update(
                 client,
                 &format!(
@@ -118,12 +122,12 @@ pub fn settle(schema: &str, s: &Settlement) -> Result<(), FhirSyncError> {
                     // check before anything is written (the insert does not see the update, which
                     // runs in the same snapshot, and needs no anti-join with it).
                     "WITH u AS (SELECT * FROM unnest($1::oid[], $2::text[], $3::text[], $4::text[], $5::text[],
-                                                     $6::text[], $7::text[], $8::boolean[], $9::bigint[])
-                                     AS u(rt, rk, ty, fid, ver, isys, ival, del, last)),
+                                                     $6::text[], $7::text[], $8::boolean[], $9::bigint[], $10::boolean[])
+                                     AS u(rt, rk, ty, fid, ver, isys, ival, del, last, cache)),
                           cached AS (
                             INSERT INTO {schema}.fhir_sync_version AS v (resource_table, resource_key, fhir_version,
                                    synced_at, outbox_id)
-                            SELECT u.rt::pg_catalog.regclass, u.rk, u.ver, pg_catalog.now(), u.last FROM u
+                            SELECT u.rt::pg_catalog.regclass, u.rk, u.ver, pg_catalog.now(), u.last FROM u WHERE u.cache
                             ON CONFLICT (resource_table, resource_key) DO UPDATE SET
                                    fhir_version = excluded.fhir_version, synced_at = excluded.synced_at,
                                    outbox_id = excluded.outbox_id
@@ -144,14 +148,15 @@ pub fn settle(schema: &str, s: &Settlement) -> Result<(), FhirSyncError> {
                                     OR s.fhir_id IS DISTINCT FROM coalesce(u.fid, s.fhir_id)
                                     OR s.deleted IS DISTINCT FROM u.del
                                     OR s.identifier_system IS DISTINCT FROM coalesce(u.isys, s.identifier_system)
-                                    OR s.identifier_value IS DISTINCT FROM coalesce(u.ival, s.identifier_value)))
+                                    OR s.identifier_value IS DISTINCT FROM coalesce(u.ival, s.identifier_value)
+                                    OR (NOT u.cache AND s.fhir_version IS DISTINCT FROM u.ver)))
                      INSERT INTO {schema}.fhir_sync_state AS s (resource_table, resource_key, resource_type, fhir_id,
                             fhir_version, identifier_system, identifier_value, deleted, last_synced_at, last_outbox_id)
                      SELECT u.rt::pg_catalog.regclass, u.rk, u.ty, u.fid, u.ver, u.isys, u.ival, u.del, pg_catalog.now(), u.last
                        FROM u
                      ON CONFLICT (resource_table, resource_key) DO NOTHING"
                 ),
-                &[rts.into(), rks.into(), tys.into(), fids.into(), vers.into(), isys.into(), ival.into(), dels.into(), last.into()],
+                &[rts.into(), rks.into(), tys.into(), fids.into(), vers.into(), isys.into(), ival.into(), dels.into(), last.into(), cache.into()],
             )?;
         }
         if !s.retries.is_empty() {
