@@ -28,14 +28,16 @@ CREATE UNLOGGED TABLE @extschema@.fhir_outbox_delivered (
 -- fhir_cleanup_old() deletes by age.
 CREATE INDEX fhir_outbox_delivered_processed_at_idx ON @extschema@.fhir_outbox_delivered (processed_at);
 
+-- In one statement: a 0.5.0 worker may still be marking rows delivered meanwhile.
+WITH moved AS (
+    DELETE FROM @extschema@.fhir_outbox o WHERE o.processed
+    RETURNING o.id, o.txid, o.table_name, o.record_id, o.operation, o.resource_type, o.resource_table,
+              o.resource_key, o.created_at, coalesce(o.processed_at, o.created_at) AS processed_at, o.attempts,
+              o.first_failed_at, o.fhir_resource_id, o.fhir_version)
 INSERT INTO @extschema@.fhir_outbox_delivered (id, txid, table_name, record_id, operation, resource_type,
        resource_table, resource_key, created_at, processed_at, attempts, first_failed_at, fhir_resource_id,
        fhir_version)
-SELECT o.id, o.txid, o.table_name, o.record_id, o.operation, o.resource_type, o.resource_table, o.resource_key,
-       o.created_at, coalesce(o.processed_at, o.created_at), o.attempts, o.first_failed_at, o.fhir_resource_id,
-       o.fhir_version
-  FROM @extschema@.fhir_outbox o WHERE o.processed;
-DELETE FROM @extschema@.fhir_outbox o WHERE o.processed;
+SELECT * FROM moved;
 DROP INDEX @extschema@.fhir_outbox_processed_at_idx;
 -- (Pages written from now on.)
 ALTER TABLE @extschema@.fhir_outbox RESET (fillfactor);
@@ -145,8 +147,7 @@ $carry$;
 
 CREATE VIEW @extschema@.fhir_sync_resources AS
 SELECT s.resource_table, s.resource_key, s.resource_type, s.fhir_id,
-       CASE WHEN v.outbox_id >= coalesce(s.last_outbox_id, 0) THEN v.fhir_version ELSE s.fhir_version END
-           AS fhir_version,
+       CASE WHEN v.synced_at >= s.last_synced_at THEN v.fhir_version ELSE s.fhir_version END AS fhir_version,
        s.identifier_system, s.identifier_value, s.deleted,
        GREATEST(s.last_synced_at, v.synced_at) AS last_synced_at,
        GREATEST(s.last_outbox_id, v.outbox_id) AS last_outbox_id

@@ -153,9 +153,9 @@ CREATE INDEX fhir_sync_state_identifier_idx ON fhir_sync_state (identifier_value
 CREATE INDEX fhir_sync_state_fhir_id_idx ON fhir_sync_state (fhir_id) WHERE NOT deleted;
 
 -- The version the FHIR server gave a resource's last write (If-Match on the next one), with when
--- and by which change, for the updates that change nothing else (a first write and a delete
+-- and by which change, for every update but a first write or a delete (those
 -- rewrite fhir_sync_state, which takes their version). Written by nearly every delivery, so it is
--- UNLOGGED: no WAL. The reader takes the version of whichever of the two rows a later change wrote.
+-- UNLOGGED: no WAL. The reader takes the version of whichever of the two rows a later settle wrote.
 -- A crash empties it; where the server has moved on since fhir_sync_state's version, its 412 (or
 -- 409) makes the worker read the current version and send again (core/src/send.rs): one GET more
 -- per resource, once. fhir_sync_resources shows the two together.

@@ -50,12 +50,12 @@ SELECT table_name, resource_type,
   FROM o FULL JOIN h USING (table_name, resource_type) FULL JOIN d USING (table_name, resource_type);
 
 -- Per source row: what fhir_sync_state maps it to, with the version and time of its last delivered
--- write from the version cache (fhir_sync_version) where it has them. On a standby the cache
--- cannot be read (it is unlogged): use fhir_sync_state there.
+-- write: the version cache's (fhir_sync_version) where a later settle wrote it. After a crash
+-- emptied the cache, the version of the row's last durable write, until its next update. On a
+-- standby the cache cannot be read (it is unlogged): use fhir_sync_state there.
 CREATE VIEW fhir_sync_resources AS
 SELECT s.resource_table, s.resource_key, s.resource_type, s.fhir_id,
-       CASE WHEN v.outbox_id >= coalesce(s.last_outbox_id, 0) THEN v.fhir_version ELSE s.fhir_version END
-           AS fhir_version,
+       CASE WHEN v.synced_at >= s.last_synced_at THEN v.fhir_version ELSE s.fhir_version END AS fhir_version,
        s.identifier_system, s.identifier_value, s.deleted,
        GREATEST(s.last_synced_at, v.synced_at) AS last_synced_at,
        GREATEST(s.last_outbox_id, v.outbox_id) AS last_outbox_id

@@ -376,7 +376,7 @@ pub struct Synced {
 /// was planned as a bitmap scan of the whole table's entries for the first key column.
 ///
 /// `versions`: also the version of each resource's last write (for If-Match): the unlogged cache's
-/// when a later change wrote it than the logged row's last rewrite, else the logged row's (after a
+/// when a later settle wrote it than the logged row's last rewrite, else the logged row's (after a
 /// crash emptied the cache, a stale one costs a 412 and a re-read). Without: no version
 /// (references and previews need none).
 pub fn sync_states(
@@ -387,10 +387,10 @@ pub fn sync_states(
 ) -> Result<HashMap<String, Synced>, FhirSyncError> {
     let (version, cache) = if versions {
         (
-            "CASE WHEN v.outbox_id >= coalesce(s.last_outbox_id, 0) THEN v.fhir_version ELSE s.fhir_version END",
+            "CASE WHEN v.synced_at >= s.last_synced_at THEN v.fhir_version ELSE s.fhir_version END",
             format!(
                 "LEFT JOIN LATERAL (
-                    SELECT v.outbox_id, v.fhir_version FROM {schema}.fhir_sync_version v
+                    SELECT v.synced_at, v.fhir_version FROM {schema}.fhir_sync_version v
                      WHERE v.resource_table = $1::pg_catalog.regclass AND v.resource_key = k.key
                      LIMIT 1) AS v ON true"
             ),

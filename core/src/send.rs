@@ -286,8 +286,11 @@ fn send_one(client: &Conn, req: &Outgoing) -> Response {
             // now, so it is the state to keep: send it again on the version the server holds
             // now (unconditionally if the server no longer has it). R4 servers say 412; STU3
             // ones, and HAPI, say 409 to a stale If-Match.
-            Transport::Status(409 | 412) if if_match.is_some() => {
+            Transport::Status(status @ (409 | 412)) if if_match.is_some() => {
                 match current_version(client, &req.path) {
+                    // A 409 on the version the server holds is not about the version (HAPI says
+                    // 409 to other conflicts too): a race, sent again as it is.
+                    Ok(v) if status == 409 && v == if_match => {}
                     Ok(v) => if_match = v,
                     Err(failed) => return *failed,
                 }

@@ -107,8 +107,8 @@ pub fn settle(schema: &str, s: &Settlement) -> Result<(), FhirSyncError> {
             let dels: Vec<bool> = d.iter().map(|x| x.deleted).collect();
             let last: Vec<i64> = d.iter().map(|x| last_id(x)).collect();
             // A first write and a delete rewrite the logged row anyway (a new id, the deleted mark),
-            // and it takes their version: the cache is for the updates that change nothing else. The
-            // reader takes whichever of the two a later change wrote (outbox ids only grow).
+            // and it takes their version: the cache is for the other updates. The reader takes the
+            // row the later settle wrote (settles of one resource never overlap: leases).
             let cache: Vec<bool> = d.iter().map(|x| !x.first_write && !x.deleted).collect();
             crate::plans::update(
                 client,
@@ -131,9 +131,11 @@ pub fn settle(schema: &str, s: &Settlement) -> Result<(), FhirSyncError> {
                             ON CONFLICT (resource_table, resource_key) DO UPDATE SET
                                    fhir_version = excluded.fhir_version, synced_at = excluded.synced_at,
                                    outbox_id = excluded.outbox_id
-                             -- never an older version over a newer one (a settle that comes late):
-                             -- the next update's If-Match would fail and cost a re-read.
-                             WHERE v.outbox_id IS NULL OR v.outbox_id <= excluded.outbox_id),
+                             -- never an older version over a newer one (a settle that comes late, its
+                             -- lease expired): the next update's If-Match would fail and cost a
+                             -- re-read. By settle time, not outbox id: ids are taken at capture, and a
+                             -- transaction that commits late brings a lower id after a higher one.
+                             WHERE v.synced_at <= excluded.synced_at),
                           updated AS (
                             UPDATE {schema}.fhir_sync_state s SET
                                    resource_type = u.ty,
@@ -141,7 +143,9 @@ pub fn settle(schema: &str, s: &Settlement) -> Result<(), FhirSyncError> {
                                    fhir_version = u.ver,
                                    identifier_system = coalesce(u.isys, s.identifier_system),
                                    identifier_value = coalesce(u.ival, s.identifier_value),
-                                   deleted = u.del, last_synced_at = pg_catalog.now(), last_outbox_id = u.last
+                                   deleted = u.del, last_synced_at = pg_catalog.now(),
+                                   -- (0: a write whose changes went to the row it merged with)
+                                   last_outbox_id = coalesce(NULLIF(u.last, 0), s.last_outbox_id)
                               FROM u
                              WHERE s.resource_table = u.rt::pg_catalog.regclass AND s.resource_key = u.rk
                                AND (s.resource_type IS DISTINCT FROM u.ty

@@ -49,7 +49,8 @@ SELECT format('column %s.%s %s %s notnull=%s default=%s identity=%s', c.relname,
   LEFT JOIN pg_attrdef ad ON ad.adrelid = c.oid AND ad.adnum = a.attnum
  WHERE c.relkind IN ('r', 'v')
 UNION ALL
-SELECT format('relation %s kind=%s acl=%s options=%s', c.relname, c.relkind, c.relacl, c.reloptions)
+SELECT format('relation %s kind=%s persistence=%s acl=%s options=%s', c.relname, c.relkind, c.relpersistence,
+              c.relacl, c.reloptions)
   FROM pg_class c JOIN members m ON m.classid = 'pg_class'::regclass AND m.objid = c.oid
 UNION ALL
 SELECT format('constraint %s %s %s', co.conrelid::regclass, co.conname, pg_get_constraintdef(co.oid))
