@@ -60,7 +60,6 @@ pub fn one<T: pgrx::FromDatum + pgrx::IntoDatum>(
     })
 }
 
-/// The extension's schema, quoted, or None when the extension is not installed here.
 /// Where the extension is, for the worker.
 pub enum Extension {
     Missing,
@@ -88,7 +87,8 @@ fn installed() -> Result<Option<(String, String)>, FhirSyncError> {
     })
 }
 
-/// The extension's schema, quoted, whatever its version (the SQL functions run in it).
+/// The extension's schema, quoted, whatever its version (the SQL functions run in it), or None
+/// when the extension is not installed here.
 pub fn extension_schema() -> Result<Option<String>, FhirSyncError> {
     Ok(installed()?.map(|(schema, _)| schema))
 }
