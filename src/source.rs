@@ -567,9 +567,10 @@ pub fn lock_identities(
     })
 }
 
-/// Records, before a first write is sent, that the row holds its identifier: a fhir_sync_state
-/// row without a resource id (a row's earlier, deleted resource is forgotten: the write makes
-/// a new one). Settling the write fills in the id.
+/// Records that the row holds its identifier: a fhir_sync_state row without a resource id (a
+/// row's earlier, deleted resource is forgotten: the write makes a new one). Written by the
+/// settle of a first write that did not succeed (while in flight, the reservation is in shared
+/// memory: worker/lease.rs); a later settle that delivers it fills in the id.
 pub fn reserve_identities(
     schema: &str,
     claims: &[&fhir_sync_core::identity::Claim],
@@ -595,7 +596,11 @@ pub fn reserve_identities(
                         identifier_system = excluded.identifier_system,
                         identifier_value = excluded.identifier_value,
                         fhir_id = NULL, fhir_version = NULL, deleted = false
-                  WHERE s.fhir_id IS NULL OR s.deleted"
+                  -- (a row reserved already, by the write's earlier attempt, is left as it is)
+                  WHERE s.deleted OR (s.fhir_id IS NULL
+                        AND (s.resource_type IS DISTINCT FROM excluded.resource_type
+                             OR s.identifier_system IS DISTINCT FROM excluded.identifier_system
+                             OR s.identifier_value IS DISTINCT FROM excluded.identifier_value))"
             ),
             &[rts.into(), rks.into(), tys.into(), sys.into(), vals.into()],
         )?;

@@ -6,6 +6,7 @@
 //! Also used by `fhir_preview`, which plans without sending or enqueueing anything.
 
 use super::claim::Claimed;
+use super::lease::{self, Leases};
 use super::policy::Class;
 use crate::error::FhirSyncError;
 use crate::http::{identifier_query, weak_etag};
@@ -16,7 +17,7 @@ use fhir_sync_core::identity;
 use fhir_sync_core::send::{Create, WriteMode};
 use pgrx::pg_sys;
 use serde_json::{json, Value};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -87,7 +88,8 @@ fn not_read(e: &FhirSyncError, mode: Mode) -> Action {
 /// change a table's write mode, drop If-Match, or refuse a delete the server does not take.
 ///
 /// `flying` are the identities of the batch still in flight; the identities this plan sends are
-/// added to `sending` (the caller keeps them while the batch is in flight).
+/// added to `sending` (the caller keeps them while the batch is in flight). When delivering,
+/// `leases` are the worker's: its first writes' identifiers are reserved there.
 #[allow(clippy::too_many_arguments)]
 pub fn plan(
     schema: &str,
@@ -95,8 +97,8 @@ pub fn plan(
     claimed: &[Claimed],
     mode: Mode,
     caps: Option<&Capabilities>,
-    flying: &[identity::Claim],
-    sending: &mut Vec<identity::Claim>,
+    (flying, sending): (&[identity::Claim], &mut Vec<identity::Claim>),
+    leases: Option<&mut Leases>,
     deps: &mut Vec<(pg_sys::Oid, String)>,
 ) -> Result<Vec<Action>, FhirSyncError> {
     let base = crate::gucs::identifier_system();
@@ -280,6 +282,7 @@ pub fn plan(
         tracks,
         (claimed, mode),
         (&identities, flying, sending),
+        leases,
         &mut actions,
     )?;
     Ok(actions
@@ -303,10 +306,13 @@ fn identifier_from_data(track: &Track) -> bool {
 /// resource, or waits when that row is letting go of it; a DELETE of a resource another row
 /// still maps to sends nothing. Rows are named by table and key, never by the identifier.
 ///
-/// When delivering, a first write reserves its identifier in fhir_sync_state before it is sent
-/// (so that a row whose write is retrying, or was dead-lettered after the server may have
-/// applied it, still holds it), under a transaction-level advisory lock per identifier, so that
-/// two workers cannot both find it free.
+/// When delivering, a first write reserves its identifier before it is sent, under a
+/// transaction-level advisory lock per identifier, so that two workers cannot both find it
+/// free. While the write is in flight the reservation lives in shared memory, beside the
+/// worker's leases (docs/delivery.md §4): a row of another worker with that identifier waits
+/// for the settle. The settle then records the row's state, or, for a write that did not
+/// succeed (retrying, or dead-lettered after the server may have applied it), the reservation in
+/// fhir_sync_state, so that the row keeps holding the identifier.
 fn guard_identities(
     schema: &str,
     tracks: &HashMap<pg_sys::Oid, Track>,
@@ -316,6 +322,7 @@ fn guard_identities(
         &[identity::Claim],
         &mut Vec<identity::Claim>,
     ),
+    leases: Option<&mut Leases>,
     actions: &mut [Option<Action>],
 ) -> Result<(), FhirSyncError> {
     if identities.is_empty() {
@@ -331,15 +338,28 @@ fn guard_identities(
     } else {
         Vec::new()
     };
-    // A first write whose identifier another worker is checking now waits for the next cycle.
-    let (waiting, identities): (Vec<_>, Vec<_>) = identities
-        .iter()
-        .partition(|(_, c)| c.plan == identity::Plan::FirstWrite && busy.contains(&c.identity));
-    for (i, _) in waiting {
-        actions[*i] = Some(Action::Wait(
-            "another worker is checking its identifier".into(),
-        ));
+    // Read before fhir_sync_state: lease::identities_elsewhere says why.
+    let elsewhere = if mode == Mode::Deliver {
+        lease::identities_elsewhere()
+    } else {
+        HashSet::new()
+    };
+    // A first write whose identifier another worker is checking now, and any write of an
+    // identifier another worker's first write is resolving, wait for the next cycle.
+    let mut checked = Vec::with_capacity(identities.len());
+    for entry in identities {
+        let (i, c) = entry;
+        let why = if c.plan == identity::Plan::FirstWrite && busy.contains(&c.identity) {
+            "another worker is checking its identifier"
+        } else if elsewhere.contains(&lease::identity_key(&c.identity)) {
+            "another worker's first write of its identifier is in flight"
+        } else {
+            checked.push(entry);
+            continue;
+        };
+        actions[*i] = Some(Action::Wait(why.into()));
     }
+    let identities = checked;
     let wanted: Vec<&identity::Identity> = identities.iter().map(|(_, c)| &c.identity).collect();
     let ids: Vec<(String, String)> = identities
         .iter()
@@ -383,7 +403,24 @@ fn guard_identities(
         actions[*i] = Some(replaced);
     }
     if mode == Mode::Deliver && !reserve.is_empty() {
-        source::reserve_identities(schema, &reserve)?;
+        let keys: Vec<(u64, u64)> = reserve
+            .iter()
+            .map(|c| {
+                (
+                    lease::key_of(pg_sys::Oid::from(c.row.0), &c.row.1),
+                    lease::identity_key(&c.identity),
+                )
+            })
+            .collect();
+        // What finds no room in shared memory (never while first writes are claimed
+        // resources) is reserved in fhir_sync_state at once, as before.
+        let durable: Vec<&identity::Claim> = match leases {
+            Some(l) => l.reserve(&keys).into_iter().map(|i| reserve[i]).collect(),
+            None => reserve,
+        };
+        if !durable.is_empty() {
+            source::reserve_identities(schema, &durable)?;
+        }
     }
     Ok(())
 }

@@ -21,13 +21,14 @@ from harness.pg import PG
 
 pytestmark = pytest.mark.e2e
 
-RELEASES = ["0.1.0", "0.2.0", "0.3.0", "0.4.0", "0.5.0"]
+RELEASES = ["0.1.0", "0.2.0", "0.3.0", "0.4.0", "0.5.0", "0.6.0"]
 # fhir_track's signature as each release defined it (a DBA's grant on it must carry over).
 TRACK_SIGNATURE = {"0.1.0": "regclass, text, regprocedure, name, text, text",
                    "0.2.0": "regclass, text, regprocedure, name, text, text, boolean",
                    "0.3.0": "regclass, text, regprocedure, name, text, text, boolean",
                    "0.4.0": "regclass, text, regprocedure, name, text, text, boolean",
-                   "0.5.0": "regclass, text, regprocedure, name, text, text, boolean, text"}
+                   "0.5.0": "regclass, text, regprocedure, name, text, text, boolean, text",
+                   "0.6.0": "regclass, text, regprocedure, name, text, text, boolean, text"}
 
 # Everything an extension's SQL defines, rendered so that two databases can be compared: its member
 # objects, functions with body, settings, privileges and strictness, tables with columns, defaults,
@@ -65,6 +66,10 @@ UNION ALL
 SELECT format('dumped %s %s', x::regclass, c) FROM ext, unnest(ext.extconfig, ext.extcondition) AS u(x, c)
 ORDER BY 1
 """
+
+
+def version(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in v.split("."))
 
 
 def sharedir() -> Path:
@@ -119,11 +124,18 @@ def _update_and_compare(make_cluster, faults, OLD):
     if OLD not in ("0.1.0", "0.2.0"):      # (their fhir_sync_workers predates the slots' columns)
         eventually(lambda: app.one("SELECT state FROM fhir_sync_workers")
                    == "waiting for ALTER EXTENSION fhir_sync UPDATE", message="the worker waiting for the update")
-    # A change the old release delivered (marked in place until 0.6.0): the update moves it to the history.
-    delivered = app.one("INSERT INTO fhir_outbox (table_name, record_id, operation, resource_type, resource_table,"
-                        " resource_key, processed, processed_at, attempts, fhir_resource_id)"
-                        " VALUES ('public.patient', '-7', 'U', 'Patient', 'patient'::regclass, '-7', true, now(), 1,"
-                        " 'old-7') RETURNING id")
+    # A change the old release delivered: marked in place until 0.6.0 (the update to 0.6.0 moves it to the
+    # history), in the history since (where it stays).
+    if version(OLD) < version("0.6.0"):
+        delivered = app.one("INSERT INTO fhir_outbox (table_name, record_id, operation, resource_type, resource_table,"
+                            " resource_key, processed, processed_at, attempts, fhir_resource_id)"
+                            " VALUES ('public.patient', '-7', 'U', 'Patient', 'patient'::regclass, '-7', true, now(), 1,"
+                            " 'old-7') RETURNING id")
+    else:
+        delivered = app.one("INSERT INTO fhir_outbox_delivered (id, txid, table_name, record_id, operation, resource_type,"
+                            " resource_table, resource_key, created_at, processed_at, attempts, fhir_resource_id)"
+                            " VALUES (-7, 1, 'public.patient', '-7', 'U', 'Patient', 'patient'::regclass, '-7', now(),"
+                            " now(), 1, 'old-7') RETURNING id")
     # A dead letter as 0.1.0 recorded one.
     app.sql("""INSERT INTO fhir_dlq (outbox_ids, txid, table_name, record_id, operation, resource_type,
                                      resource_table, resource_key, identifier_system, identifier_value,
@@ -136,6 +148,8 @@ def _update_and_compare(make_cluster, faults, OLD):
     cluster.psql("CREATE ROLE ops")
     app.sql(f"GRANT EXECUTE ON FUNCTION fhir_track({TRACK_SIGNATURE[OLD]}), fhir_backfill(regclass) TO ops")
     app.sql("GRANT SELECT ON fhir_sync_metrics TO ops")     # 0.6.0: it calls a new function, granted by the update
+    if version(OLD) >= version("0.6.0"):    # ... which a DBA grants with it since
+        app.sql("GRANT EXECUTE ON FUNCTION fhir_sync_delivered_counts() TO ops")
     if OLD != "0.1.0":
         app.sql("GRANT EXECUTE ON FUNCTION fhir_backfill_keys(oid), fhir_sync_worker_slots() TO ops")
         app.sql("GRANT SELECT ON fhir_sync_workers TO ops")
