@@ -1,8 +1,6 @@
 -- fhir_sync 0.6.0 → 0.6.1. Released scripts are never edited; this one carries a 0.6.0 database
 -- to what a fresh 0.6.1 install defines (tests/e2e/test_upgrade.py compares the two).
 --
--- 0.6.1 changes the worker, not the schema: a first write's identifier is reserved in shared
--- memory while the write is in flight and in fhir_sync_state only when the write did not succeed
--- (docs/delivery.md §4). A 0.6.0 database's reservations (fhir_sync_state rows without a
--- fhir_id) keep holding their identifiers as before. Nothing to change here; the new version only
--- lets the 0.6.1 worker know the database was updated to go with it.
+-- 0.6.1 changes the worker, not the schema: a first write of a row that has no fhir_sync_state row
+-- reserves its identifier with a plain insert instead of an upsert (one WAL record less). Nothing
+-- to change here; the new version lets the 0.6.1 worker know the database was updated to go with it.

@@ -355,8 +355,8 @@ fn preview(table: pg_sys::Oid, key: &str) -> Result<Option<Value>, FhirSyncError
         std::slice::from_ref(&claimed),
         Mode::Preview,
         None,
-        (&[], &mut Vec::new()),
-        None,
+        &[],
+        &mut Vec::new(),
         &mut deps,
     )?;
     match actions.into_iter().next() {

@@ -75,12 +75,6 @@ pub struct LeaseSlot {
     /// Entries in use are below this.
     pub high: AtomicUsize,
     pub keys: [AtomicU64; fhir_sync_core::lease::PER_WORKER],
-    /// The identifiers its first writes in flight resolve (`fhir_sync_core::lease::identity_key`):
-    /// written by that worker while it holds their advisory locks (worker/map.rs), read by the
-    /// other workers of the database under the same locks. Entries in use are below
-    /// `identities_high`.
-    pub identities_high: AtomicUsize,
-    pub identities: [AtomicU64; fhir_sync_core::lease::PER_WORKER],
 }
 
 /// Words of the TextSlot (8 KiB of text).

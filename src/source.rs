@@ -567,43 +567,58 @@ pub fn lock_identities(
     })
 }
 
-/// Records that the row holds its identifier: a fhir_sync_state row without a resource id (a
-/// row's earlier, deleted resource is forgotten: the write makes a new one). Written by the
-/// settle of a first write that did not succeed (while in flight, the reservation is in shared
-/// memory: worker/lease.rs); a later settle that delivers it fills in the id.
+/// Records, before a first write is sent, that the row holds its identifier: a fhir_sync_state
+/// row without a resource id (a row's earlier, deleted resource is forgotten: the write makes
+/// a new one). Settling the write fills in the id. Each claim comes with whether the row has a
+/// state row already: a new row's reservation is a plain insert (an upsert is a speculative
+/// insert, one more WAL record per first write). The leases keep any other writer of the row
+/// away; a row inserted meanwhile by someone else fails this map, and so the cycle, before
+/// anything is sent.
 pub fn reserve_identities(
     schema: &str,
-    claims: &[&fhir_sync_core::identity::Claim],
+    claims: &[(&fhir_sync_core::identity::Claim, bool)],
 ) -> Result<(), FhirSyncError> {
-    let rts: Vec<pg_sys::Oid> = claims.iter().map(|c| pg_sys::Oid::from(c.row.0)).collect();
-    let rks: Vec<String> = claims.iter().map(|c| c.row.1.clone()).collect();
-    let tys: Vec<String> = claims
-        .iter()
-        .map(|c| c.identity.resource_type.clone())
-        .collect();
-    let sys: Vec<String> = claims.iter().map(|c| c.identity.system.clone()).collect();
-    let vals: Vec<String> = claims.iter().map(|c| c.identity.value.clone()).collect();
+    let columns = |recorded: bool| {
+        let of: Vec<&fhir_sync_core::identity::Claim> = claims
+            .iter()
+            .filter(|(_, r)| *r == recorded)
+            .map(|(c, _)| *c)
+            .collect();
+        let rts: Vec<pg_sys::Oid> = of.iter().map(|c| pg_sys::Oid::from(c.row.0)).collect();
+        let rks: Vec<String> = of.iter().map(|c| c.row.1.clone()).collect();
+        let tys: Vec<String> = of
+            .iter()
+            .map(|c| c.identity.resource_type.clone())
+            .collect();
+        let sys: Vec<String> = of.iter().map(|c| c.identity.system.clone()).collect();
+        let vals: Vec<String> = of.iter().map(|c| c.identity.value.clone()).collect();
+        (
+            of.len(),
+            [rts.into(), rks.into(), tys.into(), sys.into(), vals.into()],
+        )
+    };
+    let insert = format!(
+        "INSERT INTO {schema}.fhir_sync_state AS s (resource_table, resource_key, resource_type,
+                identifier_system, identifier_value, deleted, last_synced_at)
+         SELECT u.rt::pg_catalog.regclass, u.rk, u.ty, u.sys, u.val, false, pg_catalog.now()
+           FROM unnest($1::oid[], $2::text[], $3::text[], $4::text[], $5::text[]) AS u(rt, rk, ty, sys, val)"
+    );
+    let upsert = format!(
+        "{insert}
+         ON CONFLICT (resource_table, resource_key) DO UPDATE SET
+                resource_type = excluded.resource_type,
+                identifier_system = excluded.identifier_system,
+                identifier_value = excluded.identifier_value,
+                fhir_id = NULL, fhir_version = NULL, deleted = false
+          WHERE s.fhir_id IS NULL OR s.deleted"
+    );
     Spi::connect_mut(|client| {
-        crate::plans::update(
-            client,
-            &format!(
-                "INSERT INTO {schema}.fhir_sync_state AS s (resource_table, resource_key, resource_type,
-                        identifier_system, identifier_value, deleted, last_synced_at)
-                 SELECT u.rt::pg_catalog.regclass, u.rk, u.ty, u.sys, u.val, false, pg_catalog.now()
-                   FROM unnest($1::oid[], $2::text[], $3::text[], $4::text[], $5::text[]) AS u(rt, rk, ty, sys, val)
-                 ON CONFLICT (resource_table, resource_key) DO UPDATE SET
-                        resource_type = excluded.resource_type,
-                        identifier_system = excluded.identifier_system,
-                        identifier_value = excluded.identifier_value,
-                        fhir_id = NULL, fhir_version = NULL, deleted = false
-                  -- (a row reserved already, by the write's earlier attempt, is left as it is)
-                  WHERE s.deleted OR (s.fhir_id IS NULL
-                        AND (s.resource_type IS DISTINCT FROM excluded.resource_type
-                             OR s.identifier_system IS DISTINCT FROM excluded.identifier_system
-                             OR s.identifier_value IS DISTINCT FROM excluded.identifier_value))"
-            ),
-            &[rts.into(), rks.into(), tys.into(), sys.into(), vals.into()],
-        )?;
+        for (recorded, sql) in [(false, &insert), (true, &upsert)] {
+            let (n, args) = columns(recorded);
+            if n > 0 {
+                crate::plans::update(client, sql, &args)?;
+            }
+        }
         Ok(())
     })
 }

@@ -30,20 +30,6 @@ pub fn key(table: u32, resource_key: &str) -> u64 {
     h.max(1)
 }
 
-/// The key of an identifier a first write is resolving (its resource type, system and value):
-/// published beside the leases while the write is in flight, so that another worker's row
-/// with the same identifier waits for it (a key two identifiers share only makes one wait).
-pub fn identity_key(resource_type: &str, system: &str, value: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for part in [resource_type, system, value] {
-        for b in part.as_bytes().iter().chain(std::iter::once(&0xff)) {
-            h ^= u64::from(*b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-    h.max(1)
-}
-
 /// A worker's own view of its slot: where each of its keys sits and which entries are free.
 /// Its methods return the writes to make to the shared array: (entry, value), 0 freeing it.
 #[derive(Debug)]
@@ -138,28 +124,6 @@ mod tests {
             key(16384, "7"),
             "the same in every process"
         );
-    }
-
-    #[test]
-    fn identity_keys_tell_the_three_parts_apart() {
-        let cases = [
-            (("Patient", "urn:mrn", "1"), ("Patient", "urn:mrn", "2")),
-            (("Patient", "urn:mrn", "1"), ("Patient", "urn:mr", "n1")),
-            (("Patient", "urn:mrn", "1"), ("Encounter", "urn:mrn", "1")),
-            (("Patient", "", "x"), ("Patient", "x", "")),
-        ];
-        for (a, b) in cases {
-            assert_ne!(
-                identity_key(a.0, a.1, a.2),
-                identity_key(b.0, b.1, b.2),
-                "{a:?} vs {b:?}"
-            );
-        }
-        assert_eq!(
-            identity_key("Patient", "s", "v"),
-            identity_key("Patient", "s", "v")
-        );
-        assert_ne!(identity_key("", "", ""), 0);
     }
 
     #[test]

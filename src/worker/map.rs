@@ -6,7 +6,6 @@
 //! Also used by `fhir_preview`, which plans without sending or enqueueing anything.
 
 use super::claim::Claimed;
-use super::lease::{self, Leases};
 use super::policy::Class;
 use crate::error::FhirSyncError;
 use crate::http::{identifier_query, weak_etag};
@@ -17,7 +16,7 @@ use fhir_sync_core::identity;
 use fhir_sync_core::send::{Create, WriteMode};
 use pgrx::pg_sys;
 use serde_json::{json, Value};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -88,8 +87,7 @@ fn not_read(e: &FhirSyncError, mode: Mode) -> Action {
 /// change a table's write mode, drop If-Match, or refuse a delete the server does not take.
 ///
 /// `flying` are the identities of the batch still in flight; the identities this plan sends are
-/// added to `sending` (the caller keeps them while the batch is in flight). When delivering,
-/// `leases` are the worker's: its first writes' identifiers are reserved there.
+/// added to `sending` (the caller keeps them while the batch is in flight).
 #[allow(clippy::too_many_arguments)]
 pub fn plan(
     schema: &str,
@@ -97,8 +95,8 @@ pub fn plan(
     claimed: &[Claimed],
     mode: Mode,
     caps: Option<&Capabilities>,
-    (flying, sending): (&[identity::Claim], &mut Vec<identity::Claim>),
-    leases: Option<&mut Leases>,
+    flying: &[identity::Claim],
+    sending: &mut Vec<identity::Claim>,
     deps: &mut Vec<(pg_sys::Oid, String)>,
 ) -> Result<Vec<Action>, FhirSyncError> {
     let base = crate::gucs::identifier_system();
@@ -106,6 +104,9 @@ pub fn plan(
     // Resources whose identifier comes from the row's data (and so may be shared by another
     // row), with what is planned for them: checked together once every table is planned.
     let mut identities: Vec<(usize, identity::Claim)> = Vec::new();
+    // Which claimed resources have a fhir_sync_state row (a first write of one that has none
+    // reserves it with a plain insert).
+    let mut recorded = vec![false; claimed.len()];
     let mut by_table: HashMap<pg_sys::Oid, Vec<usize>> = HashMap::new();
     for (i, c) in claimed.iter().enumerate() {
         by_table.entry(c.resource_table).or_default().push(i);
@@ -164,6 +165,7 @@ pub fn plan(
 
         for i in idx {
             let c = &claimed[i];
+            recorded[i] = states.contains_key(&c.resource_key);
             let state = states.get(&c.resource_key).cloned().unwrap_or_default();
             let exists = if track.mapper == Mapper::Function {
                 custom.contains_key(&c.resource_key)
@@ -280,9 +282,8 @@ pub fn plan(
     guard_identities(
         schema,
         tracks,
-        (claimed, mode),
+        (claimed, &recorded, mode),
         (&identities, flying, sending),
-        leases,
         &mut actions,
     )?;
     Ok(actions
@@ -306,23 +307,19 @@ fn identifier_from_data(track: &Track) -> bool {
 /// resource, or waits when that row is letting go of it; a DELETE of a resource another row
 /// still maps to sends nothing. Rows are named by table and key, never by the identifier.
 ///
-/// When delivering, a first write reserves its identifier before it is sent, under a
-/// transaction-level advisory lock per identifier, so that two workers cannot both find it
-/// free. While the write is in flight the reservation lives in shared memory, beside the
-/// worker's leases (docs/delivery.md §4): a row of another worker with that identifier waits
-/// for the settle. The settle then records the row's state, or, for a write that did not
-/// succeed (retrying, or dead-lettered after the server may have applied it), the reservation in
-/// fhir_sync_state, so that the row keeps holding the identifier.
+/// When delivering, a first write reserves its identifier in fhir_sync_state before it is sent
+/// (so that a row whose write is retrying, or was dead-lettered after the server may have
+/// applied it, still holds it), under a transaction-level advisory lock per identifier, so that
+/// two workers cannot both find it free.
 fn guard_identities(
     schema: &str,
     tracks: &HashMap<pg_sys::Oid, Track>,
-    (claimed, mode): (&[Claimed], Mode),
+    (claimed, recorded, mode): (&[Claimed], &[bool], Mode),
     (identities, flying, sending): (
         &[(usize, identity::Claim)],
         &[identity::Claim],
         &mut Vec<identity::Claim>,
     ),
-    leases: Option<&mut Leases>,
     actions: &mut [Option<Action>],
 ) -> Result<(), FhirSyncError> {
     if identities.is_empty() {
@@ -338,28 +335,15 @@ fn guard_identities(
     } else {
         Vec::new()
     };
-    // Read before fhir_sync_state: lease::identities_elsewhere says why.
-    let elsewhere = if mode == Mode::Deliver {
-        lease::identities_elsewhere()
-    } else {
-        HashSet::new()
-    };
-    // A first write whose identifier another worker is checking now, and any write of an
-    // identifier another worker's first write is resolving, wait for the next cycle.
-    let mut checked = Vec::with_capacity(identities.len());
-    for entry in identities {
-        let (i, c) = entry;
-        let why = if c.plan == identity::Plan::FirstWrite && busy.contains(&c.identity) {
-            "another worker is checking its identifier"
-        } else if elsewhere.contains(&lease::identity_key(&c.identity)) {
-            "another worker's first write of its identifier is in flight"
-        } else {
-            checked.push(entry);
-            continue;
-        };
-        actions[*i] = Some(Action::Wait(why.into()));
+    // A first write whose identifier another worker is checking now waits for the next cycle.
+    let (waiting, identities): (Vec<_>, Vec<_>) = identities
+        .iter()
+        .partition(|(_, c)| c.plan == identity::Plan::FirstWrite && busy.contains(&c.identity));
+    for (i, _) in waiting {
+        actions[*i] = Some(Action::Wait(
+            "another worker is checking its identifier".into(),
+        ));
     }
-    let identities = checked;
     let wanted: Vec<&identity::Identity> = identities.iter().map(|(_, c)| &c.identity).collect();
     let ids: Vec<(String, String)> = identities
         .iter()
@@ -382,7 +366,7 @@ fn guard_identities(
             identity::Guard::Go => {
                 sending.push(claim.clone());
                 if claim.plan == identity::Plan::FirstWrite {
-                    reserve.push(claim);
+                    reserve.push((claim, recorded[*i]));
                 }
                 continue;
             }
@@ -403,24 +387,7 @@ fn guard_identities(
         actions[*i] = Some(replaced);
     }
     if mode == Mode::Deliver && !reserve.is_empty() {
-        let keys: Vec<(u64, u64)> = reserve
-            .iter()
-            .map(|c| {
-                (
-                    lease::key_of(pg_sys::Oid::from(c.row.0), &c.row.1),
-                    lease::identity_key(&c.identity),
-                )
-            })
-            .collect();
-        // What finds no room in shared memory (never while first writes are claimed
-        // resources) is reserved in fhir_sync_state at once, as before.
-        let durable: Vec<&identity::Claim> = match leases {
-            Some(l) => l.reserve(&keys).into_iter().map(|i| reserve[i]).collect(),
-            None => reserve,
-        };
-        if !durable.is_empty() {
-            source::reserve_identities(schema, &durable)?;
-        }
+        source::reserve_identities(schema, &reserve)?;
     }
     Ok(())
 }

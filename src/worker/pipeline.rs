@@ -146,7 +146,6 @@ impl Worker {
                     e.log_form()
                 );
             }
-            settlement.reservations = unsettled_first_writes(&self.flying, &settlement);
             if is_last && !self.holding_back() {
                 // The next batch's first tier refers to nothing in this one: it goes out now,
                 // and its HTTP overlaps this settle.
@@ -274,8 +273,8 @@ impl Worker {
                 &tier,
                 Mode::Deliver,
                 caps.as_deref(),
-                (&flying, &mut identities),
-                Some(&mut self.leases),
+                &flying,
+                &mut identities,
                 &mut deps,
             )
         });
@@ -339,22 +338,4 @@ impl Worker {
     fn settle(&mut self, schema: &str, s: &Settlement) -> Result<(), FhirSyncError> {
         crate::subxact::transaction_flat(|| settle::settle(schema, s))
     }
-}
-
-/// The first writes of a tier that were sent and are not recorded as delivered: their rows keep
-/// their identifiers in fhir_sync_state (settle.rs).
-fn unsettled_first_writes(
-    sent: &[fhir_sync_core::identity::Claim],
-    s: &Settlement,
-) -> Vec<fhir_sync_core::identity::Claim> {
-    let delivered: std::collections::HashSet<(u32, &str)> = s
-        .delivered
-        .iter()
-        .map(|d| (d.resource_table.to_u32(), d.resource_key.as_str()))
-        .collect();
-    sent.iter()
-        .filter(|c| c.plan == fhir_sync_core::identity::Plan::FirstWrite)
-        .filter(|c| !delivered.contains(&(c.row.0, c.row.1.as_str())))
-        .cloned()
-        .collect()
 }

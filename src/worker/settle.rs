@@ -53,17 +53,9 @@ pub struct Settlement {
     /// claim's floor.
     pub handed_back: bool,
     pub dependencies: Vec<(pg_sys::Oid, String)>,
-    /// First writes that were sent and not delivered (retrying, waiting, dead-lettered, or not
-    /// answered): their identifiers were reserved in shared memory only, and the row must keep
-    /// holding them once its lease ends (the server may have applied the write).
-    pub reservations: Vec<fhir_sync_core::identity::Claim>,
 }
 
 pub fn settle(schema: &str, s: &Settlement) -> Result<(), FhirSyncError> {
-    if !s.reservations.is_empty() {
-        let claims: Vec<&fhir_sync_core::identity::Claim> = s.reservations.iter().collect();
-        crate::source::reserve_identities(schema, &claims)?;
-    }
     Spi::connect_mut(|client| {
         if !s.delivered.is_empty() {
             // The state write joins the batch with fhir_sync_state: one index probe per row, never
@@ -118,24 +110,20 @@ pub fn settle(schema: &str, s: &Settlement) -> Result<(), FhirSyncError> {
             // and it takes their version: the cache is for the other updates. The reader takes the
             // row the later settle wrote (settles of one resource never overlap: leases).
             let cache: Vec<bool> = d.iter().map(|x| !x.first_write && !x.deleted).collect();
-            // A first write names the row's resource anew: a row whose earlier resource was
-            // deleted forgets its id even when the server's answer gave none.
-            let first: Vec<bool> = d.iter().map(|x| x.first_write).collect();
             crate::plans::update(
                 client,
                 &format!(
                     // The logged row is rewritten only when what it maps to changes (an id, a
                     // delete, the identifier, the type): an update's new version goes to the
                     // unlogged cache alone. The rewrite is a plain UPDATE of the rows that exist
-                    // (a row synced before, or one whose earlier first write failed), HOT when the
-                    // page has room: an upsert would first lock each row, one more WAL record. Then an
+                    // (a first write reserved its row before it was sent), HOT when the page has
+                    // room: an upsert would first lock each row, one more WAL record. Then an
                     // insert of the rows not there: a row that exists is found by the conflict
                     // check before anything is written (the insert does not see the update, which
                     // runs in the same snapshot, and needs no anti-join with it).
                     "WITH u AS (SELECT * FROM unnest($1::oid[], $2::text[], $3::text[], $4::text[], $5::text[],
-                                                     $6::text[], $7::text[], $8::boolean[], $9::bigint[], $10::boolean[],
-                                                     $11::boolean[])
-                                     AS u(rt, rk, ty, fid, ver, isys, ival, del, last, cache, first)),
+                                                     $6::text[], $7::text[], $8::boolean[], $9::bigint[], $10::boolean[])
+                                     AS u(rt, rk, ty, fid, ver, isys, ival, del, last, cache)),
                           cached AS (
                             INSERT INTO {schema}.fhir_sync_version AS v (resource_table, resource_key, fhir_version,
                                    synced_at, outbox_id)
@@ -151,7 +139,7 @@ pub fn settle(schema: &str, s: &Settlement) -> Result<(), FhirSyncError> {
                           updated AS (
                             UPDATE {schema}.fhir_sync_state s SET
                                    resource_type = u.ty,
-                                   fhir_id = CASE WHEN u.first THEN u.fid ELSE coalesce(u.fid, s.fhir_id) END,
+                                   fhir_id = coalesce(u.fid, s.fhir_id),
                                    fhir_version = u.ver,
                                    identifier_system = coalesce(u.isys, s.identifier_system),
                                    identifier_value = coalesce(u.ival, s.identifier_value),
@@ -161,8 +149,7 @@ pub fn settle(schema: &str, s: &Settlement) -> Result<(), FhirSyncError> {
                               FROM u
                              WHERE s.resource_table = u.rt::pg_catalog.regclass AND s.resource_key = u.rk
                                AND (s.resource_type IS DISTINCT FROM u.ty
-                                    OR s.fhir_id IS DISTINCT FROM
-                                       CASE WHEN u.first THEN u.fid ELSE coalesce(u.fid, s.fhir_id) END
+                                    OR s.fhir_id IS DISTINCT FROM coalesce(u.fid, s.fhir_id)
                                     OR s.deleted IS DISTINCT FROM u.del
                                     OR s.identifier_system IS DISTINCT FROM coalesce(u.isys, s.identifier_system)
                                     OR s.identifier_value IS DISTINCT FROM coalesce(u.ival, s.identifier_value)
@@ -173,7 +160,7 @@ pub fn settle(schema: &str, s: &Settlement) -> Result<(), FhirSyncError> {
                        FROM u
                      ON CONFLICT (resource_table, resource_key) DO NOTHING"
                 ),
-                &[rts.into(), rks.into(), tys.into(), fids.into(), vers.into(), isys.into(), ival.into(), dels.into(), last.into(), cache.into(), first.into()],
+                &[rts.into(), rks.into(), tys.into(), fids.into(), vers.into(), isys.into(), ival.into(), dels.into(), last.into(), cache.into()],
             )?;
         }
         if !s.retries.is_empty() {
