@@ -145,12 +145,19 @@ CREATE TABLE fhir_sync_state (
 ) WITH (fillfactor = 70);
 
 -- Which rows already map to an identifier (one source row, one resource: a second row with
--- the same MRN is dead-lettered, not merged into the first row's resource).
-CREATE INDEX fhir_sync_state_identifier_idx ON fhir_sync_state (identifier_value, identifier_system)
+-- the same MRN is dead-lettered, not merged into the first row's resource). Keyed by a 64-bit hash
+-- of value and system (the system's hash seeds the value's: no separator that a system or value
+-- could contain), not by the text: a first write enters this index twice (its reservation, then
+-- the settle that gives the row its id), and a bigint entry is ~30 bytes of WAL smaller than a text
+-- one (docs/delivery.md §6). The reader compares the columns too: a collision costs a lookup, never
+-- a wrong holder. It spells the expression exactly (src/source.rs), or the index is not used.
+CREATE INDEX fhir_sync_state_identifier_idx ON fhir_sync_state
+    (pg_catalog.hashtextextended(identifier_value, pg_catalog.hashtextextended(identifier_system, 0)))
     WHERE NOT deleted;
 -- Which rows map to a resource id (a delete or update of a resource another row still maps to is
--- refused).
-CREATE INDEX fhir_sync_state_fhir_id_idx ON fhir_sync_state (fhir_id) WHERE NOT deleted;
+-- refused). Hashed likewise; a reservation (no id yet) has no entry.
+CREATE INDEX fhir_sync_state_fhir_id_idx ON fhir_sync_state (pg_catalog.hashtextextended(fhir_id, 0))
+    WHERE fhir_id IS NOT NULL AND NOT deleted;
 
 -- The version the FHIR server gave a resource's last write (If-Match on the next one), with when
 -- and by which change, for every update but a first write or a delete (those

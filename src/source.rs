@@ -432,6 +432,44 @@ pub fn sync_states(
     })
 }
 
+/// The key of `fhir_sync_state_identifier_idx` (sql/schema.sql), spelled as the index spells it
+/// so that a lookup can use it: a hash of value and system (the reader then compares the text).
+fn identity_hash(system: &str, value: &str) -> String {
+    format!("pg_catalog.hashtextextended({value}, pg_catalog.hashtextextended({system}, 0))")
+}
+
+/// The guard's two lookups: the rows that hold each identity ($1 types, $2 systems, $3 values),
+/// and the rows that map to each resource id ($1 types, $2 ids). Each probes its hashed index
+/// (sql/schema.sql), then compares the text. `fhir_id IS NOT NULL` is the id index's predicate,
+/// stated so that the planner may use it.
+pub(crate) fn holders_sql(schema: &str) -> (String, String) {
+    let by_identity = format!(
+        "SELECT k.t, k.sys, k.val, s.resource_table::pg_catalog.oid, s.resource_key,
+                s.resource_table::pg_catalog.text
+           FROM unnest($1::text[], $2::text[], $3::text[]) AS k(t, sys, val)
+          CROSS JOIN LATERAL (
+                SELECT s.resource_table, s.resource_key FROM {schema}.fhir_sync_state s
+                 WHERE {} = {}
+                   AND s.identifier_value = k.val AND s.identifier_system = k.sys
+                   AND s.resource_type = k.t AND NOT s.deleted
+                 LIMIT 16) AS s",
+        identity_hash("s.identifier_system", "s.identifier_value"),
+        identity_hash("k.sys", "k.val"),
+    );
+    let by_id = format!(
+        "SELECT k.t, k.id, s.resource_table::pg_catalog.oid, s.resource_key,
+                s.resource_table::pg_catalog.text
+           FROM unnest($1::text[], $2::text[]) AS k(t, id)
+          CROSS JOIN LATERAL (
+                SELECT s.resource_table, s.resource_key FROM {schema}.fhir_sync_state s
+                 WHERE pg_catalog.hashtextextended(s.fhir_id, 0) = pg_catalog.hashtextextended(k.id, 0)
+                   AND s.fhir_id = k.id AND s.fhir_id IS NOT NULL
+                   AND s.resource_type = k.t AND NOT s.deleted
+                 LIMIT 16) AS s"
+    );
+    (by_identity, by_id)
+}
+
 /// Who else maps to each identity (fhir_sync_state rows not deleted: synced, or reserved for a
 /// first write) and to each resource id; and the names of their tables (oid → schema.table).
 #[allow(clippy::type_complexity)]
@@ -441,25 +479,7 @@ pub fn identifier_holders(
     ids: &[(String, String)],
 ) -> Result<(fhir_sync_core::identity::Holders, HashMap<u32, String>), FhirSyncError> {
     use fhir_sync_core::identity::{Holders, Identity};
-    let by_identity = format!(
-        "SELECT k.t, k.sys, k.val, s.resource_table::pg_catalog.oid, s.resource_key,
-                s.resource_table::pg_catalog.text
-           FROM unnest($1::text[], $2::text[], $3::text[]) AS k(t, sys, val)
-          CROSS JOIN LATERAL (
-                SELECT s.resource_table, s.resource_key FROM {schema}.fhir_sync_state s
-                 WHERE s.identifier_value = k.val AND s.identifier_system = k.sys
-                   AND s.resource_type = k.t AND NOT s.deleted
-                 LIMIT 16) AS s"
-    );
-    let by_id = format!(
-        "SELECT k.t, k.id, s.resource_table::pg_catalog.oid, s.resource_key,
-                s.resource_table::pg_catalog.text
-           FROM unnest($1::text[], $2::text[]) AS k(t, id)
-          CROSS JOIN LATERAL (
-                SELECT s.resource_table, s.resource_key FROM {schema}.fhir_sync_state s
-                 WHERE s.fhir_id = k.id AND s.resource_type = k.t AND NOT s.deleted
-                 LIMIT 16) AS s"
-    );
+    let (by_identity, by_id) = holders_sql(schema);
     let col = |f: fn(&Identity) -> &String| -> Vec<Option<String>> {
         wanted.iter().map(|w| Some(f(w).clone())).collect()
     };

@@ -469,3 +469,71 @@ fn every_setting_is_described_and_enums_show_their_sql_names() {
         Some("batch")
     );
 }
+
+/// The identity guard's lookups read fhir_sync_state through its hashed indexes (a lookup that
+/// spelled the index's expression another way would read the whole table, for every batch of
+/// first writes, under their advisory locks), and match the text exactly: a system or value
+/// that contains '|' is another identifier.
+#[pg_test]
+fn identity_lookups_use_the_hashed_indexes_and_match_the_text_exactly() {
+    use fhir_sync_core::identity::Identity;
+    setup();
+    let schema = crate::source::extension_schema().unwrap().expect("installed");
+    Spi::run(
+        "INSERT INTO fhir_sync_state (resource_table, resource_key, resource_type, fhir_id, identifier_system, identifier_value)
+         VALUES ('patient', '900', 'Patient', 'p900', 'urn:a|b', 'c'),
+                ('patient', '901', 'Patient', NULL, 'urn:a', 'b|c')",
+    )
+    .unwrap();
+    let patient = Spi::get_one::<pg_sys::Oid>("SELECT 'patient'::regclass::oid")
+        .unwrap()
+        .unwrap()
+        .to_u32();
+    let want = |system: &str, value: &str| Identity {
+        resource_type: "Patient".into(),
+        system: system.into(),
+        value: value.into(),
+    };
+    let (first, second, neither) = (want("urn:a|b", "c"), want("urn:a", "b|c"), want("urn:a|b|c", ""));
+    let (holders, _) = crate::source::identifier_holders(
+        &schema,
+        &[&first, &second, &neither],
+        &[("Patient".into(), "p900".into()), ("Patient".into(), "p901".into())],
+    )
+    .unwrap();
+    let of = |i: &Identity| holders.by_identity.get(i).cloned().unwrap_or_default();
+    assert_eq!(of(&first), vec![(patient, "900".to_string())]);
+    assert_eq!(of(&second), vec![(patient, "901".to_string())]);
+    assert_eq!(of(&neither), vec![]);
+    let by_id = |id: &str| holders.by_id.get(&("Patient".to_string(), id.to_string())).cloned();
+    assert_eq!(by_id("p900"), Some(vec![(patient, "900".to_string())]));
+    assert_eq!(by_id("p901"), None);
+
+    // With sequential scans priced out, so that the small table does not hide the plan.
+    let (by_identity_sql, by_id_sql) = crate::source::holders_sql(&schema);
+    Spi::run("SET LOCAL enable_seqscan = off").unwrap();
+    Spi::run(&format!("PREPARE fhir_sync_test_by_identity (text[], text[], text[]) AS {by_identity_sql}")).unwrap();
+    Spi::run(&format!("PREPARE fhir_sync_test_by_id (text[], text[]) AS {by_id_sql}")).unwrap();
+    let plan = |sql: &str| -> String {
+        Spi::connect(|client| {
+            client
+                .select(sql, None, &[])
+                .unwrap()
+                .map(|row| row.get::<String>(1).unwrap().unwrap_or_default())
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+    };
+    let identity_plan = plan(
+        "EXPLAIN (COSTS OFF) EXECUTE fhir_sync_test_by_identity (ARRAY['Patient'], ARRAY['urn:a'], ARRAY['b|c'])",
+    );
+    let id_plan = plan("EXPLAIN (COSTS OFF) EXECUTE fhir_sync_test_by_id (ARRAY['Patient'], ARRAY['p900'])");
+    Spi::run("DEALLOCATE fhir_sync_test_by_identity; DEALLOCATE fhir_sync_test_by_id").unwrap();
+    // A probe, not a walk of the whole index (which a partial index also allows): the hash is the
+    // index condition.
+    let probes = |plan: &str, index: &str, key: &str| {
+        plan.contains(index) && plan.contains(&format!("Index Cond: (hashtextextended({key}"))
+    };
+    assert!(probes(&identity_plan, "fhir_sync_state_identifier_idx", "identifier_value"), "{identity_plan}");
+    assert!(probes(&id_plan, "fhir_sync_state_fhir_id_idx", "fhir_id"), "{id_plan}");
+}

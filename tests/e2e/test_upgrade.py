@@ -30,14 +30,15 @@ def version(v: str) -> tuple[int, ...]:
 # This build's version: a release of the same version (just released, nothing changed since) has no
 # update to test, and its fixture must not replace the installed script.
 CURRENT = re.search(r'^version = "([^"]+)"', (FIXTURES.parents[1] / "Cargo.toml").read_text(), re.M).group(1)
-RELEASES = [r for r in ["0.1.0", "0.2.0", "0.3.0", "0.4.0", "0.5.0", "0.6.0"] if version(r) < version(CURRENT)]
+RELEASES = [r for r in ["0.1.0", "0.2.0", "0.3.0", "0.4.0", "0.5.0", "0.6.0", "0.6.1"] if version(r) < version(CURRENT)]
 # fhir_track's signature as each release defined it (a DBA's grant on it must carry over).
 TRACK_SIGNATURE = {"0.1.0": "regclass, text, regprocedure, name, text, text",
                    "0.2.0": "regclass, text, regprocedure, name, text, text, boolean",
                    "0.3.0": "regclass, text, regprocedure, name, text, text, boolean",
                    "0.4.0": "regclass, text, regprocedure, name, text, text, boolean",
                    "0.5.0": "regclass, text, regprocedure, name, text, text, boolean, text",
-                   "0.6.0": "regclass, text, regprocedure, name, text, text, boolean, text"}
+                   "0.6.0": "regclass, text, regprocedure, name, text, text, boolean, text",
+                   "0.6.1": "regclass, text, regprocedure, name, text, text, boolean, text"}
 
 # Everything an extension's SQL defines, rendered so that two databases can be compared: its member
 # objects, functions with body, settings, privileges and strictness, tables with columns, defaults,
