@@ -718,15 +718,7 @@ class Bench:
             self.check_server()
             self.dlq_base = self.one("SELECT coalesce(max(id), 0) FROM fhir_dlq")
         requests0 = self.endpoint.stats().get("requests", 0)
-        self.configure(server_url="")
-        if change_sql is None:
-            self.insert_burst(tag, n)
-        else:
-            with self.conn.transaction():
-                self.sql(change_sql, (MRN, f"{self.run_id}.{tag}.%"))
-        pending = self.pending()
-        if pending < n:
-            raise Broken(f"wal {tag}: {pending} changes captured, {n} expected")
+        self.capture_paused(tag, n, change_sql)
         start = self.wal_lsn()
         self.configure(server_url=self.endpoint.url, settle=0)
         self.wait_drained(None, 600, f"wal {tag}")
