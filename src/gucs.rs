@@ -254,7 +254,7 @@ pub fn init() {
     GucRegistry::define_int_guc(
         c"fhir_sync.linger",
         c"Under load, the longest changes gather after a worker cycle began before the next claim.",
-        c"Only a cycle that found more than one resource makes the next one wait, as long again as it took and at most this long after it began; 0 claims at every commit.",
+        c"Only a cycle that found more than one resource makes the next one wait, for one cycle's fixed cost (learnt from recent cycles) and at most this long after it began; 0 claims at every commit.",
         &LINGER,
         0,
         1_000,

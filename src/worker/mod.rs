@@ -46,12 +46,17 @@ struct Worker {
     tracks: Option<(Instant, String, Tracks)>,
     /// The extension's schema, re-read as often as the tracked tables.
     schema: Option<(Instant, String)>,
+    /// When the catalog last said the extension is missing or of another version: it is read
+    /// again only after policy::EXTENSION_RECHECK, however many commits wake the worker.
+    extension_absent: Option<Instant>,
     /// Concurrency actually used, at most fhir_sync.max_in_flight: halved when the server
     /// answers 5xx or 429 (it is struggling, or serialises writes), grown by one per clean tier.
     in_flight: usize,
     /// When the next claim may start: set by a cycle that found more than one resource (changes
-    /// arrive faster than cycles end), as long after it ended as it took (pace::next_claim).
+    /// arrive faster than cycles end), one cycle's fixed cost after it ended (pace::next_claim).
     paced: Option<Instant>,
+    /// What recent single-batch cycles cost, for the pace.
+    cost: fhir_sync_core::pace::CycleCost,
     /// Where the claim's scan of fresh changes starts (claim::Floor).
     floor: claim::Floor,
     /// The last failed cycle's step and error, and when it was logged.
@@ -117,6 +122,8 @@ pub extern "C-unwind" fn fhir_sync_worker_main(arg: pg_sys::Datum) {
         schema: None,
         in_flight: usize::MAX,
         paced: None,
+        cost: Default::default(),
+        extension_absent: None,
         floor: Default::default(),
         last_failure: None,
         published: None,
@@ -282,19 +289,27 @@ impl Worker {
                 false
             }
         };
+        if let Some(at) = self.extension_absent {
+            if let Some(left) = policy::EXTENSION_RECHECK.checked_sub(at.elapsed()) {
+                return Some(left);
+            }
+        }
         let schema = match &self.schema {
             Some((at, s)) if at.elapsed() < policy::CATALOG_TTL => s.clone(),
             _ => match crate::subxact::transaction_flat(source::extension_for_worker) {
                 Ok(source::Extension::In(s)) => {
                     self.schema = Some((Instant::now(), s.clone()));
+                    self.extension_absent = None;
                     s
                 }
                 Ok(source::Extension::Missing) => {
                     self.slot.set_state(WorkerState::NoExtension);
+                    self.extension_absent = Some(Instant::now());
                     return Some(poll.max(policy::IDLE_NAP));
                 }
                 Ok(source::Extension::OtherVersion) => {
                     self.slot.set_state(WorkerState::NeedsUpdate);
+                    self.extension_absent = Some(Instant::now());
                     return Some(poll.max(policy::IDLE_NAP));
                 }
                 Err(e) => return self.failed_cycle("reading the extension's schema", &e),
@@ -344,10 +359,17 @@ impl Worker {
                 // that captured something while this batch was out has already set the latch.
                 Ok(_) if full => return None,
                 Ok(_) => {
+                    let ended = Instant::now();
+                    // A cycle of several rounds overlapped their claims and sends: its length
+                    // says nothing of one batch's cost.
+                    if round == 1 {
+                        self.cost.observe(ended - started, size);
+                    }
                     self.paced = fhir_sync_core::pace::next_claim(
                         started,
-                        Instant::now(),
+                        ended,
                         size,
+                        &self.cost,
                         crate::gucs::linger(),
                     );
                     return Some(poll);

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,7 @@ def version(v: str) -> tuple[int, ...]:
 # This build's version: a release of the same version (just released, nothing changed since) has no
 # update to test, and its fixture must not replace the installed script.
 CURRENT = re.search(r'^version = "([^"]+)"', (FIXTURES.parents[1] / "Cargo.toml").read_text(), re.M).group(1)
-RELEASES = [r for r in ["0.1.0", "0.2.0", "0.3.0", "0.4.0", "0.5.0", "0.6.0", "0.6.1"] if version(r) < version(CURRENT)]
+RELEASES = [r for r in ["0.1.0", "0.2.0", "0.3.0", "0.4.0", "0.5.0", "0.6.0", "0.6.1", "0.7.0"] if version(r) < version(CURRENT)]
 # fhir_track's signature as each release defined it (a DBA's grant on it must carry over).
 TRACK_SIGNATURE = {"0.1.0": "regclass, text, regprocedure, name, text, text",
                    "0.2.0": "regclass, text, regprocedure, name, text, text, boolean",
@@ -38,7 +39,8 @@ TRACK_SIGNATURE = {"0.1.0": "regclass, text, regprocedure, name, text, text",
                    "0.4.0": "regclass, text, regprocedure, name, text, text, boolean",
                    "0.5.0": "regclass, text, regprocedure, name, text, text, boolean, text",
                    "0.6.0": "regclass, text, regprocedure, name, text, text, boolean, text",
-                   "0.6.1": "regclass, text, regprocedure, name, text, text, boolean, text"}
+                   "0.6.1": "regclass, text, regprocedure, name, text, text, boolean, text",
+                   "0.7.0": "regclass, text, regprocedure, name, text, text, boolean, text"}
 
 # Everything an extension's SQL defines, rendered so that two databases can be compared: its member
 # objects, functions with body, settings, privileges and strictness, tables with columns, defaults,
@@ -196,6 +198,63 @@ def _update_and_compare(make_cluster, faults, OLD):
     assert app.one("SELECT count(*) FROM fhir_dlq WHERE NOT requeued") == 0
     assert eventually(lambda: app.one("SELECT usename FROM pg_stat_activity WHERE backend_type = 'fhir_sync worker'"),
                       message="the worker") == WORKER_ROLE
+
+
+def test_a_worker_waiting_for_the_update_reads_the_catalog_at_most_every_quarter_second(make_cluster, faults):
+    """Between a new package and ALTER EXTENSION … UPDATE the old release's triggers still wake the worker
+    at every commit. It must not read the catalog at each one (a planned join per commit for as long as the
+    update waits): its transactions, counted by pg_stat_database, stay a few per second."""
+    old = RELEASES[-1]
+    script = FIXTURES / f"fhir_sync--{old}.sql"
+    target = sharedir() / script.name
+    shutil.copyfile(script, target)
+    try:
+        app = tracking_app(make_cluster, faults, old)
+        eventually(lambda: app.one("SELECT state FROM fhir_sync_workers")
+                   == "waiting for ALTER EXTENSION fhir_sync UPDATE", message="the worker waiting for the update")
+        # Counted from another database, so that reading the count adds nothing to it.
+        stats = app.cluster.connect("postgres")
+
+        def committed() -> int:
+            with stats.cursor() as cur:
+                cur.execute("SELECT xact_commit FROM pg_stat_database WHERE datname = %s", (DB,))
+                return cur.fetchone()[0]
+
+        def settled():
+            # Two reads 1.2 s apart agree: every backend has reported (at most once a second).
+            last = [None]
+
+            def same() -> bool:
+                now = committed()
+                agree, last[0] = now == last[0], now
+                return agree
+            eventually(same, interval=1.2, message="the commit count settled")
+
+        settled()
+        start = committed()
+        # 300 commits over about 3 s: the worker is woken by each.
+        writes = 300
+        ours = 0
+        t0 = time.monotonic()
+        for i in range(writes):
+            app.add_patient(f"waiting-{i}")
+            ours += 1
+            time.sleep(max(0.0, t0 + (i + 1) * 0.01 - time.monotonic()))
+        # The worker reports its counts at its next transaction a second after the last report: wake it
+        # twice more, more than a second apart.
+        for i in range(2):
+            time.sleep(1.2)
+            app.add_patient(f"waiting-late-{i}")
+            ours += 1
+        settled()
+        elapsed = time.monotonic() - t0
+        worker = committed() - start - ours
+        # At most one catalog read per 250 ms while woken (plus autovacuum and slack); once per commit, it
+        # would be ~300.
+        assert worker <= 4 * elapsed + 30, f"{worker} worker transactions in {elapsed:.1f} s for {writes} commits"
+        assert app.one("SELECT count(*) FROM fhir_outbox") >= writes, "the changes wait for the update"
+    finally:
+        target.unlink(missing_ok=True)
 
 
 # The previous release's Debian package and this build's, as paths inside the clean root the clusters run
