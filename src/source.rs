@@ -210,7 +210,10 @@ pub fn require_select(relid: pg_sys::Oid, name: &str) -> Result<(), FhirSyncErro
 /// Rows of `track` by primary key, as they are now; a key with no row is absent from the map.
 pub fn fetch_rows(track: &Track, keys: &[String]) -> Result<HashMap<String, Row>, FhirSyncError> {
     let sql = rows_sql(track);
-    read_as_owner(track, || fetch_keyed(&sql, keys))?
+    read_as_owner(track, || {
+        crate::sandbox::generic_plans_here();
+        fetch_keyed(&sql, keys)
+    })?
 }
 
 fn rows_sql(track: &Track) -> String {
@@ -328,6 +331,7 @@ fn fetch_children_of(
     );
     let keys = keys_arg(parent_keys);
     read_as_owner(child, || {
+        crate::sandbox::generic_plans_here();
         Spi::connect(|client| {
             let mut out: HashMap<String, Vec<Row>> = HashMap::new();
             for row in crate::plans::select(client, &sql, None, &[keys.into()])? {
