@@ -126,16 +126,23 @@ extern "C-unwind" {
 }
 const STATEMENT_TIMEOUT: std::ffi::c_int = 3;
 
-/// Sets a GUC the way SET (or, with `save`, a function's SET clause) does.
-/// Inside `as_owner` only: fhir_sync's own statements run there next (its row fetches, kept by
-/// plans.rs; not owners' map functions, whose plans are theirs) use their generic plan. A kept fetch of `key = ANY ($1)` was otherwise planned anew
-/// at every execution, since a custom plan for a few keys always looks cheaper than the generic
-/// one priced for ten: 3 % of the worker's CPU at 2,000 new rows a second (perf, session 14). The
-/// setting ends with the sandbox's GUC level.
-pub fn generic_plans_here() {
-    set_guc(c"plan_cache_mode", c"force_generic_plan", true);
+/// Inside `as_owner` only: fhir_sync's own statements that run there next, the row fetches of
+/// `relid` kept by plans.rs, use their generic plan. A kept fetch of `key = ANY ($1)` was otherwise
+/// planned anew at every execution, since a custom plan for a few keys always looks cheaper than
+/// the generic one priced for ten: 3 % of the worker's CPU at 2,000 new rows a second (perf,
+/// session 14). Not for a partitioned table: there the array is a parameter in a generic plan,
+/// which prunes no partition, and every fetch would probe every partition. (Owners' code that
+/// runs inside the fetch, a cast or an output function, plans its own statements the same way;
+/// the setting ends with the sandbox's GUC level.)
+pub fn generic_plans_for(relid: pg_sys::Oid) {
+    // SAFETY: a syscache lookup in the caller's transaction; an unknown relation gives '\0'.
+    let relkind = unsafe { pg_sys::get_rel_relkind(relid) } as u8;
+    if relkind != pg_sys::RELKIND_PARTITIONED_TABLE {
+        set_guc(c"plan_cache_mode", c"force_generic_plan", true);
+    }
 }
 
+/// Sets a GUC the way SET (or, with `save`, a function's SET clause) does.
 fn set_guc(name: &CStr, value: &CStr, save: bool) {
     let action = if save {
         pg_sys::GucAction::GUC_ACTION_SAVE

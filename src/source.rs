@@ -211,7 +211,7 @@ pub fn require_select(relid: pg_sys::Oid, name: &str) -> Result<(), FhirSyncErro
 pub fn fetch_rows(track: &Track, keys: &[String]) -> Result<HashMap<String, Row>, FhirSyncError> {
     let sql = rows_sql(track);
     read_as_owner(track, || {
-        crate::sandbox::generic_plans_here();
+        crate::sandbox::generic_plans_for(track.relid);
         fetch_keyed(&sql, keys)
     })?
 }
@@ -331,7 +331,7 @@ fn fetch_children_of(
     );
     let keys = keys_arg(parent_keys);
     read_as_owner(child, || {
-        crate::sandbox::generic_plans_here();
+        crate::sandbox::generic_plans_for(child.relid);
         Spi::connect(|client| {
             let mut out: HashMap<String, Vec<Row>> = HashMap::new();
             for row in crate::plans::select(client, &sql, None, &[keys.into()])? {

@@ -436,6 +436,29 @@ fn owners_code_in_the_sandbox_leaves_nothing_behind() {
     assert_eq!(err.sqlstate(), "42501");
 }
 
+/// fhir_sync's row fetches keep one generic plan, except for a partitioned table (a generic plan
+/// of `key = ANY ($1)` prunes no partition); the setting ends with the sandbox.
+#[pg_test]
+fn row_fetches_use_a_generic_plan_but_not_on_a_partitioned_table() {
+    Spi::run("CREATE TABLE fhir_sync_test_plain (id int PRIMARY KEY)").unwrap();
+    Spi::run("CREATE TABLE fhir_sync_test_parted (id int PRIMARY KEY) PARTITION BY HASH (id)").unwrap();
+    let oid = |t: &str| {
+        Spi::get_one::<pg_sys::Oid>(&format!("SELECT '{t}'::regclass::oid"))
+            .unwrap()
+            .unwrap()
+    };
+    let mode_inside = |relid| {
+        crate::sandbox::as_owner(pg_sys::InvalidOid, || {
+            crate::sandbox::generic_plans_for(relid);
+            Spi::get_one::<String>("SHOW plan_cache_mode").unwrap().unwrap()
+        })
+        .expect("runs")
+    };
+    assert_eq!(mode_inside(oid("fhir_sync_test_plain")), "force_generic_plan");
+    assert_eq!(mode_inside(oid("fhir_sync_test_parted")), "auto");
+    assert_eq!(Spi::get_one::<String>("SHOW plan_cache_mode").unwrap().unwrap(), "auto");
+}
+
 /// fhir_sync's own statements in a user's session run under the pinned search_path, and the
 /// caller's comes back.
 #[pg_test]
