@@ -2,6 +2,8 @@
 -- to what a fresh 0.7.1 install defines (tests/e2e/test_upgrade.py compares the two).
 --
 -- 0.7.1 changes the worker, not the schema: under load the next claim waits one cycle's fixed
--- cost, learnt from recent cycles, instead of as long as the last cycle took (core/src/pace.rs).
+-- cost, learnt from recent cycles, instead of as long as the last cycle took (core/src/pace.rs);
+-- its row fetches keep one generic plan; waiting for this update, it reads the catalog at most
+-- every 250 ms.
 -- Nothing to change here; the new version lets the 0.7.1 worker know the database was updated to
 -- go with it.

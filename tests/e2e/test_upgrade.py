@@ -9,6 +9,7 @@ delivered, once each, by a worker that runs as an ordinary role.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -108,16 +109,23 @@ def tracking_app(make_cluster, faults, version: str | None = None) -> App:
     return app
 
 
-@pytest.mark.every_version
-@pytest.mark.parametrize("old", RELEASES)
-def test_alter_extension_update_from_an_earlier_release(make_cluster, faults, old):
-    script = FIXTURES / f"fhir_sync--{old}.sql"
+@contextlib.contextmanager
+def released_script(version: str):
+    """The release's install script, exactly as released, beside this build's while the block runs."""
+    script = FIXTURES / f"fhir_sync--{version}.sql"
     target = sharedir() / script.name
     shutil.copyfile(script, target)
     try:
-        _update_and_compare(make_cluster, faults, old)
+        yield
     finally:
         target.unlink(missing_ok=True)
+
+
+@pytest.mark.every_version
+@pytest.mark.parametrize("old", RELEASES)
+def test_alter_extension_update_from_an_earlier_release(make_cluster, faults, old):
+    with released_script(old):
+        _update_and_compare(make_cluster, faults, old)
 
 
 def _update_and_compare(make_cluster, faults, OLD):
@@ -205,10 +213,7 @@ def test_a_worker_waiting_for_the_update_reads_the_catalog_a_few_times_a_second_
     at every commit. It must not read the catalog at each one (a planned join per commit for as long as the
     update waits): its transactions, counted by pg_stat_database, stay a few per second."""
     old = RELEASES[-1]
-    script = FIXTURES / f"fhir_sync--{old}.sql"
-    target = sharedir() / script.name
-    shutil.copyfile(script, target)
-    try:
+    with released_script(old):
         app = tracking_app(make_cluster, faults, old)
         eventually(lambda: app.one("SELECT state FROM fhir_sync_workers")
                    == "waiting for ALTER EXTENSION fhir_sync UPDATE", message="the worker waiting for the update")
@@ -236,27 +241,21 @@ def test_a_worker_waiting_for_the_update_reads_the_catalog_a_few_times_a_second_
         settled()
         app.one("SELECT 1")
         settled()
-        writer = app.cluster.connect(DB)
-
-        def write(mrn: str) -> None:
-            with writer.cursor() as cur:
-                cur.execute("INSERT INTO patient (identifier_system, identifier_value, name_family, birth_date)"
-                            " VALUES (%s, %s, 'Doe', '1970-01-01')", (MRN, mrn))
-
+        writer = App(app.cluster)
         start = committed()
         # 300 commits over about 3 s: the worker is woken by each.
         writes = 300
         ours = 0
         t0 = time.monotonic()
         for i in range(writes):
-            write(f"waiting-{i}")
+            writer.add_patient(f"waiting-{i}")
             ours += 1
             time.sleep(max(0.0, t0 + (i + 1) * 0.01 - time.monotonic()))
         # The worker reports its counts at its next transaction a second after the last report, the
         # writer likewise: write twice more, more than a second apart.
         for i in range(2):
             time.sleep(1.2)
-            write(f"waiting-late-{i}")
+            writer.add_patient(f"waiting-late-{i}")
             ours += 1
         elapsed = time.monotonic() - t0
         settled()
@@ -265,8 +264,6 @@ def test_a_worker_waiting_for_the_update_reads_the_catalog_a_few_times_a_second_
         # commit, it would be ~300.
         assert worker <= 4 * elapsed + 12, f"{worker} worker transactions in {elapsed:.1f} s for {writes} commits"
         assert app.one("SELECT count(*) FROM fhir_outbox") >= writes, "the changes wait for the update"
-    finally:
-        target.unlink(missing_ok=True)
 
 
 # The previous release's Debian package and this build's, as paths inside the clean root the clusters run
